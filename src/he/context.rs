@@ -1,0 +1,417 @@
+//! The context: parameters plus keys. The key holder's context has the secret
+//! key; a server's context, loaded from a public context, has only the public
+//! and relinearization keys and can compute but never decrypt.
+
+use std::sync::Arc;
+
+use fhe::bfv::{Ciphertext, Encoding as FheEncoding, Multiplicator, Plaintext, PublicKey, RelinearizationKey, SecretKey};
+use fhe_traits::{FheDecoder, FheDecrypter, FheEncoder, FheEncrypter, Serialize as FheSerialize};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use super::encoding::{centre, crt_centred, fractional_decode, fractional_encode, reduce_i128};
+use super::error::{value_err, HeError, Result};
+use super::growth::Growth;
+use super::kernel::{weighted_sum, Prepared};
+use super::params::{Encoding, HeParameters};
+use super::tensor::{CipherTensor, Element};
+
+/// The keys of a context. `secret` is `None` on a server.
+pub struct Keys {
+    /// One secret key per plaintext modulus (key holder only).
+    pub secret: Option<Vec<SecretKey>>,
+    /// One public key per plaintext modulus (for third-party encryption).
+    pub public: Vec<PublicKey>,
+    /// Relinearization keys (absent where the parameters cannot hold them, m=1024).
+    pub relin: Vec<Option<RelinearizationKey>>,
+    /// Multiplication + relinearization strategies built from `relin`.
+    pub(crate) mult: Vec<Option<Multiplicator>>,
+    /// Hash of the public key material: what a ciphertext's key id is checked against.
+    pub key_id: [u8; 16],
+}
+
+impl Keys {
+    /// Assembles keys, deriving the multiplicators and the key id.
+    pub fn new(secret: Option<Vec<SecretKey>>, public: Vec<PublicKey>, relin: Vec<Option<RelinearizationKey>>) -> Result<Keys> {
+        let mult = relin
+            .iter()
+            .map(|rk| rk.as_ref().map(Multiplicator::default).transpose())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut h = Sha256::new();
+        h.update(b"pycrcnn-key-v1");
+        for pk in &public {
+            h.update(pk.to_bytes());
+        }
+        let d = h.finalize();
+        let mut key_id = [0u8; 16];
+        key_id.copy_from_slice(&d[..16]);
+        Ok(Keys { secret, public, relin, mult, key_id })
+    }
+}
+
+/// Parameters and keys.
+pub struct HeContext {
+    /// The validated parameters.
+    pub params: Arc<HeParameters>,
+    /// The keys, once generated or loaded.
+    pub keys: Option<Keys>,
+}
+
+impl HeContext {
+    /// A context without keys.
+    pub fn new(params: HeParameters) -> HeContext {
+        HeContext { params: Arc::new(params), keys: None }
+    }
+
+    /// Generates a secret key, its public key and relinearization keys.
+    pub fn keygen(&mut self) -> Result<()> {
+        let mut rng = rand::rng();
+        let mut secret = Vec::new();
+        let mut public = Vec::new();
+        let mut relin = Vec::new();
+        for par in &self.params.bfv {
+            let sk = SecretKey::random(par, &mut rng);
+            public.push(PublicKey::new(&sk, &mut rng));
+            // Relinearization needs at least two moduli; without it only
+            // additions and plaintext products are available.
+            let rk = if par.moduli().len() >= 2 { RelinearizationKey::new(&sk, &mut rng).ok() } else { None };
+            relin.push(rk);
+            secret.push(sk);
+        }
+        self.keys = Some(Keys::new(Some(secret), public, relin)?);
+        Ok(())
+    }
+
+    /// The keys, or an error that says to generate them.
+    pub fn keys(&self) -> Result<&Keys> {
+        self.keys.as_ref().ok_or_else(|| HeError::SecretKeyRequired("this context has no keys yet: call keygen() or load a key".into()))
+    }
+
+    /// The secret keys, or [`HeError::SecretKeyRequired`].
+    pub fn secret(&self) -> Result<&[SecretKey]> {
+        self.keys()?.secret.as_deref().ok_or_else(|| {
+            HeError::SecretKeyRequired(
+                "this context holds only public material (a public context): decryption, noise measurement and rencryption need the secret key, which stays with the client".into(),
+            )
+        })
+    }
+
+    /// True when the secret key is present.
+    pub fn has_secret_key(&self) -> bool {
+        self.keys.as_ref().is_some_and(|k| k.secret.is_some())
+    }
+
+    /// The key id of the keys (errors without keys).
+    pub fn key_id(&self) -> Result<[u8; 16]> {
+        Ok(self.keys()?.key_id)
+    }
+
+    /// Checks that a tensor belongs to this context's parameters and key.
+    pub fn check(&self, t: &CipherTensor) -> Result<()> {
+        if !Arc::ptr_eq(&t.params, &self.params) {
+            return Err(HeError::Value(
+                "this ciphertext belongs to another context; load it with CipherTensor.from_bytes(data, ctx)".into(),
+            ));
+        }
+        if t.key_id != self.key_id()? {
+            return Err(HeError::Value("this ciphertext was encrypted under another key".into()));
+        }
+        Ok(())
+    }
+
+    fn encrypt_pt(&self, k: usize, pt: &Plaintext) -> Result<Ciphertext> {
+        let keys = self.keys()?;
+        let mut rng = rand::rng();
+        Ok(match &keys.secret {
+            // Seeded secret-key ciphertexts: half the size and less noise.
+            Some(sk) => sk[k].try_encrypt(pt, &mut rng)?,
+            None => keys.public[k].try_encrypt(pt, &mut rng)?,
+        })
+    }
+
+    /// Encrypts an array. Batch: axis 0 is the batch (≤ m images) and goes
+    /// into the slots; fractional: one ciphertext per value.
+    pub fn encrypt(&self, x: ArrayViewD<f64>) -> Result<CipherTensor> {
+        let key_id = self.key_id()?;
+        if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
+            return value_err(format!("cannot encrypt {bad}: only finite numbers"));
+        }
+        let par = &self.params;
+        match par.encoding {
+            Encoding::Batch { scale_bits, .. } => {
+                if x.ndim() == 0 {
+                    return value_err("the batch encoding needs at least one axis (the batch)");
+                }
+                let n = x.shape()[0];
+                if n == 0 || n > par.m {
+                    return value_err(format!("the batch axis holds 1 to m={} images, got {n}", par.m));
+                }
+                let scale = (scale_bits as f64).exp2();
+                let phys_shape = x.shape()[1..].to_vec();
+                let phys: usize = phys_shape.iter().product();
+                let flat = x.to_shape((n, phys)).map_err(|e| HeError::Value(e.to_string()))?.to_owned();
+                let bound = flat.iter().map(|v| (v * scale).round().abs()).fold(0.0, f64::max);
+                if bound >= par.plaintext_product() as f64 / 2.0 {
+                    return Err(HeError::PlaintextOverflow(format!(
+                        "inputs up to {bound:.3e} at scale 2^{scale_bits} exceed the plaintext range ±{:.3e}",
+                        par.plaintext_product() as f64 / 2.0
+                    )));
+                }
+                let elems: Result<Vec<Element>> = (0..phys)
+                    .into_par_iter()
+                    .map(|j| {
+                        let ints: Vec<i128> = flat.column(j).iter().map(|v| (v * scale).round() as i128).collect();
+                        par.p
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &t)| {
+                                let slots: Vec<u64> = ints.iter().map(|&v| reduce_i128(v, t)).collect();
+                                let pt = Plaintext::try_encode(&slots[..], FheEncoding::simd(), &par.bfv[k])?;
+                                self.encrypt_pt(k, &pt)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let data = ArrayD::from_shape_vec(IxDyn(&phys_shape), elems?).map_err(|e| HeError::Value(e.to_string()))?;
+                Ok(CipherTensor { data, batch: Some(n), scale, growth: Growth::Integer(bound), params: par.clone(), key_id })
+            }
+            Encoding::Fractional { base, int_digits, frac_digits } => {
+                let vals: Vec<f64> = x.iter().cloned().collect();
+                let encoded: Vec<Vec<i64>> =
+                    vals.par_iter().map(|&v| fractional_encode(v, par.m, base, int_digits, frac_digits)).collect::<Result<_>>()?;
+                let mut g = vec![0.0; par.m];
+                for c in &encoded {
+                    for (gi, &ci) in g.iter_mut().zip(c) {
+                        *gi = f64::max(*gi, ci.abs() as f64);
+                    }
+                }
+                if let Some(&worst) = g.iter().max_by(|a, b| a.total_cmp(b)) {
+                    if worst >= par.p[0] as f64 / 2.0 {
+                        return Err(HeError::PlaintextOverflow(format!(
+                            "base-{base} digits up to {worst} do not fit p={}: use p > 2·(base-1)",
+                            par.p[0]
+                        )));
+                    }
+                }
+                let elems: Result<Vec<Element>> = encoded
+                    .par_iter()
+                    .map(|c| {
+                        let pt = Plaintext::try_encode(&c[..], FheEncoding::poly(), &par.bfv[0])?;
+                        Ok(vec![self.encrypt_pt(0, &pt)?])
+                    })
+                    .collect();
+                let data = ArrayD::from_shape_vec(IxDyn(x.shape()), elems?).map_err(|e| HeError::Value(e.to_string()))?;
+                Ok(CipherTensor { data, batch: None, scale: 1.0, growth: Growth::Poly(g), params: par.clone(), key_id })
+            }
+        }
+    }
+
+    /// Remaining invariant noise budget of one ciphertext, in bits (≤ 0: exhausted).
+    fn budget_of(&self, k: usize, ct: &Ciphertext) -> Result<i64> {
+        let sk = &self.secret()?[k];
+        // SAFETY: measure_noise only runs in variable time depending on the noise.
+        let noise = unsafe { sk.measure_noise(ct)? } as f64;
+        let level = self.params.bfv[k].level_of_context(ct[0].ctx())?;
+        let logq = self.params.log_q_at_level(level);
+        let logt = (self.params.p[k] as f64).log2();
+        Ok((logq - logt - 1.0 - noise).floor() as i64)
+    }
+
+    /// Minimum noise budget (bits) over all ciphertexts of `t`.
+    pub fn noise_budget(&self, t: &CipherTensor) -> Result<i64> {
+        self.secret()?;
+        self.check(t)?;
+        let all: Vec<(usize, &Ciphertext)> = t.data.iter().flat_map(|e| e.iter().enumerate()).collect();
+        let budgets: Result<Vec<i64>> = all.par_iter().map(|&(k, ct)| self.budget_of(k, ct)).collect();
+        Ok(budgets?.into_iter().min().unwrap_or(0))
+    }
+
+    fn decrypt_element(&self, e: &Element, batch: Option<usize>, scale: f64) -> Result<Vec<f64>> {
+        let sk = self.secret()?;
+        let par = &self.params;
+        let mut residues: Vec<Vec<u64>> = Vec::with_capacity(e.len());
+        for (k, ct) in e.iter().enumerate() {
+            if self.budget_of(k, ct)? <= 0 {
+                return Err(HeError::NoiseBudgetExhausted(
+                    "a ciphertext's noise budget is exhausted: decrypting it would give garbage. Use larger parameters (m, moduli), fewer multiplications, a smaller p, or a rencryption".into(),
+                ));
+            }
+            let pt = sk[k].try_decrypt(ct)?;
+            let enc = if batch.is_some() { FheEncoding::simd() } else { FheEncoding::poly() };
+            residues.push(Vec::<u64>::try_decode(&pt, enc)?);
+        }
+        match (par.encoding, batch) {
+            (Encoding::Batch { .. }, Some(n)) => Ok((0..n)
+                .map(|i| {
+                    let r: Vec<u64> = residues.iter().map(|v| v[i]).collect();
+                    crt_centred(&r, &par.p) as f64 / scale
+                })
+                .collect()),
+            (Encoding::Fractional { base, .. }, None) => {
+                let c: Vec<i64> = residues[0].iter().map(|&x| centre(x, par.p[0])).collect();
+                Ok(vec![fractional_decode(&c, base)])
+            }
+            _ => value_err("the tensor does not match the context's encoding"),
+        }
+    }
+
+    /// Decrypts to float64 of the logical shape. Raises
+    /// [`HeError::NoiseBudgetExhausted`] instead of returning garbage.
+    pub fn decrypt(&self, t: &CipherTensor) -> Result<ArrayD<f64>> {
+        self.secret()?;
+        self.check(t)?;
+        let elems: Vec<&Element> = t.data.iter().collect();
+        let vals: Vec<Vec<f64>> = elems.par_iter().map(|e| self.decrypt_element(e, t.batch, t.scale)).collect::<Result<_>>()?;
+        let shape = t.shape();
+        match t.batch {
+            None => ArrayD::from_shape_vec(IxDyn(&shape), vals.into_iter().flatten().collect()).map_err(|e| HeError::Value(e.to_string())),
+            Some(n) => {
+                // vals[j][i]: element j, image i → logical [i, j].
+                let phys = vals.len();
+                let mut out = Vec::with_capacity(n * phys);
+                for i in 0..n {
+                    for v in &vals {
+                        out.push(v[i]);
+                    }
+                }
+                ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| HeError::Value(e.to_string()))
+            }
+        }
+    }
+
+    fn multiplicator(&self, k: usize) -> Result<&Multiplicator> {
+        self.keys()?.mult[k].as_ref().ok_or_else(|| {
+            HeError::Parameter(format!(
+                "ciphertext products need relinearization keys, which m={} with these moduli cannot hold; use m ≥ 2048",
+                self.params.m
+            ))
+        })
+    }
+
+    /// Element-wise product of two tensors (relinearized). Batch scales multiply.
+    pub fn multiply(&self, a: &CipherTensor, b: &CipherTensor) -> Result<CipherTensor> {
+        self.check(a)?;
+        self.check(b)?;
+        if a.shape() != b.shape() {
+            return value_err(format!("shapes differ: {:?} and {:?}", a.shape(), b.shape()));
+        }
+        if a.level()? != 0 || b.level()? != 0 {
+            return value_err("ciphertext products run at the top modulus level; multiply before switching down");
+        }
+        let growth = a.growth.mul(&b.growth);
+        let scale = a.scale * b.scale;
+        if let Encoding::Batch { .. } = self.params.encoding {
+            let r = growth.report(self.params.plaintext_product() as f64, 2);
+            if !r.fits() {
+                return Err(HeError::PlaintextOverflow(format!(
+                    "square/product: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}; use smaller scales, more plaintext moduli or a rencryption",
+                    r.coeff_bound, r.limit
+                )));
+            }
+        }
+        let xs: Vec<(&Element, &Element)> = a.data.iter().zip(b.data.iter()).collect();
+        let out: Result<Vec<Element>> = xs
+            .par_iter()
+            .map(|(x, y)| x.iter().zip(y.iter()).enumerate().map(|(k, (cx, cy))| Ok(self.multiplicator(k)?.multiply(cx, cy)?)).collect())
+            .collect();
+        let data = ArrayD::from_shape_vec(IxDyn(a.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(CipherTensor { data, batch: a.batch, scale, growth, params: a.params.clone(), key_id: a.key_id })
+    }
+
+    /// Element-wise square.
+    pub fn square(&self, x: &CipherTensor) -> Result<CipherTensor> {
+        self.multiply(x, x)
+    }
+
+    /// Σ_k coeffs[k] · x^k element-wise (coefficients lowest degree first).
+    pub fn polynomial(&self, x: &CipherTensor, coeffs: &[f64]) -> Result<CipherTensor> {
+        self.check(x)?;
+        let d = coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
+        if d == 0 {
+            return value_err("a polynomial activation needs degree ≥ 1 (a constant is not an activation)");
+        }
+        let mut powers = vec![x.clone()];
+        for _ in 1..d {
+            let next = self.multiply(powers.last().unwrap_or(x), x)?;
+            powers.push(next);
+        }
+        let level = x.level()?;
+        let ctx = self.params.bfv[0].context_at_level(level)?.clone();
+        let (mults, scale_out, growth): (Vec<Prepared>, f64, Growth) = match self.params.encoding {
+            Encoding::Batch { weight_scale_bits, .. } => {
+                // Every term is brought to scale s^d · 2^wsb with exact integer factors.
+                let s = x.scale;
+                let f = (weight_scale_bits as f64).exp2();
+                let mut ms = Vec::new();
+                let mut bound = 0.0;
+                for k in 1..=d {
+                    let c = (coeffs[k] * f * s.powi((d - k) as i32)).round();
+                    if c.abs() >= 2f64.powi(62) {
+                        return Err(HeError::PlaintextOverflow(format!("polynomial coefficient {} does not fit at scale {s}", coeffs[k])));
+                    }
+                    if let Growth::Integer(b) = powers[k - 1].growth {
+                        bound += c.abs() * b;
+                    }
+                    ms.push(Prepared::scalar(c as i64, &ctx));
+                }
+                let scale_out = s.powi(d as i32) * f;
+                (ms, scale_out, Growth::Integer(bound))
+            }
+            Encoding::Fractional { base, int_digits, frac_digits } => {
+                let mut ms = Vec::new();
+                let mut g = vec![0.0; self.params.m];
+                for k in 1..=d {
+                    let c = fractional_encode(coeffs[k], self.params.m, base, int_digits, frac_digits)?;
+                    let cb: Vec<f64> = c.iter().map(|&v| v.abs() as f64).collect();
+                    if let Growth::Poly(pg) = &powers[k - 1].growth {
+                        for (a, b) in g.iter_mut().zip(super::growth::negacyclic_bound(pg, &cb)) {
+                            *a += b;
+                        }
+                    }
+                    ms.push(Prepared::poly(&c, &ctx)?);
+                }
+                (ms, 1.0, Growth::Poly(g))
+            }
+        };
+        if let Encoding::Batch { .. } = self.params.encoding {
+            let r = growth.report(self.params.plaintext_product() as f64, 2);
+            if !r.fits() {
+                return Err(HeError::PlaintextOverflow(format!(
+                    "polynomial: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}",
+                    r.coeff_bound, r.limit
+                )));
+            }
+        }
+        let n = x.data.len();
+        let flats: Vec<Vec<&Element>> = powers.iter().map(|p| p.data.iter().collect()).collect();
+        let ncomp = self.params.p.len();
+        let out: Result<Vec<Element>> = (0..n)
+            .into_par_iter()
+            .map(|j| {
+                (0..ncomp)
+                    .map(|k| {
+                        let cts: Vec<&Ciphertext> = flats.iter().map(|f| &f[j][k]).collect();
+                        let ws: Vec<&Prepared> = mults.iter().collect();
+                        weighted_sum(&cts, &ws, &self.params.bfv[k])
+                    })
+                    .collect()
+            })
+            .collect();
+        let data = ArrayD::from_shape_vec(IxDyn(x.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        let t = CipherTensor { data, batch: x.batch, scale: scale_out, growth, params: x.params.clone(), key_id: x.key_id };
+        if coeffs[0] != 0.0 {
+            t.add_plain(&ArrayD::from_elem(IxDyn(&[]), coeffs[0]))
+        } else {
+            Ok(t)
+        }
+    }
+
+    /// Decrypts and encrypts afresh (key holder only): a full noise budget and,
+    /// in the batch encoding, the input scale again.
+    pub fn rencrypt(&self, x: &CipherTensor) -> Result<CipherTensor> {
+        let plain = self.decrypt(x)?;
+        self.encrypt(plain.view())
+    }
+}
+

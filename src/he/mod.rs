@@ -1,0 +1,16 @@
+//! The HE core over fhe.rs: parameters and security levels, keys, encodings,
+//! CipherTensor, noise and serialization. Never names Python.
+
+pub mod context;
+pub mod encoding;
+pub mod error;
+pub mod growth;
+pub mod kernel;
+pub mod params;
+pub mod serialize;
+pub mod tensor;
+
+pub use context::HeContext;
+pub use error::{HeError, Result};
+pub use params::{Encoding, HeParameters, ParametersRequest};
+pub use tensor::{AffineMap, CipherTensor};

@@ -1,0 +1,557 @@
+//! CipherTensor: an n-dimensional array of ciphertexts with its encoding
+//! metadata, and the element-wise and affine operations the layers need.
+
+use std::sync::Arc;
+
+use fhe::bfv::{Ciphertext, Encoding as FheEncoding, Plaintext};
+use fhe_traits::FheEncoder;
+use ndarray::{ArrayD, Axis, IxDyn};
+use rayon::prelude::*;
+
+use super::encoding::{fractional_encode, reduce_i128};
+use super::error::{value_err, HeError, Result};
+use super::growth::{Growth, GrowthReport};
+use super::kernel::{weighted_sum, Prepared};
+use super::params::{Encoding, HeParameters};
+
+/// One encrypted value (fractional) or one slot vector (batch): a ciphertext
+/// per plaintext modulus (several only when CRT is in use).
+pub type Element = Vec<Ciphertext>;
+
+/// An array of ciphertexts and what it takes to read them.
+#[derive(Debug, Clone)]
+pub struct CipherTensor {
+    /// Physical array: the logical shape (fractional) or the logical shape
+    /// without the batch axis (batch, where the batch lives in the slots).
+    pub data: ArrayD<Element>,
+    /// Batch encoding: the number of images N in the slots. `None` for fractional.
+    pub batch: Option<usize>,
+    /// Batch encoding: slots hold round(value · scale). 1 for fractional.
+    pub scale: f64,
+    /// Bound on the plaintext magnitudes.
+    pub growth: Growth,
+    /// The parameters the ciphertexts belong to.
+    pub params: Arc<HeParameters>,
+    /// The key the ciphertexts were made under.
+    pub key_id: [u8; 16],
+}
+
+/// A linear map applied to every image independently: the shared form of
+/// convolution, linear layers and pooling.
+#[derive(Debug, Clone)]
+pub struct AffineMap {
+    /// Input shape of one image (without the batch axis).
+    pub in_shape: Vec<usize>,
+    /// Output shape of one image.
+    pub out_shape: Vec<usize>,
+    /// For every output element (row-major): (input flat index, weight index).
+    pub terms: Vec<Vec<(u32, u32)>>,
+    /// Weights; the real multiplier is `weights[i] / divisor`.
+    pub weights: Vec<f64>,
+    /// Exact divisor (average pooling's k²): batch tracks it in the scale
+    /// instead of rounding 1/k², and then `weights` must be integers.
+    pub divisor: f64,
+    /// Bias per output element (empty for none).
+    pub bias: Vec<f64>,
+}
+
+impl CipherTensor {
+    /// The logical shape: `[N, ...]`.
+    pub fn shape(&self) -> Vec<usize> {
+        let mut s = self.data.shape().to_vec();
+        if let Some(n) = self.batch {
+            s.insert(0, n);
+        }
+        s
+    }
+
+    /// The level (number of moduli dropped) of the ciphertexts.
+    pub fn level(&self) -> Result<usize> {
+        let first = self.data.iter().next().ok_or_else(|| HeError::Value("empty tensor".into()))?;
+        Ok(self.params.bfv[0].level_of_context(first[0][0].ctx())?)
+    }
+
+    /// Number of ciphertexts it holds.
+    pub fn n_ciphertexts(&self) -> usize {
+        self.data.len() * self.params.p.len()
+    }
+
+    fn with_data(&self, data: ArrayD<Element>, scale: f64, growth: Growth) -> CipherTensor {
+        CipherTensor { data, batch: self.batch, scale, growth, params: self.params.clone(), key_id: self.key_id }
+    }
+
+    fn check_same(&self, other: &CipherTensor) -> Result<()> {
+        if !Arc::ptr_eq(&self.params, &other.params) && self.params.fingerprint != other.params.fingerprint {
+            return value_err("the tensors belong to different parameters");
+        }
+        if !Arc::ptr_eq(&self.params, &other.params) {
+            return value_err("the tensors belong to different contexts; load both with the same Context");
+        }
+        if self.key_id != other.key_id {
+            return value_err("the tensors were encrypted under different keys");
+        }
+        if self.batch != other.batch {
+            return value_err(format!("batch sizes differ: {:?} and {:?}", self.batch, other.batch));
+        }
+        if self.data.shape() != other.data.shape() {
+            return value_err(format!("shapes differ: {:?} and {:?}", self.shape(), other.shape()));
+        }
+        if self.scale != other.scale {
+            return value_err(format!(
+                "scales differ ({} and {}): values at different fixed-point scales cannot be added",
+                self.scale, other.scale
+            ));
+        }
+        if self.level()? != other.level()? {
+            return value_err("the tensors are at different modulus levels");
+        }
+        Ok(())
+    }
+
+    fn zip_map(&self, other: &CipherTensor, f: impl Fn(&Ciphertext, &Ciphertext) -> Result<Ciphertext> + Sync) -> Result<ArrayD<Element>> {
+        let a: Vec<&Element> = self.data.iter().collect();
+        let b: Vec<&Element> = other.data.iter().collect();
+        let out: Result<Vec<Element>> = a
+            .par_iter()
+            .zip(b.par_iter())
+            .map(|(x, y)| x.iter().zip(y.iter()).map(|(cx, cy)| f(cx, cy)).collect())
+            .collect();
+        Ok(ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?)
+    }
+
+    /// Element-wise sum with another tensor of the same shape and scale.
+    pub fn add(&self, other: &CipherTensor) -> Result<CipherTensor> {
+        self.check_same(other)?;
+        let data = self.zip_map(other, |x, y| Ok(x + y))?;
+        Ok(self.with_data(data, self.scale, self.growth.add(&other.growth)))
+    }
+
+    /// Element-wise difference.
+    pub fn sub(&self, other: &CipherTensor) -> Result<CipherTensor> {
+        self.check_same(other)?;
+        let data = self.zip_map(other, |x, y| Ok(x - y))?;
+        Ok(self.with_data(data, self.scale, self.growth.add(&other.growth)))
+    }
+
+    /// Negation.
+    pub fn neg(&self) -> CipherTensor {
+        let data = self.data.map(|e| e.iter().map(|c| -c).collect());
+        self.with_data(data, self.scale, self.growth.clone())
+    }
+
+    /// Broadcasts plain values to the logical shape and splits them per
+    /// physical element: `[n_elements][N or 1]`, with `per_image` telling
+    /// whether they vary across the batch axis.
+    fn plain_per_element(&self, values: &ArrayD<f64>) -> Result<(Vec<Vec<f64>>, bool)> {
+        let logical = self.shape();
+        let b = values
+            .broadcast(IxDyn(&logical))
+            .ok_or_else(|| HeError::Value(format!("values of shape {:?} do not broadcast to {:?}", values.shape(), logical)))?;
+        match self.batch {
+            None => Ok((b.iter().map(|&v| vec![v]).collect(), false)),
+            Some(n) => {
+                let per_image = values.ndim() == logical.len() && values.shape()[0] == n && n > 1;
+                let phys = self.data.len();
+                let flat = b.to_shape((n, phys)).map_err(|e| HeError::Value(e.to_string()))?;
+                Ok(((0..phys).map(|j| flat.column(j).to_vec()).collect(), per_image))
+            }
+        }
+    }
+
+    /// Adds plain values (broadcast to the logical shape) at the tensor's scale.
+    pub fn add_plain(&self, values: &ArrayD<f64>) -> Result<CipherTensor> {
+        let (vals, _) = self.plain_per_element(values)?;
+        let level = self.level()?;
+        let extra = self.constant_growth(vals.iter().flatten().cloned())?;
+        let elems: Vec<&Element> = self.data.iter().collect();
+        let out: Result<Vec<Element>> = elems
+            .par_iter()
+            .zip(vals.par_iter())
+            .map(|(e, v)| self.add_constant_element(e, v, level))
+            .collect();
+        let data = ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(self.with_data(data, self.scale, self.growth.add(&extra)))
+    }
+
+    /// Bound of plain constants added at the current scale.
+    fn constant_growth(&self, vals: impl Iterator<Item = f64>) -> Result<Growth> {
+        match self.params.encoding {
+            Encoding::Batch { .. } => Ok(Growth::Integer(vals.map(|v| (v * self.scale).round().abs()).fold(0.0, f64::max))),
+            Encoding::Fractional { base, int_digits, frac_digits } => {
+                let mut g = vec![0.0; self.params.m];
+                for v in vals {
+                    let c = fractional_encode(v, self.params.m, base, int_digits, frac_digits)?;
+                    for (gi, ci) in g.iter_mut().zip(c) {
+                        *gi = f64::max(*gi, ci.abs() as f64);
+                    }
+                }
+                Ok(Growth::Poly(g))
+            }
+        }
+    }
+
+    /// `e + v` for one element: `v` has one value (constant over the batch) or N.
+    fn add_constant_element(&self, e: &Element, v: &[f64], level: usize) -> Result<Element> {
+        let par = &self.params;
+        e.iter()
+            .enumerate()
+            .map(|(k, ct)| {
+                let t = par.p[k];
+                let pt = match par.encoding {
+                    Encoding::Batch { .. } => {
+                        let ints: Vec<i64> = v.iter().map(|&x| reduce_i128((x * self.scale).round() as i128, t) as i64).collect();
+                        if ints.len() == 1 {
+                            // A constant over all slots is the constant polynomial.
+                            Plaintext::try_encode(&ints[..], FheEncoding::poly_at_level(level), &par.bfv[k])?
+                        } else {
+                            Plaintext::try_encode(&ints[..], FheEncoding::simd_at_level(level), &par.bfv[k])?
+                        }
+                    }
+                    Encoding::Fractional { base, int_digits, frac_digits } => {
+                        let c = fractional_encode(v[0], par.m, base, int_digits, frac_digits)?;
+                        Plaintext::try_encode(&c[..], FheEncoding::poly_at_level(level), &par.bfv[k])?
+                    }
+                };
+                let mut out = ct.clone();
+                out += &pt;
+                Ok(out)
+            })
+            .collect()
+    }
+
+    /// The integer or polynomial that multiplies by `w` in this encoding, and
+    /// its growth. Batch: round(w · 2^weight_scale_bits) (the scale grows by
+    /// that factor); fractional: the encoding of w.
+    pub fn weight_multiplier(params: &HeParameters, w: f64, exact_integer: bool) -> Result<(Vec<i64>, bool)> {
+        match params.encoding {
+            Encoding::Batch { weight_scale_bits, .. } => {
+                let f = if exact_integer { 1.0 } else { (weight_scale_bits as f64).exp2() };
+                let x = (w * f).round();
+                if !x.is_finite() || x.abs() >= 2f64.powi(62) {
+                    return value_err(format!("weight {w} is out of range"));
+                }
+                Ok((vec![x as i64], true))
+            }
+            Encoding::Fractional { base, int_digits, frac_digits } => {
+                Ok((fractional_encode(w, params.m, base, int_digits, frac_digits)?, false))
+            }
+        }
+    }
+
+    /// Multiplies element-wise by plain values broadcast to the logical shape
+    /// (batch: they must not vary across the batch axis).
+    pub fn mul_plain(&self, values: &ArrayD<f64>) -> Result<CipherTensor> {
+        let (vals, per_image) = self.plain_per_element(values)?;
+        if per_image {
+            return value_err(
+                "the batch encoding multiplies every image by the same weights: give values without the batch axis (shape of one image)",
+            );
+        }
+        // An element-wise product is an affine map with one term per element,
+        // over the whole tensor viewed as one image.
+        let total = self.data.len();
+        let flat_shape: Vec<usize> = if self.batch.is_some() { vec![total] } else { vec![1, total] };
+        let flat = self.data.clone().into_shape_with_order(IxDyn(&flat_shape)).map_err(|e| HeError::Value(e.to_string()))?;
+        let tmp = self.with_data(flat, self.scale, self.growth.clone());
+        let map = AffineMap {
+            in_shape: vec![total],
+            out_shape: vec![total],
+            terms: (0..total as u32).map(|i| vec![(i, i)]).collect(),
+            weights: vals.iter().map(|v| v[0]).collect(),
+            divisor: 1.0,
+            bias: vec![],
+        };
+        let prepared = tmp.prepare(&map, self.level()?)?;
+        let out = tmp.apply_affine(&map, &prepared, "multiply")?;
+        let data = out.data.into_shape_with_order(IxDyn(self.data.shape())).map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(self.with_data(data, out.scale, out.growth))
+    }
+
+    /// Index of the first axis of one image in `data`: 1 for fractional
+    /// (axis 0 is the batch), 0 for batch.
+    pub fn image_axes_start(&self) -> usize {
+        if self.batch.is_some() || self.data.ndim() == 0 {
+            0
+        } else {
+            1
+        }
+    }
+
+    /// Number of images stored along physical axis 0 (fractional) or 1 (batch).
+    fn physical_images(&self) -> usize {
+        if self.image_axes_start() == 1 {
+            self.data.shape()[0]
+        } else {
+            1
+        }
+    }
+
+    /// Encodes an affine map's weights for the ciphertexts at `level`.
+    pub fn prepare(&self, map: &AffineMap, level: usize) -> Result<Vec<Prepared>> {
+        prepare_weights(&self.params, map, level)
+    }
+
+    /// Applies `map` to every image. `prepared` comes from [`prepare_weights`]
+    /// at this tensor's level. `name` names the layer in errors.
+    pub fn apply_affine(&self, map: &AffineMap, prepared: &[Prepared], name: &str) -> Result<CipherTensor> {
+        let start = self.image_axes_start();
+        let img_shape = &self.data.shape()[start..];
+        if img_shape != map.in_shape.as_slice() {
+            return value_err(format!(
+                "{name}: expects input of shape {:?} per image, got {:?}",
+                map.in_shape, img_shape
+            ));
+        }
+        if prepared.len() != map.weights.len() {
+            return value_err(format!("{name}: weights were prepared for another map"));
+        }
+        let level = self.level()?;
+        let batch_enc = matches!(self.params.encoding, Encoding::Batch { .. });
+        let (scale_out, weight_factor) = match self.params.encoding {
+            Encoding::Batch { weight_scale_bits, .. } => {
+                if map.divisor != 1.0 {
+                    (self.scale * map.divisor, 1.0)
+                } else {
+                    let f = (weight_scale_bits as f64).exp2();
+                    (self.scale * f, f)
+                }
+            }
+            Encoding::Fractional { .. } => (1.0, 1.0),
+        };
+        let growth = self.affine_growth(map, scale_out, weight_factor)?;
+        if batch_enc {
+            let report = growth.report(self.params.plaintext_product() as f64, 2);
+            if !report.fits() {
+                return Err(HeError::PlaintextOverflow(format!(
+                    "{name}: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}; use smaller scale_bits/weight_scale_bits, more plaintext moduli (CRT) or a rencryption before this layer",
+                    report.coeff_bound, report.limit
+                )));
+            }
+        }
+        let imgs = self.physical_images();
+        let in_per_img: usize = map.in_shape.iter().product::<usize>().max(1);
+        let out_per_img: usize = map.out_shape.iter().product::<usize>().max(1);
+        let flat: Vec<&Element> = self.data.iter().collect();
+        let ncomp = self.params.p.len();
+        let jobs: Vec<(usize, usize)> = (0..imgs).flat_map(|i| (0..out_per_img).map(move |o| (i, o))).collect();
+        let out: Result<Vec<Element>> = jobs
+            .par_iter()
+            .map(|&(img, o)| {
+                let terms = &map.terms[o];
+                let base = img * in_per_img;
+                (0..ncomp)
+                    .map(|k| {
+                        if terms.is_empty() {
+                            // No input reaches this output (all padding): 0 · x, a valid encryption of 0.
+                            let zero = Prepared::scalar(0, flat[base][k][0].ctx());
+                            return weighted_sum(&[&flat[base][k]], &[&zero], &self.params.bfv[k]);
+                        }
+                        let (cts, ws): (Vec<&Ciphertext>, Vec<&Prepared>) =
+                            terms.iter().map(|&(i, w)| (&flat[base + i as usize][k], &prepared[w as usize])).unzip();
+                        weighted_sum(&cts, &ws, &self.params.bfv[k])
+                    })
+                    .collect::<Result<Element>>()
+            })
+            .collect();
+        let mut out = out?;
+        if !map.bias.is_empty() {
+            let tmp = self.with_data(ArrayD::from_elem(IxDyn(&[]), flat[0].clone()), scale_out, self.growth.clone());
+            out = out
+                .into_par_iter()
+                .enumerate()
+                .map(|(j, e)| tmp.add_constant_element(&e, &[map.bias[j % out_per_img]], level))
+                .collect::<Result<Vec<Element>>>()?;
+        }
+        let mut shape = if start == 1 { vec![imgs] } else { vec![] };
+        shape.extend_from_slice(&map.out_shape);
+        let data = ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(self.with_data(data, scale_out, growth))
+    }
+
+    fn affine_growth(&self, map: &AffineMap, scale_out: f64, weight_factor: f64) -> Result<Growth> {
+        match (&self.growth, self.params.encoding) {
+            (Growth::Integer(b), Encoding::Batch { .. }) => {
+                let mut worst: f64 = 0.0;
+                for (o, terms) in map.terms.iter().enumerate() {
+                    let s: f64 = terms.iter().map(|&(_, w)| (map.weights[w as usize] * weight_factor).round().abs()).sum();
+                    let bias = map.bias.get(o).map(|&x| (x * scale_out).round().abs()).unwrap_or(0.0);
+                    worst = worst.max(s * b + bias);
+                }
+                Ok(Growth::Integer(worst))
+            }
+            (Growth::Poly(g), Encoding::Fractional { base, int_digits, frac_digits }) => {
+                let m = self.params.m;
+                let enc: Vec<Vec<(usize, f64)>> = map
+                    .weights
+                    .iter()
+                    .map(|&w| {
+                        fractional_encode(w / map.divisor, m, base, int_digits, frac_digits)
+                            .map(|c| c.iter().enumerate().filter(|(_, &x)| x != 0).map(|(i, &x)| (i, x.abs() as f64)).collect())
+                    })
+                    .collect::<Result<_>>()?;
+                let mut s = vec![0.0; m];
+                let mut per_out = vec![0.0; m];
+                for terms in &map.terms {
+                    per_out.iter_mut().for_each(|x| *x = 0.0);
+                    for &(_, w) in terms {
+                        for &(i, x) in &enc[w as usize] {
+                            per_out[i] += x;
+                        }
+                    }
+                    for (a, b) in s.iter_mut().zip(&per_out) {
+                        *a = f64::max(*a, *b);
+                    }
+                }
+                let mut out = super::growth::negacyclic_bound(g, &s);
+                if !map.bias.is_empty() {
+                    if let Growth::Poly(bg) = self.constant_growth(map.bias.iter().cloned())? {
+                        for (a, b) in out.iter_mut().zip(bg) {
+                            *a += b;
+                        }
+                    }
+                }
+                Ok(Growth::Poly(out))
+            }
+            _ => value_err("growth bound does not match the encoding"),
+        }
+    }
+
+    /// What the growth bound means against the plaintext modulus.
+    pub fn growth_report(&self) -> GrowthReport {
+        let base = match self.params.encoding {
+            Encoding::Fractional { base, .. } => base,
+            Encoding::Batch { .. } => 2,
+        };
+        self.growth.report(self.params.plaintext_product() as f64, base)
+    }
+
+    /// Reshapes the physical array of one image (flatten and friends).
+    pub fn reshape_images(&self, image_shape: &[usize]) -> Result<CipherTensor> {
+        let start = self.image_axes_start();
+        let mut shape = self.data.shape()[..start].to_vec();
+        shape.extend_from_slice(image_shape);
+        let data = self
+            .data
+            .clone()
+            .into_shape_with_order(IxDyn(&shape))
+            .map_err(|_| HeError::Value(format!("cannot reshape {:?} to {:?} per image", self.shape(), image_shape)))?;
+        Ok(self.with_data(data, self.scale, self.growth.clone()))
+    }
+
+    /// Selects `indices` along logical axis `axis` (batch: never axis 0).
+    pub fn take(&self, axis: usize, indices: &[usize]) -> Result<CipherTensor> {
+        let phys = self.physical_axis(axis)?;
+        let len = self.data.shape()[phys];
+        if let Some(&bad) = indices.iter().find(|&&i| i >= len) {
+            return Err(HeError::Value(format!("index {bad} is out of range for axis {axis} of length {len}")));
+        }
+        let data = self.data.select(Axis(phys), indices);
+        Ok(self.with_data(data, self.scale, self.growth.clone()))
+    }
+
+    /// Removes logical axis `axis` by taking index `i` (batch: never axis 0).
+    pub fn index_axis(&self, axis: usize, i: usize) -> Result<CipherTensor> {
+        let phys = self.physical_axis(axis)?;
+        let len = self.data.shape()[phys];
+        if i >= len {
+            return Err(HeError::Value(format!("index {i} is out of range for axis {axis} of length {len}")));
+        }
+        let data = self.data.index_axis(Axis(phys), i).to_owned();
+        Ok(self.with_data(data, self.scale, self.growth.clone()))
+    }
+
+    fn physical_axis(&self, axis: usize) -> Result<usize> {
+        let nd = self.shape().len();
+        if axis >= nd {
+            return Err(HeError::Value(format!("axis {axis} is out of range for a {nd}-dimensional tensor")));
+        }
+        match self.batch {
+            Some(_) if axis == 0 => Err(HeError::Value(
+                "the batch axis lives in the ciphertext slots; it only takes ':'".into(),
+            )),
+            Some(_) => Ok(axis - 1),
+            None => Ok(axis),
+        }
+    }
+
+    /// Stacks single-element tensors into one of physical `shape`.
+    pub fn stack(parts: &[CipherTensor], shape: &[usize]) -> Result<CipherTensor> {
+        let first = parts.first().ok_or_else(|| HeError::Value("nothing to stack".into()))?;
+        let mut elems = Vec::with_capacity(parts.len());
+        let mut growth = first.growth.clone();
+        for p in parts {
+            if !Arc::ptr_eq(&p.params, &first.params) || p.key_id != first.key_id {
+                return value_err("all ciphertexts must come from the same context and key");
+            }
+            if p.batch != first.batch || p.scale != first.scale {
+                return value_err("all ciphertexts must hold the same batch size at the same scale");
+            }
+            if p.data.len() != 1 {
+                return value_err("stack takes single ciphertexts");
+            }
+            growth = growth_max(&growth, &p.growth);
+            elems.push(p.data.iter().next().cloned().unwrap_or_default());
+        }
+        let level0 = first.level()?;
+        for p in parts {
+            if p.level()? != level0 {
+                return value_err("all ciphertexts must be at the same modulus level");
+            }
+        }
+        let data = ArrayD::from_shape_vec(IxDyn(shape), elems)
+            .map_err(|_| HeError::Value(format!("{} ciphertexts do not fill shape {shape:?}", parts.len())))?;
+        Ok(first.with_data(data, first.scale, growth))
+    }
+
+    /// Switches every ciphertext down to the last modulus (smallest to send).
+    pub fn switch_to_last_level(&self) -> Result<CipherTensor> {
+        let last = self.params.levels() - 1;
+        let out: Result<Vec<Element>> = self
+            .data
+            .iter()
+            .collect::<Vec<_>>()
+            .par_iter()
+            .map(|e| {
+                e.iter()
+                    .map(|ct| {
+                        let mut c = ct.clone();
+                        c.switch_to_level(last)?;
+                        Ok(c)
+                    })
+                    .collect()
+            })
+            .collect();
+        let data = ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(self.with_data(data, self.scale, self.growth.clone()))
+    }
+}
+
+/// Element-wise maximum of two bounds.
+pub fn growth_max(a: &Growth, b: &Growth) -> Growth {
+    match (a, b) {
+        (Growth::Integer(x), Growth::Integer(y)) => Growth::Integer(x.max(*y)),
+        (Growth::Poly(x), Growth::Poly(y)) => Growth::Poly(x.iter().zip(y).map(|(p, q)| p.max(*q)).collect()),
+        (x, _) => x.clone(),
+    }
+}
+
+/// Encodes an affine map's weights for ciphertexts at `level`.
+pub fn prepare_weights(params: &HeParameters, map: &AffineMap, level: usize) -> Result<Vec<Prepared>> {
+    let ctx = params.bfv[0].context_at_level(level)?.clone();
+    let exact = map.divisor != 1.0;
+    map.weights
+        .par_iter()
+        .map(|&w| {
+            let real = if matches!(params.encoding, Encoding::Fractional { .. }) { w / map.divisor } else { w };
+            if exact && matches!(params.encoding, Encoding::Batch { .. }) && real.fract() != 0.0 {
+                return value_err("a divided map needs integer weights in the batch encoding");
+            }
+            let (c, scalar) = CipherTensor::weight_multiplier(params, real, exact)?;
+            if scalar {
+                Ok(Prepared::scalar(c[0], &ctx))
+            } else {
+                Prepared::poly(&c, &ctx)
+            }
+        })
+        .collect()
+}

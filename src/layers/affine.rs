@@ -1,0 +1,326 @@
+//! Convolutions, linear layers and average pooling as [`AffineMap`]s.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::he::kernel::Prepared;
+use crate::he::tensor::prepare_weights;
+use crate::he::{AffineMap, CipherTensor, HeError, Result};
+
+/// The shape of an affine layer; the map's terms are derived from it and the input shape.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Geometry {
+    /// torch.nn.Conv2d: weights [out, in/groups, kh, kw].
+    Conv2d {
+        /// Output channels.
+        out_channels: usize,
+        /// Input channels.
+        in_channels: usize,
+        /// Kernel (height, width).
+        kernel: (usize, usize),
+        /// Stride (h, w).
+        stride: (usize, usize),
+        /// Zero padding (h, w).
+        padding: (usize, usize),
+        /// Dilation (h, w).
+        dilation: (usize, usize),
+        /// Groups.
+        groups: usize,
+    },
+    /// torch.nn.Conv1d: weights [out, in/groups, k]; input [C, L].
+    Conv1d {
+        /// Output channels.
+        out_channels: usize,
+        /// Input channels.
+        in_channels: usize,
+        /// Kernel length.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Zero padding.
+        padding: usize,
+        /// Dilation.
+        dilation: usize,
+        /// Groups.
+        groups: usize,
+    },
+    /// torch.nn.Linear: weights [out, in]; any input whose size is `in` (flattened).
+    Linear {
+        /// Input features.
+        in_features: usize,
+        /// Output features.
+        out_features: usize,
+    },
+    /// torch.nn.AvgPool2d with count_include_pad=True (torch's default).
+    AvgPool2d {
+        /// Kernel (h, w).
+        kernel: (usize, usize),
+        /// Stride (h, w).
+        stride: (usize, usize),
+        /// Zero padding (h, w).
+        padding: (usize, usize),
+    },
+}
+
+fn out_len(n: usize, k: usize, s: usize, p: usize, d: usize) -> Option<usize> {
+    let span = d * (k - 1) + 1;
+    if n + 2 * p < span || s == 0 {
+        None
+    } else {
+        Some((n + 2 * p - span) / s + 1)
+    }
+}
+
+impl Geometry {
+    /// torch's name of the layer.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Geometry::Conv2d { .. } => "Conv2d",
+            Geometry::Conv1d { .. } => "Conv1d",
+            Geometry::Linear { .. } => "Linear",
+            Geometry::AvgPool2d { .. } => "AvgPool2d",
+        }
+    }
+
+    /// Output shape of one image.
+    pub fn output_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
+        let bad = |want: &str| {
+            Err(HeError::Value(format!("{}: expects input {want} per image, got {in_shape:?}", self.name())))
+        };
+        match *self {
+            Geometry::Conv2d { out_channels, in_channels, kernel, stride, padding, dilation, .. } => {
+                if in_shape.len() != 3 || in_shape[0] != in_channels {
+                    return bad(&format!("[{in_channels}, H, W]"));
+                }
+                match (
+                    out_len(in_shape[1], kernel.0, stride.0, padding.0, dilation.0),
+                    out_len(in_shape[2], kernel.1, stride.1, padding.1, dilation.1),
+                ) {
+                    (Some(h), Some(w)) => Ok(vec![out_channels, h, w]),
+                    _ => bad("larger than the kernel"),
+                }
+            }
+            Geometry::Conv1d { out_channels, in_channels, kernel, stride, padding, dilation, .. } => {
+                if in_shape.len() != 2 || in_shape[0] != in_channels {
+                    return bad(&format!("[{in_channels}, L]"));
+                }
+                match out_len(in_shape[1], kernel, stride, padding, dilation) {
+                    Some(l) => Ok(vec![out_channels, l]),
+                    None => bad("longer than the kernel"),
+                }
+            }
+            Geometry::Linear { in_features, out_features } => {
+                if in_shape.iter().product::<usize>() != in_features {
+                    return bad(&format!("of {in_features} features"));
+                }
+                Ok(vec![out_features])
+            }
+            Geometry::AvgPool2d { kernel, stride, padding } => {
+                if in_shape.len() != 3 {
+                    return bad("[C, H, W]");
+                }
+                match (out_len(in_shape[1], kernel.0, stride.0, padding.0, 1), out_len(in_shape[2], kernel.1, stride.1, padding.1, 1)) {
+                    (Some(h), Some(w)) => Ok(vec![in_shape[0], h, w]),
+                    _ => bad("larger than the kernel"),
+                }
+            }
+        }
+    }
+}
+
+/// An affine layer: geometry, weights, bias, and caches of its maps and encoded weights.
+pub struct Affine {
+    /// The layer's shape.
+    pub geometry: Geometry,
+    /// Weights, row-major in torch's layout (AvgPool2d: `[1.0]`).
+    pub weights: Vec<f64>,
+    /// Bias per output channel / feature (empty for none).
+    pub bias: Vec<f64>,
+    maps: Mutex<HashMap<Vec<usize>, Arc<AffineMap>>>,
+    prepared: Mutex<HashMap<([u8; 16], usize), Arc<Vec<Prepared>>>>,
+}
+
+impl Affine {
+    /// Validates the weights against the geometry.
+    pub fn new(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>) -> Result<Affine> {
+        let (expected, outs) = match geometry {
+            Geometry::Conv2d { out_channels, in_channels, kernel, groups, stride, dilation, .. } => {
+                if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+                    return Err(HeError::Value(format!(
+                        "Conv2d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+                    )));
+                }
+                if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 || kernel.0 == 0 || kernel.1 == 0 {
+                    return Err(HeError::Value("Conv2d: kernel, stride and dilation must be positive".into()));
+                }
+                (out_channels * (in_channels / groups) * kernel.0 * kernel.1, out_channels)
+            }
+            Geometry::Conv1d { out_channels, in_channels, kernel, groups, stride, dilation, .. } => {
+                if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+                    return Err(HeError::Value(format!(
+                        "Conv1d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+                    )));
+                }
+                if stride == 0 || dilation == 0 || kernel == 0 {
+                    return Err(HeError::Value("Conv1d: kernel, stride and dilation must be positive".into()));
+                }
+                (out_channels * (in_channels / groups) * kernel, out_channels)
+            }
+            Geometry::Linear { in_features, out_features } => (in_features * out_features, out_features),
+            Geometry::AvgPool2d { kernel, stride, .. } => {
+                if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 {
+                    return Err(HeError::Value("AvgPool2d: kernel and stride must be positive".into()));
+                }
+                (1, 0)
+            }
+        };
+        if weights.len() != expected {
+            return Err(HeError::Value(format!("{}: expected {expected} weights, got {}", geometry.name(), weights.len())));
+        }
+        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(HeError::Value(format!("{}: weight {w} is not finite", geometry.name())));
+        }
+        let bias = bias.unwrap_or_default();
+        if !bias.is_empty() && bias.len() != outs {
+            return Err(HeError::Value(format!("{}: expected {outs} biases, got {}", geometry.name(), bias.len())));
+        }
+        Ok(Affine { geometry, weights, bias, maps: Mutex::new(HashMap::new()), prepared: Mutex::new(HashMap::new()) })
+    }
+
+    fn build_map(&self, in_shape: &[usize]) -> Result<AffineMap> {
+        let out_shape = self.geometry.output_shape(in_shape)?;
+        let mut terms: Vec<Vec<(u32, u32)>> = Vec::new();
+        let mut bias = Vec::new();
+        let mut divisor = 1.0;
+        match self.geometry {
+            Geometry::Conv2d { out_channels, in_channels, kernel: (kh, kw), stride, padding, dilation, groups } => {
+                let (h, w) = (in_shape[1] as isize, in_shape[2] as isize);
+                let (ho, wo) = (out_shape[1], out_shape[2]);
+                let (cin_g, cout_g) = (in_channels / groups, out_channels / groups);
+                for o in 0..out_channels {
+                    let g = o / cout_g;
+                    for y in 0..ho {
+                        for x in 0..wo {
+                            let mut t = Vec::new();
+                            for ci in 0..cin_g {
+                                let c = g * cin_g + ci;
+                                for ky in 0..kh {
+                                    let iy = (y * stride.0 + ky * dilation.0) as isize - padding.0 as isize;
+                                    if iy < 0 || iy >= h {
+                                        continue;
+                                    }
+                                    for kx in 0..kw {
+                                        let ix = (x * stride.1 + kx * dilation.1) as isize - padding.1 as isize;
+                                        if ix < 0 || ix >= w {
+                                            continue;
+                                        }
+                                        let input = (c as isize * h + iy) * w + ix;
+                                        let weight = ((o * cin_g + ci) * kh + ky) * kw + kx;
+                                        t.push((input as u32, weight as u32));
+                                    }
+                                }
+                            }
+                            terms.push(t);
+                            if !self.bias.is_empty() {
+                                bias.push(self.bias[o]);
+                            }
+                        }
+                    }
+                }
+            }
+            Geometry::Conv1d { out_channels, in_channels, kernel, stride, padding, dilation, groups } => {
+                let l = in_shape[1] as isize;
+                let lo = out_shape[1];
+                let (cin_g, cout_g) = (in_channels / groups, out_channels / groups);
+                for o in 0..out_channels {
+                    let g = o / cout_g;
+                    for x in 0..lo {
+                        let mut t = Vec::new();
+                        for ci in 0..cin_g {
+                            let c = g * cin_g + ci;
+                            for k in 0..kernel {
+                                let ix = (x * stride + k * dilation) as isize - padding as isize;
+                                if ix < 0 || ix >= l {
+                                    continue;
+                                }
+                                t.push(((c as isize * l + ix) as u32, ((o * cin_g + ci) * kernel + k) as u32));
+                            }
+                        }
+                        terms.push(t);
+                        if !self.bias.is_empty() {
+                            bias.push(self.bias[o]);
+                        }
+                    }
+                }
+            }
+            Geometry::Linear { in_features, out_features } => {
+                for o in 0..out_features {
+                    terms.push((0..in_features).map(|i| (i as u32, (o * in_features + i) as u32)).collect());
+                }
+                bias = self.bias.clone();
+            }
+            Geometry::AvgPool2d { kernel: (kh, kw), stride, padding } => {
+                let (h, w) = (in_shape[1] as isize, in_shape[2] as isize);
+                let (ho, wo) = (out_shape[1], out_shape[2]);
+                // count_include_pad: always divide by kh·kw; padded positions add nothing.
+                divisor = (kh * kw) as f64;
+                for c in 0..in_shape[0] {
+                    for y in 0..ho {
+                        for x in 0..wo {
+                            let mut t = Vec::new();
+                            for ky in 0..kh {
+                                let iy = (y * stride.0 + ky) as isize - padding.0 as isize;
+                                if iy < 0 || iy >= h {
+                                    continue;
+                                }
+                                for kx in 0..kw {
+                                    let ix = (x * stride.1 + kx) as isize - padding.1 as isize;
+                                    if ix < 0 || ix >= w {
+                                        continue;
+                                    }
+                                    t.push((((c as isize * h + iy) * w + ix) as u32, 0));
+                                }
+                            }
+                            terms.push(t);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(AffineMap { in_shape: in_shape.to_vec(), out_shape, terms, weights: self.weights.clone(), divisor, bias })
+    }
+
+    /// The map for an input shape (cached).
+    pub fn map_for(&self, in_shape: &[usize]) -> Result<Arc<AffineMap>> {
+        let mut maps = self.maps.lock().map_err(|_| HeError::Backend("layer cache poisoned".into()))?;
+        if let Some(m) = maps.get(in_shape) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(self.build_map(in_shape)?);
+        maps.insert(in_shape.to_vec(), m.clone());
+        Ok(m)
+    }
+
+    /// Runs the layer.
+    pub fn forward(&self, x: &CipherTensor) -> Result<CipherTensor> {
+        let in_shape = x.data.shape()[x.image_axes_start()..].to_vec();
+        let map = self.map_for(&in_shape)?;
+        let level = x.level()?;
+        let key = (x.params.fingerprint, level);
+        let cached = self.prepared.lock().map_err(|_| HeError::Backend("layer cache poisoned".into()))?.get(&key).cloned();
+        let prepared = match cached {
+            Some(p) => p,
+            None => {
+                let p = Arc::new(prepare_weights(&x.params, &map, level)?);
+                let mut cache = self.prepared.lock().map_err(|_| HeError::Backend("layer cache poisoned".into()))?;
+                // Bounded: a layer serves few parameter sets at a time.
+                if cache.len() >= 8 {
+                    cache.clear();
+                }
+                cache.insert(key, p.clone());
+                p
+            }
+        };
+        x.apply_affine(&map, &prepared, self.geometry.name())
+    }
+}

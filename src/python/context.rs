@@ -1,0 +1,348 @@
+//! `pycrcnn._engine.Context`: parameters and keys.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use numpy::{IntoPyArray, PyReadonlyArrayDyn};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyWeakrefReference};
+
+use super::errors::{to_py, HEError, ParameterError};
+use super::pool::run;
+use super::tensor::{tensor_arg, wrap_tensor};
+use crate::he::serialize::{context_from_bytes, public_context_to_bytes, secret_key_to_bytes};
+use crate::he::{Encoding, HeContext, ParametersRequest};
+
+/// Live contexts by key id, so that unpickled tensors find the context they belong to.
+static LIVE: Mutex<Option<HashMap<[u8; 16], Py<PyWeakrefReference>>>> = Mutex::new(None);
+
+/// Encryption parameters and keys. The key holder's context has the secret
+/// key; a server's (from `Context.from_public`) computes but cannot decrypt.
+#[pyclass(name = "Context", module = "pycrcnn._engine", frozen, weakref)]
+pub struct PyContext {
+    inner: RwLock<Arc<HeContext>>,
+}
+
+impl PyContext {
+    /// The current parameters and keys.
+    pub fn get(&self) -> Arc<HeContext> {
+        match self.inner.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set(&self, ctx: HeContext) {
+        match self.inner.write() {
+            Ok(mut g) => *g = Arc::new(ctx),
+            Err(p) => *p.into_inner() = Arc::new(ctx),
+        }
+    }
+
+    fn register(slf: &Bound<'_, PyContext>) -> PyResult<()> {
+        if let Ok(id) = slf.get().get().key_id() {
+            let r = PyWeakrefReference::new(slf.as_any())?;
+            if let Ok(mut g) = LIVE.lock() {
+                let map = g.get_or_insert_with(HashMap::new);
+                map.retain(|_, w| w.bind(slf.py()).upgrade().is_some());
+                map.insert(id, r.unbind());
+            }
+        }
+        Ok(())
+    }
+
+    /// A live context holding the keys with this id, if any.
+    pub fn find_live<'py>(py: Python<'py>, key_id: &[u8; 16]) -> Option<Bound<'py, PyContext>> {
+        let g = LIVE.lock().ok()?;
+        let w = g.as_ref()?.get(key_id)?;
+        w.bind(py).upgrade()?.cast_into::<PyContext>().ok()
+    }
+
+    /// Wraps an engine context.
+    pub fn wrap(py: Python<'_>, ctx: HeContext) -> PyResult<Bound<'_, PyContext>> {
+        let b = Bound::new(py, PyContext { inner: RwLock::new(Arc::new(ctx)) })?;
+        PyContext::register(&b)?;
+        Ok(b)
+    }
+}
+
+fn plaintext_moduli(p: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64>> {
+    match p {
+        None => Ok(vec![]),
+        Some(x) if x.is_none() => Ok(vec![]),
+        Some(x) => {
+            if let Ok(v) = x.extract::<u64>() {
+                Ok(vec![v])
+            } else if let Ok(v) = x.extract::<Vec<u64>>() {
+                Ok(v)
+            } else {
+                Err(ParameterError::new_err("p must be a positive integer, a list of them (CRT), or None"))
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl PyContext {
+    /// Validates parameters; keys come from `keygen()`.
+    #[new]
+    #[pyo3(signature = (m=4096, p=None, sec=128, encoding="batch", scale_bits=16, weight_scale_bits=8, base=2, int_digits=64, frac_digits=32, moduli_sizes=None, n_plaintext_moduli=1))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        m: usize,
+        p: Option<&Bound<'_, PyAny>>,
+        sec: u32,
+        encoding: &str,
+        scale_bits: u32,
+        weight_scale_bits: u32,
+        base: u32,
+        int_digits: usize,
+        frac_digits: usize,
+        moduli_sizes: Option<Vec<usize>>,
+        n_plaintext_moduli: usize,
+    ) -> PyResult<PyContext> {
+        let mut p = plaintext_moduli(p)?;
+        let encoding = match encoding {
+            "batch" => Encoding::Batch { scale_bits, weight_scale_bits },
+            "fractional" => {
+                if p.is_empty() {
+                    // The seed's published modulus where it fits, else a small prime.
+                    p = vec![if m >= 4096 { 953_983_721 } else { 65537 }];
+                }
+                Encoding::Fractional { base, int_digits, frac_digits }
+            }
+            other => return Err(ParameterError::new_err(format!("encoding must be 'batch' or 'fractional', got {other:?}"))),
+        };
+        let req = ParametersRequest { m, p, n_plaintext_moduli, sec, encoding, moduli_sizes };
+        let params = run(py, || req.build())?;
+        Ok(PyContext { inner: RwLock::new(Arc::new(HeContext::new(params))) })
+    }
+
+    /// Generates the secret, public and relinearization keys.
+    fn keygen(slf: &Bound<'_, PyContext>) -> PyResult<()> {
+        let me = slf.get();
+        let params = me.get().params.clone();
+        let ctx = run(slf.py(), || {
+            let mut c = HeContext { params, keys: None };
+            c.keygen()?;
+            Ok(c)
+        })?;
+        me.set(ctx);
+        PyContext::register(slf)
+    }
+
+    /// True when this context holds the secret key.
+    #[getter]
+    fn has_secret_key(&self) -> bool {
+        self.get().has_secret_key()
+    }
+
+    /// Parameters, public key and relinearization keys as bytes: all a server needs.
+    pub fn public_context<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let ctx = self.get();
+        let b = run(py, || public_context_to_bytes(&ctx))?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// A compute-only context from `public_context()` bytes (a secret key blob is refused).
+    #[staticmethod]
+    fn from_public<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyContext>> {
+        let ctx = run(py, || context_from_bytes(data, false))?;
+        PyContext::wrap(py, ctx)
+    }
+
+    /// Everything including the secret key, as bytes. Keep them private.
+    fn secret_key_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let ctx = self.get();
+        let b = run(py, || secret_key_to_bytes(&ctx))?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// The full context from `secret_key_bytes()`.
+    #[staticmethod]
+    fn from_secret_bytes<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyContext>> {
+        let ctx = run(py, || context_from_bytes(data, true))?;
+        PyContext::wrap(py, ctx)
+    }
+
+    /// Writes the secret key (and the rest of the context) to `path`.
+    /// Whoever reads this file can decrypt everything encrypted under it.
+    fn save_secret_key(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
+        let ctx = self.get();
+        let b = run(py, || secret_key_to_bytes(&ctx))?;
+        write_private(&path, &b).map_err(|e| HEError::new_err(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// Loads a context saved with `save_secret_key`.
+    #[staticmethod]
+    fn load_secret_key<'py>(py: Python<'py>, path: std::path::PathBuf) -> PyResult<Bound<'py, PyContext>> {
+        let data = std::fs::read(&path).map_err(|e| HEError::new_err(format!("cannot read {}: {e}", path.display())))?;
+        let ctx = run(py, || context_from_bytes(&data, true))?;
+        PyContext::wrap(py, ctx)
+    }
+
+    /// Encrypts an array (batch: axis 0 is the batch of images).
+    fn encrypt(slf: &Bound<'_, PyContext>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let arr = as_f64_array(x)?;
+        let view = arr.as_array().to_owned();
+        let ctx = slf.get().get();
+        let t = run(py, || ctx.encrypt(view.view()))?;
+        wrap_tensor(py, t, slf.clone().unbind())
+    }
+
+    /// Decrypts to float64 of the logical shape; raises NoiseBudgetExhausted
+    /// instead of returning garbage.
+    fn decrypt<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let t = tensor_arg(x)?;
+        let ctx = self.get();
+        let out = run(py, || ctx.decrypt(&t))?;
+        Ok(out.into_pyarray(py).into_any())
+    }
+
+    /// Minimum invariant noise budget in bits over the ciphertexts of `x` (≤ 0: exhausted).
+    fn noise_budget(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<i64> {
+        let t = tensor_arg(x)?;
+        let ctx = self.get();
+        run(py, || ctx.noise_budget(&t))
+    }
+
+    /// Element-wise square (relinearized).
+    fn square(slf: &Bound<'_, PyContext>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let t = tensor_arg(x)?;
+        let ctx = slf.get().get();
+        let out = run(slf.py(), || ctx.square(&t))?;
+        wrap_tensor(slf.py(), out, slf.clone().unbind())
+    }
+
+    /// Element-wise product of two tensors (relinearized).
+    fn multiply(slf: &Bound<'_, PyContext>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let (ta, tb) = (tensor_arg(a)?, tensor_arg(b)?);
+        let ctx = slf.get().get();
+        let out = run(slf.py(), || ctx.multiply(&ta, &tb))?;
+        wrap_tensor(slf.py(), out, slf.clone().unbind())
+    }
+
+    /// Σ coefficients[k] · x^k element-wise (lowest degree first).
+    fn polynomial(slf: &Bound<'_, PyContext>, x: &Bound<'_, PyAny>, coefficients: Vec<f64>) -> PyResult<Py<PyAny>> {
+        let t = tensor_arg(x)?;
+        let ctx = slf.get().get();
+        let out = run(slf.py(), || ctx.polynomial(&t, &coefficients))?;
+        wrap_tensor(slf.py(), out, slf.clone().unbind())
+    }
+
+    /// Decrypts and re-encrypts (key holder only): a fresh noise budget.
+    fn rencrypt(slf: &Bound<'_, PyContext>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let t = tensor_arg(x)?;
+        let ctx = slf.get().get();
+        let out = run(slf.py(), || ctx.rencrypt(&t))?;
+        wrap_tensor(slf.py(), out, slf.clone().unbind())
+    }
+
+    /// Polynomial degree.
+    #[getter]
+    fn m(&self) -> usize {
+        self.get().params.m
+    }
+
+    /// Plaintext modulus (a list when several are combined by CRT).
+    #[getter]
+    fn p(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let ps = self.get().params.p.clone();
+        Ok(if ps.len() == 1 { ps[0].into_pyobject(py)?.into_any().unbind() } else { ps.into_pyobject(py)?.into_any().unbind() })
+    }
+
+    /// Security level in bits.
+    #[getter]
+    fn sec(&self) -> u32 {
+        self.get().params.sec
+    }
+
+    /// "batch" or "fractional".
+    #[getter]
+    fn encoding(&self) -> &'static str {
+        self.get().params.encoding.name()
+    }
+
+    /// Ciphertext moduli.
+    #[getter]
+    fn moduli(&self) -> Vec<u64> {
+        self.get().params.moduli.clone()
+    }
+
+    /// Hex id of the keys (None before keygen).
+    #[getter]
+    fn key_id(&self) -> Option<String> {
+        self.get().key_id().ok().map(|k| k.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Hex fingerprint of the parameters (including the NTT build).
+    #[getter]
+    fn fingerprint(&self) -> String {
+        self.get().params.fingerprint.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// All parameters as a dict (what a server compares requests with).
+    fn parameters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let ctx = self.get();
+        let par = &ctx.params;
+        let d = PyDict::new(py);
+        d.set_item("m", par.m)?;
+        d.set_item("p", if par.p.len() == 1 { par.p[0].into_pyobject(py)?.into_any() } else { par.p.clone().into_pyobject(py)?.into_any() })?;
+        d.set_item("sec", par.sec)?;
+        d.set_item("encoding", par.encoding.name())?;
+        d.set_item("moduli", par.moduli.clone())?;
+        d.set_item("log_q", par.log_q_at_level(0))?;
+        match par.encoding {
+            Encoding::Batch { scale_bits, weight_scale_bits } => {
+                d.set_item("scale_bits", scale_bits)?;
+                d.set_item("weight_scale_bits", weight_scale_bits)?;
+            }
+            Encoding::Fractional { base, int_digits, frac_digits } => {
+                d.set_item("base", base)?;
+                d.set_item("int_digits", int_digits)?;
+                d.set_item("frac_digits", frac_digits)?;
+            }
+        }
+        Ok(d)
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, PyContext>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let py = slf.py();
+        let me = slf.get();
+        let cls = py.get_type::<PyContext>();
+        if me.get().has_secret_key() {
+            Ok((cls.getattr("from_secret_bytes")?, (me.secret_key_bytes(py)?,)))
+        } else {
+            Ok((cls.getattr("from_public")?, (me.public_context(py)?,)))
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.get();
+        let keys = if c.has_secret_key() { "secret key" } else if c.keys.is_some() { "public keys only" } else { "no keys" };
+        format!("Context(m={}, p={:?}, sec={}, encoding={:?}, {keys})", c.params.m, c.params.p, c.params.sec, c.params.encoding.name())
+    }
+}
+
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(data)
+}
+
+/// Any array-like as a float64 numpy array.
+pub fn as_f64_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f64>> {
+    let np = x.py().import("numpy")?;
+    let arr = np.call_method1("ascontiguousarray", (x, "float64")).map_err(|e| {
+        HEError::new_err(format!("expected numbers or a numeric array: {e}"))
+    })?;
+    arr.extract::<PyReadonlyArrayDyn<'py, f64>>().map_err(|e| to_py(crate::he::HeError::Value(e.to_string())))
+}
