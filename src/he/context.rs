@@ -23,21 +23,39 @@ pub struct Keys {
     pub secret: Option<Vec<SecretKey>>,
     /// One public key per plaintext modulus (for third-party encryption).
     pub public: Vec<PublicKey>,
-    /// Relinearization keys (absent where the parameters cannot hold them, m=1024).
-    pub relin: Vec<Option<RelinearizationKey>>,
-    /// Multiplication + relinearization strategies built from `relin`.
-    pub(crate) mult: Vec<Option<Multiplicator>>,
+    /// Relinearization keys per plaintext modulus, one per ciphertext level
+    /// that products run at (empty where the parameters cannot hold them, m=1024).
+    pub relin: Vec<Vec<RelinearizationKey>>,
+    /// Multiplication + relinearization strategies built from `relin`, per level.
+    pub(crate) mult: Vec<Vec<Multiplicator>>,
     /// Hash of the public key material: what a ciphertext's key id is checked against.
     pub key_id: [u8; 16],
 }
 
+/// Ciphertext levels at which products run: all but the last, so that a
+/// product can switch down while at least two moduli remain.
+fn product_levels(n_moduli: usize) -> usize {
+    n_moduli.saturating_sub(1)
+}
+
 impl Keys {
-    /// Assembles keys, deriving the multiplicators and the key id.
-    pub fn new(secret: Option<Vec<SecretKey>>, public: Vec<PublicKey>, relin: Vec<Option<RelinearizationKey>>) -> Result<Keys> {
-        let mult = relin
-            .iter()
-            .map(|rk| rk.as_ref().map(Multiplicator::default).transpose())
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+    /// Assembles keys, deriving the multiplicators and the key id. A product
+    /// at level l switches down to l+1 when that leaves two moduli or more:
+    /// the next layers then run on smaller ciphertexts (faster, less memory)
+    /// at no cost in noise budget.
+    pub fn new(secret: Option<Vec<SecretKey>>, public: Vec<PublicKey>, relin: Vec<Vec<RelinearizationKey>>, n_moduli: usize) -> Result<Keys> {
+        let mut mult = Vec::with_capacity(relin.len());
+        for rks in &relin {
+            let mut per_level = Vec::with_capacity(rks.len());
+            for (level, rk) in rks.iter().enumerate() {
+                let mut m = Multiplicator::default(rk)?;
+                if level + 2 < n_moduli {
+                    m.enable_mod_switching()?;
+                }
+                per_level.push(m);
+            }
+            mult.push(per_level);
+        }
         let mut h = Sha256::new();
         h.update(b"pycrcnn-key-v1");
         for pk in &public {
@@ -74,12 +92,18 @@ impl HeContext {
             let sk = SecretKey::random(par, &mut rng);
             public.push(PublicKey::new(&sk, &mut rng));
             // Relinearization needs at least two moduli; without it only
-            // additions and plaintext products are available.
-            let rk = if par.moduli().len() >= 2 { RelinearizationKey::new(&sk, &mut rng).ok() } else { None };
-            relin.push(rk);
+            // additions and plaintext products are available. Keys live at the
+            // top level (least noise) for every level products run at.
+            let mut rks = Vec::new();
+            if par.moduli().len() >= 2 {
+                for level in 0..product_levels(par.moduli().len()) {
+                    rks.push(RelinearizationKey::new_leveled(&sk, level, 0, &mut rng)?);
+                }
+            }
+            relin.push(rks);
             secret.push(sk);
         }
-        self.keys = Some(Keys::new(Some(secret), public, relin)?);
+        self.keys = Some(Keys::new(Some(secret), public, relin, self.params.levels())?);
         Ok(())
     }
 
@@ -280,11 +304,17 @@ impl HeContext {
         }
     }
 
-    fn multiplicator(&self, k: usize) -> Result<&Multiplicator> {
-        self.keys()?.mult[k].as_ref().ok_or_else(|| {
-            HeError::Parameter(format!(
+    fn multiplicator(&self, k: usize, level: usize) -> Result<&Multiplicator> {
+        let keys = self.keys()?;
+        if keys.mult[k].is_empty() {
+            return Err(HeError::Parameter(format!(
                 "ciphertext products need relinearization keys, which m={} with these moduli cannot hold; use m ≥ 2048",
                 self.params.m
+            )));
+        }
+        keys.mult[k].get(level).ok_or_else(|| {
+            HeError::Value(format!(
+                "no ciphertext products at modulus level {level} (the last level); multiply before switching down"
             ))
         })
     }
@@ -296,8 +326,9 @@ impl HeContext {
         if a.shape() != b.shape() {
             return value_err(format!("shapes differ: {:?} and {:?}", a.shape(), b.shape()));
         }
-        if a.level()? != 0 || b.level()? != 0 {
-            return value_err("ciphertext products run at the top modulus level; multiply before switching down");
+        let level = a.level()?;
+        if b.level()? != level {
+            return value_err("ciphertexts of a product must be at the same modulus level");
         }
         let growth = a.growth.mul(&b.growth);
         let scale = a.scale * b.scale;
@@ -313,7 +344,7 @@ impl HeContext {
         let xs: Vec<(&Element, &Element)> = a.data.iter().zip(b.data.iter()).collect();
         let out: Result<Vec<Element>> = xs
             .par_iter()
-            .map(|(x, y)| x.iter().zip(y.iter()).enumerate().map(|(k, (cx, cy))| Ok(self.multiplicator(k)?.multiply(cx, cy)?)).collect())
+            .map(|(x, y)| x.iter().zip(y.iter()).enumerate().map(|(k, (cx, cy))| Ok(self.multiplicator(k, level)?.multiply(cx, cy)?)).collect())
             .collect();
         let data = ArrayD::from_shape_vec(IxDyn(a.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
         Ok(CipherTensor { data, batch: a.batch, scale, growth, params: a.params.clone(), key_id: a.key_id })

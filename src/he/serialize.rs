@@ -341,20 +341,31 @@ fn read_params(r: &mut Reader, fingerprint: &[u8; 16]) -> Result<Arc<HeParameter
 }
 
 fn write_public_keys(w: &mut Writer, keys: &Keys) {
-    for (pk, rk) in keys.public.iter().zip(&keys.relin) {
+    for (pk, rks) in keys.public.iter().zip(&keys.relin) {
         w.bytes(&pk.to_bytes());
-        w.bytes(&rk.as_ref().map(|r| r.to_bytes()).unwrap_or_default());
+        w.u32(rks.len() as u32);
+        for rk in rks {
+            w.bytes(&rk.to_bytes());
+        }
     }
 }
 
-fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<(Vec<PublicKey>, Vec<Option<RelinearizationKey>>)> {
+fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<(Vec<PublicKey>, Vec<Vec<RelinearizationKey>>)> {
     let mut pks = Vec::new();
     let mut rks = Vec::new();
     for par in &params.bfv {
         let b = r.bytes()?;
         pks.push(guarded("public key", || PublicKey::from_bytes(b, par))?);
-        let b = r.bytes()?;
-        rks.push(if b.is_empty() { None } else { Some(guarded("relinearization key", || RelinearizationKey::from_bytes(b, par))?) });
+        let n = r.u32()? as usize;
+        if n > params.levels() {
+            return Err(HeError::Format("too many relinearization keys".into()));
+        }
+        let mut per_level = Vec::with_capacity(n);
+        for _ in 0..n {
+            let b = r.bytes()?;
+            per_level.push(guarded("relinearization key", || RelinearizationKey::from_bytes(b, par))?);
+        }
+        rks.push(per_level);
     }
     Ok((pks, rks))
 }
@@ -407,7 +418,7 @@ pub fn context_from_bytes(data: &[u8], allow_secret: bool) -> Result<HeContext> 
         None
     };
     r.done()?;
-    let keys = Keys::new(secret, pks, rks)?;
+    let keys = Keys::new(secret, pks, rks, params.levels())?;
     if keys.key_id != f.key_id {
         return Err(HeError::Format("the key id does not match the keys in the blob".into()));
     }
