@@ -85,47 +85,229 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Prepared], par: &Arc<BfvParamete
         })
         .collect();
 
+    // Rows of all terms, resolved once: (x rows per part, multiplier).
+    let mut rows: Vec<Vec<&[u64]>> = Vec::with_capacity(terms.len());
+    let views: Vec<Vec<_>> = terms.iter().map(|&k| (0..nparts).map(|part| cts[k][part].coefficients()).collect()).collect();
+    for v in &views {
+        let mut r = Vec::with_capacity(nparts * nmod);
+        for view in v {
+            for j in 0..nmod {
+                r.push(view.row(j).to_slice().ok_or_else(|| HeError::Backend("non-contiguous polynomial".into()))?);
+            }
+        }
+        rows.push(r);
+    }
     let mut parts = Vec::with_capacity(nparts);
-    let mut acc = vec![0u128; degree];
+    // The accumulator covers a chunk of coefficients so that it stays in L1
+    // cache while every term streams through it once.
+    const CHUNK: usize = 256;
+    let mut acc = [0u128; CHUNK];
     for part in 0..nparts {
         let mut out = Array2::<u64>::zeros((nmod, degree));
         for j in 0..nmod {
-            acc.iter_mut().for_each(|a| *a = 0);
-            let mut count = 0u64;
             let qj = &moduli[j];
-            for &k in &terms {
-                let x = cts[k][part].coefficients();
-                let xr = x.row(j);
-                let xs = xr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous polynomial".into()))?;
-                match ws[k] {
-                    Prepared::Scalar(r) => {
-                        let w = r[j] as u128;
-                        for (a, &xi) in acc.iter_mut().zip(xs) {
-                            *a += xi as u128 * w;
-                        }
-                    }
-                    Prepared::Poly(arr) => {
-                        let wr = arr.row(j);
-                        let ws_ = wr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous multiplier".into()))?;
-                        for ((a, &xi), &wi) in acc.iter_mut().zip(xs).zip(ws_) {
-                            *a += xi as u128 * wi as u128;
-                        }
-                    }
-                }
-                count += 1;
-                if count == limits[j] {
-                    for a in acc.iter_mut() {
-                        *a = qj.reduce_u128(*a) as u128;
-                    }
-                    count = 1;
-                }
-            }
             let mut row = out.row_mut(j);
-            for (o, &a) in row.iter_mut().zip(&acc) {
-                *o = qj.reduce_u128(a);
+            let out_row = row.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
+            for start in (0..degree).step_by(CHUNK) {
+                let len = CHUNK.min(degree - start);
+                let acc = &mut acc[..len];
+                acc.iter_mut().for_each(|a| *a = 0);
+                let mut count = 0u64;
+                for (t, &k) in terms.iter().enumerate() {
+                    let xs = &rows[t][part * nmod + j][start..start + len];
+                    match ws[k] {
+                        Prepared::Scalar(r) => {
+                            let w = r[j] as u128;
+                            for (a, &xi) in acc.iter_mut().zip(xs) {
+                                *a += xi as u128 * w;
+                            }
+                        }
+                        Prepared::Poly(arr) => {
+                            let wr = arr.row(j);
+                            let wsl = wr.to_slice().ok_or_else(|| HeError::Backend("non-contiguous multiplier".into()))?;
+                            for ((a, &xi), &wi) in acc.iter_mut().zip(xs).zip(&wsl[start..start + len]) {
+                                *a += xi as u128 * wi as u128;
+                            }
+                        }
+                    }
+                    count += 1;
+                    if count == limits[j] {
+                        for a in acc.iter_mut() {
+                            *a = qj.reduce_u128(*a) as u128;
+                        }
+                        count = 1;
+                    }
+                }
+                for (o, &a) in out_row[start..start + len].iter_mut().zip(acc.iter()) {
+                    *o = qj.reduce_u128(a);
+                }
             }
         }
         parts.push(Poly::try_convert_from(out, &ctx, true, Representation::Ntt)?);
     }
     Ok(Ciphertext::new(parts, par)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::he::context::tests::{make, random, BATCH, FRAC};
+    use crate::he::encoding::fractional_encode;
+    use fhe::bfv::{Encoding as FheEncoding, Plaintext};
+    use fhe_traits::{FheDecoder, FheDecrypter, FheEncoder};
+    use rand::Rng;
+
+    /// Σ x_k · w_k computed coefficient by coefficient with a full reduction per product.
+    fn naive(cts: &[&Ciphertext], ws: &[&Prepared]) -> Vec<Array2<u64>> {
+        let ctx = cts[0][0].ctx();
+        let moduli = ctx.moduli().to_vec();
+        (0..cts[0].len())
+            .map(|part| {
+                let shape = cts[0][part].coefficients().dim();
+                let mut out = Array2::<u64>::zeros(shape);
+                for (ct, w) in cts.iter().zip(ws) {
+                    let x = ct[part].coefficients();
+                    for (j, &q) in moduli.iter().enumerate() {
+                        for i in 0..shape.1 {
+                            let wi = match w {
+                                Prepared::Scalar(r) => r[j],
+                                Prepared::Poly(a) => a[[j, i]],
+                            };
+                            let prod = (x[[j, i]] as u128 * wi as u128 % q as u128) as u64;
+                            out[[j, i]] = ((out[[j, i]] as u128 + prod as u128) % q as u128) as u64;
+                        }
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+
+    fn assert_matches_naive(cts: &[&Ciphertext], ws: &[&Prepared], par: &Arc<BfvParameters>) -> Ciphertext {
+        let got = weighted_sum(cts, ws, par).unwrap();
+        let want = naive(cts, ws);
+        for (part, w) in want.iter().enumerate() {
+            assert_eq!(got[part].coefficients(), w.view(), "part {part}");
+        }
+        got
+    }
+
+    #[test]
+    fn scalar_weighted_sum_matches_naive_and_decrypts() {
+        let ctx = make(2048, vec![], BATCH, None);
+        let par = ctx.params.bfv[0].clone();
+        let t = par.plaintext();
+        let x = random(&[4, 5], -1.0, 1.0);
+        let enc = ctx.encrypt(x.view()).unwrap();
+        let cts: Vec<&Ciphertext> = enc.data.iter().map(|e| &e[0]).collect();
+        let mut rng = rand::rng();
+        let wints: Vec<i64> = (0..cts.len()).map(|_| rng.random_range(-300..300)).collect();
+        let c0 = cts[0][0].ctx().clone();
+        let prepared: Vec<Prepared> = wints.iter().map(|&w| Prepared::scalar(w, &c0)).collect();
+        let ws: Vec<&Prepared> = prepared.iter().collect();
+        let got = assert_matches_naive(&cts, &ws, &par);
+        // Decrypted: the same as summing the slot vectors with the weights mod t.
+        let sk = &ctx.secret().unwrap()[0];
+        let slots = |ct: &Ciphertext| Vec::<u64>::try_decode(&sk.try_decrypt(ct).unwrap(), FheEncoding::simd()).unwrap();
+        let mut want = vec![0i128; 2048];
+        for (ct, &w) in cts.iter().zip(&wints) {
+            for (a, v) in want.iter_mut().zip(slots(ct)) {
+                *a += v as i128 * w as i128;
+            }
+        }
+        let want: Vec<u64> = want.iter().map(|&v| v.rem_euclid(t as i128) as u64).collect();
+        assert_eq!(slots(&got), want);
+        // And the same as fhe.rs's own ciphertext · plaintext products added up
+        // (positive weights only: fhe.rs lifts plaintexts uncentred, so t − |w|
+        // would cost ~log2(t) bits of noise per product and exhaust m=2048).
+        let pos: Vec<Prepared> = wints.iter().map(|&w| Prepared::scalar(w.abs(), &c0)).collect();
+        let got = weighted_sum(&cts, &pos.iter().collect::<Vec<_>>(), &par).unwrap();
+        let mut naive_ct: Option<Ciphertext> = None;
+        for (ct, &w) in cts.iter().zip(&wints) {
+            let pt = Plaintext::try_encode(&vec![w.unsigned_abs(); 2048][..], FheEncoding::simd(), &par).unwrap();
+            let prod = *ct * &pt;
+            naive_ct = Some(match naive_ct {
+                None => prod,
+                Some(acc) => &acc + &prod,
+            });
+        }
+        assert_eq!(slots(&naive_ct.unwrap()), slots(&got));
+    }
+
+    #[test]
+    fn polynomial_weighted_sum_matches_naive() {
+        let ctx = make(2048, vec![65537], FRAC, None);
+        let par = ctx.params.bfv[0].clone();
+        let x = random(&[1, 25], -3.0, 3.0);
+        let enc = ctx.encrypt(x.view()).unwrap();
+        let cts: Vec<&Ciphertext> = enc.data.iter().map(|e| &e[0]).collect();
+        let ws_f = random(&[25], -1.0, 1.0);
+        let c0 = cts[0][0].ctx().clone();
+        let prepared: Vec<Prepared> =
+            ws_f.iter().map(|&w| Prepared::poly(&fractional_encode(w, 2048, 2, 64, 32).unwrap(), &c0).unwrap()).collect();
+        let ws: Vec<&Prepared> = prepared.iter().collect();
+        let got = assert_matches_naive(&cts, &ws, &par);
+        let t = crate::he::tensor::CipherTensor {
+            data: ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]),
+            ..enc.clone()
+        };
+        let d = ctx.decrypt(&t).unwrap();
+        let want: f64 = x.iter().zip(ws_f.iter()).map(|(a, b)| a * b).sum();
+        assert!((d[[]] - want).abs() < 1e-7, "{} vs {want}", d[[]]);
+    }
+
+    #[test]
+    fn lazy_reduction_with_62_bit_moduli() {
+        // 62-bit primes leave room for only 15 unreduced products in a u128:
+        // 200 terms go through the reduction path many times.
+        let ctx = make(4096, vec![], BATCH, Some(vec![62, 47]));
+        assert!(ctx.params.moduli.iter().any(|&q| q > 1 << 61));
+        let par = ctx.params.bfv[0].clone();
+        let x = random(&[3, 200], -1.0, 1.0);
+        let enc = ctx.encrypt(x.view()).unwrap();
+        let cts: Vec<&Ciphertext> = enc.data.iter().map(|e| &e[0]).collect();
+        let c0 = cts[0][0].ctx().clone();
+        let mut rng = rand::rng();
+        // Weights near ±q (residues of large negative and positive integers).
+        let wints: Vec<i64> = (0..200).map(|k| if k % 2 == 0 { -rng.random_range(1..255) } else { rng.random_range(1..255) }).collect();
+        let prepared: Vec<Prepared> = wints.iter().map(|&w| Prepared::scalar(w, &c0)).collect();
+        let ws: Vec<&Prepared> = prepared.iter().collect();
+        let got = assert_matches_naive(&cts, &ws, &par);
+        let out = crate::he::tensor::CipherTensor { data: ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]), ..enc.clone() };
+        let d = ctx.decrypt(&out).unwrap();
+        for img in 0..3 {
+            let want: f64 = (0..200).map(|k| (x[[img, k]] * 65536.0).round() * wints[k] as f64).sum::<f64>() / 65536.0;
+            assert!((d[[img]] - want).abs() < 1e-6, "{} vs {want}", d[[img]]);
+        }
+        // Polynomial multipliers take the same lazy path.
+        let polys: Vec<Prepared> = (0..200)
+            .map(|k| Prepared::poly(&[wints[k], 0, -1], &c0).unwrap())
+            .collect();
+        let ws: Vec<&Prepared> = polys.iter().collect();
+        assert_matches_naive(&cts, &ws, &par);
+    }
+
+    #[test]
+    fn zero_weights_and_bad_arguments() {
+        let ctx = make(2048, vec![65537], FRAC, None);
+        let par = ctx.params.bfv[0].clone();
+        let x = random(&[1, 2], -3.0, 3.0);
+        let enc = ctx.encrypt(x.view()).unwrap();
+        let cts: Vec<&Ciphertext> = enc.data.iter().map(|e| &e[0]).collect();
+        let c0 = cts[0][0].ctx().clone();
+        let zero = Prepared::scalar(0, &c0);
+        assert!(zero.is_zero());
+        // All-zero weights still give a valid encryption of 0.
+        let z = weighted_sum(&cts, &[&zero, &zero], &par).unwrap();
+        let t = crate::he::tensor::CipherTensor { data: ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![z]), ..enc.clone() };
+        assert_eq!(ctx.decrypt(&t).unwrap()[[]], 0.0);
+        assert!(weighted_sum(&[], &[], &par).is_err());
+        assert!(weighted_sum(&cts, &[&zero], &par).is_err());
+        // A multiplier prepared for another level is refused, not a panic.
+        let lower = par.context_at_level(1).unwrap().clone();
+        let w = Prepared::scalar(3, &lower);
+        assert!(weighted_sum(&cts[..1], &[&w], &par).is_err());
+        let w = Prepared::poly(&[1, 2, 3], &lower).unwrap();
+        assert!(weighted_sum(&cts[..1], &[&w], &par).is_err());
+    }
 }

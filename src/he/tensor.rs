@@ -3,12 +3,16 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use fhe::bfv::{Ciphertext, Encoding as FheEncoding, Plaintext};
-use fhe_traits::FheEncoder;
+use fhe_math::rq::{traits::TryConvertFrom, Poly, Representation};
+use fhe_traits::{FheDecoder, FheEncoder};
+use num_bigint::BigUint;
 use ndarray::{ArrayD, Axis, IxDyn};
 use rayon::prelude::*;
 
-use super::encoding::{fractional_encode, reduce_i128};
+use super::encoding::{centre, fractional_encode, reduce_i128};
 use super::error::{value_err, HeError, Result};
 use super::growth::{Growth, GrowthReport};
 use super::kernel::{weighted_sum, Prepared};
@@ -192,29 +196,40 @@ impl CipherTensor {
 
     /// `e + v` for one element: `v` has one value (constant over the batch) or N.
     fn add_constant_element(&self, e: &Element, v: &[f64], level: usize) -> Result<Element> {
+        let polys = self.constant_polys(v, level)?;
+        add_polys(e, &polys, &self.params)
+    }
+
+    /// What adding the plain value(s) `v` adds to each component's first
+    /// polynomial: Δ·m with m the centred encoding of `v` (one value: a
+    /// constant over the batch; N values: one per slot).
+    fn constant_polys(&self, v: &[f64], level: usize) -> Result<Vec<Poly>> {
         let par = &self.params;
-        e.iter()
-            .enumerate()
-            .map(|(k, ct)| {
+        (0..par.p.len())
+            .map(|k| {
                 let t = par.p[k];
-                let pt = match par.encoding {
+                let coeffs: Vec<i64> = match par.encoding {
                     Encoding::Batch { .. } => {
-                        let ints: Vec<i64> = v.iter().map(|&x| reduce_i128((x * self.scale).round() as i128, t) as i64).collect();
+                        let ints: Vec<i128> = v.iter().map(|&x| (x * self.scale).round() as i128).collect();
                         if ints.len() == 1 {
                             // A constant over all slots is the constant polynomial.
-                            Plaintext::try_encode(&ints[..], FheEncoding::poly_at_level(level), &par.bfv[k])?
+                            vec![centre(reduce_i128(ints[0], t), t)]
                         } else {
-                            Plaintext::try_encode(&ints[..], FheEncoding::simd_at_level(level), &par.bfv[k])?
+                            let slots: Vec<u64> = ints.iter().map(|&x| reduce_i128(x, t)).collect();
+                            let pt = Plaintext::try_encode(&slots[..], FheEncoding::simd_at_level(level), &par.bfv[k])?;
+                            Vec::<u64>::try_decode(&pt, FheEncoding::poly_at_level(level))?.into_iter().map(|c| centre(c, t)).collect()
                         }
                     }
                     Encoding::Fractional { base, int_digits, frac_digits } => {
-                        let c = fractional_encode(v[0], par.m, base, int_digits, frac_digits)?;
-                        Plaintext::try_encode(&c[..], FheEncoding::poly_at_level(level), &par.bfv[k])?
+                        fractional_encode(v[0], par.m, base, int_digits, frac_digits)?
                     }
                 };
-                let mut out = ct.clone();
-                out += &pt;
-                Ok(out)
+                let ctx = par.bfv[k].context_at_level(level)?;
+                let mut poly = Poly::try_convert_from(&coeffs[..], ctx, true, Representation::PowerBasis)?;
+                poly.change_representation(Representation::Ntt);
+                let delta: BigUint = ctx.modulus() / BigUint::from(t);
+                poly *= &delta;
+                Ok(poly)
             })
             .collect()
     }
@@ -355,11 +370,18 @@ impl CipherTensor {
             .collect();
         let mut out = out?;
         if !map.bias.is_empty() {
+            // One encoded bias per distinct value (per output channel), reused at every position.
             let tmp = self.with_data(ArrayD::from_elem(IxDyn(&[]), flat[0].clone()), scale_out, self.growth.clone());
+            let mut encoded: HashMap<u64, Vec<Poly>> = HashMap::new();
+            for &b in &map.bias {
+                if let std::collections::hash_map::Entry::Vacant(slot) = encoded.entry(b.to_bits()) {
+                    slot.insert(tmp.constant_polys(&[b], level)?);
+                }
+            }
             out = out
                 .into_par_iter()
                 .enumerate()
-                .map(|(j, e)| tmp.add_constant_element(&e, &[map.bias[j % out_per_img]], level))
+                .map(|(j, e)| add_polys(&e, &encoded[&map.bias[j % out_per_img].to_bits()], &self.params))
                 .collect::<Result<Vec<Element>>>()?;
         }
         let mut shape = if start == 1 { vec![imgs] } else { vec![] };
@@ -524,6 +546,23 @@ impl CipherTensor {
         let data = ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
         Ok(self.with_data(data, self.scale, self.growth.clone()))
     }
+}
+
+/// Adds `polys[k]` to the first polynomial of component k (a new ciphertext,
+/// so that no stale seed of a fresh ciphertext survives).
+fn add_polys(e: &Element, polys: &[Poly], params: &HeParameters) -> Result<Element> {
+    e.iter()
+        .zip(polys)
+        .enumerate()
+        .map(|(k, (ct, p))| {
+            if ct[0].ctx() != p.ctx() {
+                return value_err("a constant was encoded for another modulus level");
+            }
+            let mut parts: Vec<Poly> = ct.iter().cloned().collect();
+            parts[0] += p;
+            Ok(Ciphertext::new(parts, &params.bfv[k])?)
+        })
+        .collect()
 }
 
 /// Element-wise maximum of two bounds.
