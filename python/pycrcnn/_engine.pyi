@@ -38,6 +38,7 @@ class Context:
         frac_digits: int = 32,
         moduli_sizes: Optional[Sequence[int]] = None,
         n_plaintext_moduli: int = 1,
+        p_bits: Optional[int] = None,
     ) -> None: ...
     def keygen(self) -> None: ...
     @property

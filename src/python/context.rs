@@ -86,7 +86,7 @@ fn plaintext_moduli(p: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64>> {
 impl PyContext {
     /// Validates parameters; keys come from `keygen()`.
     #[new]
-    #[pyo3(signature = (m=4096, p=None, sec=128, encoding="batch", scale_bits=16, weight_scale_bits=8, base=2, int_digits=64, frac_digits=32, moduli_sizes=None, n_plaintext_moduli=1))]
+    #[pyo3(signature = (m=4096, p=None, sec=128, encoding="batch", scale_bits=16, weight_scale_bits=8, base=2, int_digits=64, frac_digits=32, moduli_sizes=None, n_plaintext_moduli=1, p_bits=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -101,8 +101,25 @@ impl PyContext {
         frac_digits: usize,
         moduli_sizes: Option<Vec<usize>>,
         n_plaintext_moduli: usize,
+        p_bits: Option<u32>,
     ) -> PyResult<PyContext> {
         let mut p = plaintext_moduli(p)?;
+        if let Some(bits) = p_bits {
+            // Smaller plaintext primes cost less noise per product; CRT over
+            // more of them keeps the plaintext space.
+            if !p.is_empty() || encoding != "batch" || !(14..=60).contains(&bits) {
+                return Err(ParameterError::new_err(
+                    "p_bits (14..60) picks the batch encoding's plaintext primes; give either p or p_bits",
+                ));
+            }
+            p = crate::he::params::batch_primes_below(m, 1u64 << bits, n_plaintext_moduli);
+            if p.len() < n_plaintext_moduli {
+                return Err(ParameterError::new_err(format!(
+                    "there are fewer than {n_plaintext_moduli} primes ≡ 1 mod {} below 2^{bits}",
+                    2 * m
+                )));
+            }
+        }
         let encoding = match encoding {
             "batch" => Encoding::Batch { scale_bits, weight_scale_bits },
             "fractional" => {
