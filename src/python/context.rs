@@ -249,6 +249,20 @@ impl PyContext {
         wrap_tensor(slf.py(), out, slf.clone().unbind())
     }
 
+    /// Measured plaintext coefficients (needs the secret key): `max_abs`
+    /// against `limit` (p/2 or T/2) and `wrap_risk`, the decode error that
+    /// possibly wrapped coefficients (measured above p/4) could cause.
+    fn measure_coefficients<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        let t = tensor_arg(x)?;
+        let ctx = self.get();
+        let (max_abs, limit, risk) = run(py, || ctx.measure_coefficients(&t))?;
+        let d = PyDict::new(py);
+        d.set_item("max_abs", max_abs)?;
+        d.set_item("limit", limit)?;
+        d.set_item("wrap_risk", risk)?;
+        Ok(d)
+    }
+
     /// Decrypts and re-encrypts (key holder only): a fresh noise budget.
     fn rencrypt(slf: &Bound<'_, PyContext>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let t = tensor_arg(x)?;
