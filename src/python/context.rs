@@ -180,6 +180,9 @@ impl PyContext {
     #[staticmethod]
     fn from_secret_bytes<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyContext>> {
         let ctx = run(py, || context_from_bytes(data, true))?;
+        if !ctx.has_secret_key() {
+            return Err(super::errors::FormatError::new_err("these bytes hold a public context, not a secret key"));
+        }
         PyContext::wrap(py, ctx)
     }
 
@@ -196,6 +199,9 @@ impl PyContext {
     fn load_secret_key<'py>(py: Python<'py>, path: std::path::PathBuf) -> PyResult<Bound<'py, PyContext>> {
         let data = std::fs::read(&path).map_err(|e| HEError::new_err(format!("cannot read {}: {e}", path.display())))?;
         let ctx = run(py, || context_from_bytes(&data, true))?;
+        if !ctx.has_secret_key() {
+            return Err(super::errors::FormatError::new_err(format!("{} holds a public context, not a secret key", path.display())));
+        }
         PyContext::wrap(py, ctx)
     }
 

@@ -9,7 +9,7 @@ use pyo3::types::PyDict;
 use super::context::{as_f64_array, PyContext};
 use super::errors::HEError;
 use super::pool::run;
-use super::tensor::{tensor_arg, wrap_tensor};
+use super::tensor::{wrap_tensor, PyCipherTensor};
 use crate::layers::{output_shape, Affine, Geometry, Layer};
 
 /// An encrypted layer: call it on a CipherTensor.
@@ -147,13 +147,24 @@ impl PyLayer {
         new_layer(py, ctx, Layer::Rencryption)
     }
 
-    /// Runs the layer on a CipherTensor.
+    /// Runs the layer on a CipherTensor. The keys come from the tensor's own
+    /// context: weights do not depend on keys, so one encoded layer serves
+    /// every key with the same parameters (a server's many clients).
     fn __call__(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let t = tensor_arg(x)?;
-        let ctx = self.ctx.bind(py).get().get();
+        let tensor = x
+            .cast::<PyCipherTensor>()
+            .map_err(|_| HEError::new_err("a layer takes a CipherTensor (or the seed's object array, via pycrcnn.layers)"))?;
+        let ctx_obj = tensor.get().context_ref().clone_ref(py);
+        let t = tensor.get().get();
+        let ctx = ctx_obj.bind(py).get().get();
+        if ctx.params.fingerprint != self.ctx.bind(py).get().get().params.fingerprint {
+            return Err(HEError::new_err(
+                "the tensor was encrypted under other parameters than the layer's context",
+            ));
+        }
         let layer = self.layer.clone();
         let out = run(py, || layer.forward(&ctx, &t))?;
-        wrap_tensor(py, out, self.ctx.clone_ref(py))
+        wrap_tensor(py, out, ctx_obj)
     }
 
     /// torch-like name.

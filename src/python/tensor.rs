@@ -25,6 +25,11 @@ pub struct PyCipherTensor {
 pub struct PyCtxt;
 
 impl PyCipherTensor {
+    /// The Context the tensor belongs to.
+    pub fn context_ref(&self) -> &Py<PyContext> {
+        &self.ctx
+    }
+
     /// The tensor.
     pub fn get(&self) -> Arc<CipherTensor> {
         match self.inner.read() {
