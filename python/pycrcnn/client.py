@@ -1,0 +1,460 @@
+"""The pycrcnn client: encrypt locally, compute on a server, decrypt locally.
+
+Library::
+
+    from pycrcnn import Context, datasets
+    from pycrcnn.client import Client
+
+    ctx = Context(m=4096, encoding="batch", scale_bits=8, weight_scale_bits=8, n_plaintext_moduli=3)
+    ctx.keygen()                                  # the secret key stays here
+    client = Client("http://127.0.0.1:5000")
+    images, labels = datasets.sample_digits(16)
+    logits, report = client.classify(ctx, images, "lenet1_square")
+    print(logits.argmax(1), labels, report["server_seconds"])
+
+:meth:`Client.compute` sends ``ctx.public_context()`` (parameters, public and
+relinearization keys -- never the secret key) and one encrypted tensor, and
+returns the result tensor parsed with ``ctx``. :meth:`Client.classify`
+encrypts, runs the model -- with a **rencryption round trip** at each of the
+model's rencryption positions: the server runs the layers up to the position,
+the client decrypts and encrypts afresh (``ctx.rencrypt``: a full noise budget
+and, in the batch encoding, the input scale again) and sends the result back
+for the next layers -- and decrypts the logits.
+
+Command line (the original PyCrCNN's ``parameters.json``)::
+
+    python -m pycrcnn.client --config parameters.json --mnist 16
+    python -m pycrcnn.client --config parameters.json --images digits.npy --labels labels.npy
+
+Errors of the server come back as :class:`ServerError` with the HTTP status
+and the server's message.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import requests
+
+from . import protocol
+from ._engine import CipherTensor, Context
+
+__all__ = ["Client", "ServerError", "main", "request_parameters"]
+
+DEFAULT_TIMEOUT = (10.0, 3600.0)
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error: ``status`` (HTTP code), ``message``
+    (its explanation) and ``payload`` (the whole JSON answer, if any)."""
+
+    def __init__(self, status: int, message: str, payload: Optional[Dict[str, Any]] = None, url: str = ""):
+        super().__init__(f"HTTP {status} from {url or 'the server'}: {message}")
+        self.status = status
+        self.message = message
+        self.payload = payload or {}
+        self.url = url
+
+
+def request_parameters(ctx: Context) -> Dict[str, Any]:
+    """The ``encryption_parameters`` entry describing ``ctx`` (what the server
+    compares with the public context)."""
+    p = dict(ctx.parameters())
+    keep = ["m", "p", "sec", "encoding", "moduli", "base", "int_digits", "frac_digits", "scale_bits",
+            "weight_scale_bits"]
+    return {k: p[k] for k in keep if k in p}
+
+
+class Client:
+    """A connection to a pycrcnn server.
+
+    Args:
+        address: the server's base URL, e.g. ``http://127.0.0.1:5000`` (a
+            trailing ``/compute``, as in the original ``parameters.json``, is
+            accepted).
+        timeout: seconds, or ``(connect, read)`` seconds, per HTTP request.
+            Encrypted layers are slow: the default read timeout is an hour.
+        busy_timeout: how long :meth:`compute` keeps retrying while the server
+            answers 503 (all workers busy), in seconds.
+        session: a ``requests.Session`` to use (default: a new one).
+    """
+
+    def __init__(self, address: str, timeout: Any = DEFAULT_TIMEOUT, busy_timeout: float = 600.0,
+                 session: Optional[requests.Session] = None):
+        address = address.strip().rstrip("/")
+        if address.endswith("/compute"):
+            address = address[: -len("/compute")]
+        if "://" not in address:
+            address = "http://" + address
+        self.address = address
+        self.timeout = timeout
+        self.busy_timeout = float(busy_timeout)
+        self.session = session or requests.Session()
+        self._models: Optional[Dict[str, Dict[str, Any]]] = None
+        self._info: Optional[Dict[str, Any]] = None
+        self._public: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
+
+    # -- plumbing -----------------------------------------------------------------
+    def _url(self, path: str) -> str:
+        return self.address + path
+
+    @staticmethod
+    def _raise_for(resp: requests.Response) -> None:
+        if resp.status_code < 400:
+            return
+        payload: Dict[str, Any] = {}
+        message = resp.reason or "error"
+        try:
+            payload = resp.json()
+            if isinstance(payload, dict) and "error" in payload:
+                message = str(payload["error"])
+        except ValueError:
+            text = resp.text.strip()
+            if text:
+                message = text[:500]
+        raise ServerError(resp.status_code, message, payload if isinstance(payload, dict) else {}, resp.url)
+
+    def _get(self, path: str) -> Any:
+        try:
+            resp = self.session.get(self._url(path), timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise ConnectionError(f"cannot reach the pycrcnn server at {self.address}: {exc}") from exc
+        self._raise_for(resp)
+        return resp.json()
+
+    def _public_context(self, ctx: Context) -> bytes:
+        try:
+            blob = self._public.get(ctx)
+        except TypeError:
+            blob = None
+        if blob is None:
+            blob = bytes(ctx.public_context())
+            try:
+                self._public[ctx] = blob
+            except TypeError:
+                pass
+        return blob
+
+    # -- endpoints ------------------------------------------------------------------
+    def info(self) -> Dict[str, Any]:
+        """``GET /``: status, version, body limit."""
+        self._info = self._get("/")
+        return self._info
+
+    def models(self, refresh: bool = False) -> List[Dict[str, Any]]:
+        """``GET /models``: one dict per model (name, input_shape, layers,
+        supported ranges, rencrypt_positions; or error)."""
+        if self._models is None or refresh:
+            data = self._get("/models")
+            self._models = {m["name"]: m for m in data.get("models", [])}
+        return list(self._models.values())
+
+    def model(self, net: str, refresh: bool = False) -> Dict[str, Any]:
+        """The ``/models`` entry of ``net`` (KeyError if the server has none)."""
+        self.models(refresh=refresh)
+        assert self._models is not None
+        if net not in self._models and not refresh:
+            return self.model(net, refresh=True)
+        if net not in self._models:
+            raise KeyError(f"the server has no model {net!r}; it has: {', '.join(sorted(self._models)) or 'none'}")
+        return self._models[net]
+
+    def build_request(self, ctx: Context, tensor: CipherTensor, net: str, layers: Optional[Sequence[int]] = None,
+                      binary: bool = True, switch_to_last_level: Any = "auto") -> Tuple[bytes, str]:
+        """``(body, content_type)`` of a ``/compute`` request: what :meth:`compute`
+        sends. The body holds ``ctx.public_context()``, never the secret key."""
+        header: Dict[str, Any] = {
+            "encryption_parameters": [request_parameters(ctx)],
+            "net": net,
+            "layers": None if layers is None else [int(i) for i in layers],
+            "switch_to_last_level": switch_to_last_level,
+        }
+        pub = self._public_context(ctx)
+        data = tensor.to_bytes()
+        if binary:
+            return protocol.encode_request(header, pub, data), protocol.BINARY_CONTENT_TYPE
+        header["public_context"] = protocol.b64encode(pub)
+        header["data"] = protocol.b64encode(data)
+        return json.dumps(header).encode("utf-8"), protocol.JSON_CONTENT_TYPE
+
+    def compute(self, ctx: Context, tensor: CipherTensor, net: str, layers: Optional[Sequence[int]] = None,
+                binary: bool = True, switch_to_last_level: Any = "auto") -> Tuple[CipherTensor, Dict[str, Any]]:
+        """Runs the layers ``layers`` (torch module indices; None = all) of
+        ``net`` on ``tensor`` on the server.
+
+        Returns ``(result, report)``: the result parsed with ``ctx`` and a dict
+        with ``upload_bytes``, ``download_bytes``, ``request_seconds`` (wall
+        time of the HTTP exchange), ``server_seconds`` (the server's compute
+        time), ``timings`` (per layer), ``busy_retries`` and the response's
+        other fields (shape, level, switched_to_last_level, parameters, ...).
+        Raises :class:`ServerError` for an error answer; 503 (busy) answers are
+        retried for up to ``busy_timeout`` seconds.
+        """
+        body, ctype = self.build_request(ctx, tensor, net, layers, binary, switch_to_last_level)
+        if self._info is None:
+            try:
+                self.info()
+            except (ConnectionError, ServerError, ValueError):
+                self._info = {}
+        limit = (self._info or {}).get("max_request_bytes")
+        if limit is not None and len(body) > limit:
+            raise ServerError(413, f"the request is {len(body)} bytes, the server accepts at most {limit} bytes "
+                                   "(server option --max-request-mb); send fewer images per request",
+                              url=self._url("/compute"))
+        deadline = time.monotonic() + self.busy_timeout
+        retries = 0
+        delay = 0.2
+        while True:
+            t0 = time.perf_counter()
+            try:
+                resp = self.session.post(self._url("/compute"), data=body, headers={"Content-Type": ctype},
+                                         timeout=self.timeout)
+            except requests.RequestException as exc:
+                raise ConnectionError(f"POST {self._url('/compute')} failed: {exc}") from exc
+            elapsed = time.perf_counter() - t0
+            if resp.status_code == 503 and time.monotonic() < deadline:
+                retries += 1
+                try:
+                    wait = float(resp.headers.get("Retry-After", delay))
+                except ValueError:
+                    wait = delay
+                time.sleep(min(max(wait * 0.5, delay), 5.0) * (0.75 + 0.5 * np.random.random()))
+                delay = min(delay * 1.5, 5.0)
+                continue
+            self._raise_for(resp)
+            break
+        content = resp.content
+        if resp.headers.get("Content-Type", "").split(";")[0].strip() == protocol.BINARY_CONTENT_TYPE:
+            try:
+                header, data = protocol.decode_response(content)
+            except protocol.ProtocolError as exc:
+                raise ServerError(resp.status_code, f"malformed binary response: {exc}", url=resp.url) from None
+        else:
+            header = resp.json()
+            data = protocol.b64decode(header.pop("data", None), "data")
+        result = CipherTensor.from_bytes(data, ctx)
+        report = dict(header)
+        report.update({
+            "upload_bytes": len(body),
+            "download_bytes": len(content),
+            "request_seconds": elapsed,
+            "busy_retries": retries,
+        })
+        return result, report
+
+    def classify(self, ctx: Context, images: Any, net: str, layers: Optional[Sequence[int]] = None,
+                 rencrypt_positions: Optional[Sequence[int]] = None, binary: bool = True) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """Encrypts ``images``, runs ``net`` on the server with rencryption round
+        trips, and decrypts the outputs.
+
+        Args:
+            ctx: a context holding the secret key.
+            images: model inputs ``[N, *input_shape]`` (float), or raw pixels
+                (uint8 ``[N, H, W]`` / ``[N, 1, H, W]``), which are normalised
+                as the shipped models expect (``pycrcnn.datasets.normalize``:
+                pixels / 255).
+            net: a model name from :meth:`models`.
+            layers: torch module indices to run (None = the whole model).
+            rencrypt_positions: torch indices before which the client
+                rencrypts (default: the model's own, from ``/models``); ``[]``
+                for a single pass.
+
+        Returns:
+            ``(outputs, report)``: the decrypted outputs (float64 ``[N, ...]``)
+            and ``encryption_seconds``, ``rencryption_seconds``,
+            ``upload_bytes``, ``server_seconds``, ``request_seconds``,
+            ``download_bytes``, ``decryption_seconds``, ``round_trips``,
+            ``segments`` and ``requests`` (each request's report).
+        """
+        x = _as_inputs(images)
+        info = self.model(net)
+        if "error" in info:
+            raise ServerError(500, f"model {net!r} is not available on the server: {info['error']}")
+        n_modules = int(info.get("n_modules") or 0)
+        if layers is None:
+            start, stop = 0, n_modules
+        else:
+            idx = sorted({int(i) for i in layers})
+            start, stop = idx[0], idx[-1] + 1
+        if rencrypt_positions is None:
+            rencrypt_positions = info.get("rencrypt_positions") or []
+        cuts = sorted({int(p) for p in rencrypt_positions if start < int(p) < stop})
+        bounds = [start, *cuts, stop]
+        segments = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+        report: Dict[str, Any] = {
+            "net": net, "images": int(x.shape[0]), "encoding": ctx.encoding, "segments": segments,
+            "encryption_seconds": 0.0, "rencryption_seconds": 0.0, "decryption_seconds": 0.0,
+            "upload_bytes": 0, "download_bytes": 0, "server_seconds": 0.0, "request_seconds": 0.0,
+            "round_trips": 0, "requests": [],
+        }
+        # the batch encoding holds up to m images per ciphertext: larger inputs go in chunks
+        chunk = ctx.m if ctx.encoding == "batch" else max(1, x.shape[0])
+        outputs = []
+        for lo in range(0, x.shape[0], chunk):
+            t0 = time.perf_counter()
+            t = ctx.encrypt(x[lo:lo + chunk])
+            report["encryption_seconds"] += time.perf_counter() - t0
+            for k, (a, b) in enumerate(segments):
+                t, r = self.compute(ctx, t, net, list(range(a, b)), binary=binary)
+                report["round_trips"] += 1
+                report["upload_bytes"] += r["upload_bytes"]
+                report["download_bytes"] += r["download_bytes"]
+                report["server_seconds"] += r.get("server_seconds", 0.0)
+                report["request_seconds"] += r["request_seconds"]
+                report["requests"].append(r)
+                if k < len(segments) - 1:
+                    t0 = time.perf_counter()
+                    t = ctx.rencrypt(t)
+                    report["rencryption_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outputs.append(np.asarray(ctx.decrypt(t)))
+            report["decryption_seconds"] += time.perf_counter() - t0
+        return np.concatenate(outputs, axis=0), report
+
+
+def _as_inputs(images: Any) -> np.ndarray:
+    arr = np.asarray(images)
+    if arr.dtype == object:
+        raise TypeError("images must be a numeric array (plaintext inputs); encrypt with compute() otherwise")
+    if arr.dtype == np.uint8:
+        from .datasets import normalize
+
+        return normalize(arr).astype(np.float64)
+    arr = arr.astype(np.float64)
+    if arr.ndim == 2:
+        arr = arr[None, None]
+    elif arr.ndim == 3:
+        arr = arr[:, None]
+    return arr
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+
+def _context_from_config(params: Dict[str, Any], encoding: str) -> Context:
+    kw: Dict[str, Any] = {"m": int(params.get("m", 4096)), "sec": int(params.get("sec", 128)), "encoding": encoding}
+    if params.get("p") is not None:
+        kw["p"] = params["p"]
+    if encoding == "fractional":
+        for src, dst in (("base", "base"), ("int_digits", "int_digits"), ("intDigits", "int_digits"),
+                         ("frac_digits", "frac_digits"), ("fracDigits", "frac_digits")):
+            if src in params:
+                kw[dst] = int(params[src])
+    else:
+        for k in ("scale_bits", "weight_scale_bits", "n_plaintext_moduli"):
+            if k in params:
+                kw[k] = int(params[k])
+    if "moduli_sizes" in params:
+        kw["moduli_sizes"] = [int(s) for s in params["moduli_sizes"]]
+    return Context(**kw)
+
+
+def _load_images(args: argparse.Namespace) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
+    from . import datasets
+
+    if args.images:
+        images = np.load(args.images, allow_pickle=False)
+        labels = np.load(args.labels, allow_pickle=False) if args.labels else None
+        return images, labels, args.images
+    n = int(args.mnist)
+    try:
+        images, labels = datasets.load_mnist(split="test", limit=n)
+        return images, labels, f"the first {len(images)} MNIST test digits"
+    except FileNotFoundError:
+        images, labels = datasets.sample_digits(n)
+        return images, labels, f"{len(images)} bundled sample digits (MNIST not found; set PYCRCNN_DATA)"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pycrcnn-client",
+        description="Encrypt images, classify them on a pycrcnn server, decrypt the results.")
+    parser.add_argument("--config", required=True,
+                        help="the original PyCrCNN's parameters.json: address, encryption_parameters "
+                             "([{m, p, sec, base}]), net, layers, max_threads")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="a .npy file of images (uint8 pixels [N, 28, 28] or model inputs)")
+    src.add_argument("--mnist", type=int, metavar="N",
+                     help="the first N MNIST test digits ($PYCRCNN_DATA or the shared folder; else the bundled sample)")
+    parser.add_argument("--labels", help="a .npy file of labels for --images")
+    parser.add_argument("--encoding", choices=["batch", "fractional"], default=None,
+                        help="batch: all images in one pass (SIMD slots); fractional: the seed's encoding, one value "
+                             "per ciphertext (default: the config's 'encoding', else batch)")
+    parser.add_argument("--address", help="override the config's address")
+    parser.add_argument("--net", help="override the config's net")
+    parser.add_argument("--rencrypt", help="comma-separated rencryption positions (default: the model's)")
+    parser.add_argument("--json", action="store_true", help="send JSON with base64 fields instead of binary frames")
+    args = parser.parse_args(argv)
+
+    try:
+        with open(args.config, "r", encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as exc:
+        print(f"pycrcnn-client: cannot read {args.config}: {exc}", file=sys.stderr)
+        return 2
+    params_list = config.get("encryption_parameters") or [{}]
+    params = params_list[0] if isinstance(params_list, list) else params_list
+    encoding = args.encoding or params.get("encoding") or config.get("encoding") or "batch"
+    address = args.address or config.get("address") or "http://127.0.0.1:5000"
+    net = args.net or config.get("net")
+    if not net:
+        print("pycrcnn-client: no net: set 'net' in the config or pass --net", file=sys.stderr)
+        return 2
+    layers = config.get("layers")
+    if config.get("max_threads"):
+        from ._engine import set_num_threads
+
+        set_num_threads(int(config["max_threads"]))
+
+    from ._engine import HEError
+
+    try:
+        t0 = time.perf_counter()
+        ctx = _context_from_config(params, encoding)
+        ctx.keygen()
+        keygen_s = time.perf_counter() - t0
+    except HEError as exc:
+        print(f"pycrcnn-client: encryption parameters {params}: {exc}", file=sys.stderr)
+        return 2
+    images, labels, what = _load_images(args)
+    print(f"{ctx!r}: keys made in {keygen_s:.2f} s; classifying {what} with {net!r} at {address}")
+    client = Client(address)
+    positions = None if args.rencrypt is None else [int(p) for p in args.rencrypt.split(",") if p.strip()]
+    try:
+        client.info()
+        logits, report = client.classify(ctx, images, net, layers=layers, rencrypt_positions=positions,
+                                         binary=not args.json)
+    except ServerError as exc:
+        print(f"pycrcnn-client: the server refused: {exc}", file=sys.stderr)
+        return 1
+    except (ConnectionError, KeyError) as exc:
+        print(f"pycrcnn-client: {exc}", file=sys.stderr)
+        return 1
+    except HEError as exc:
+        print(f"pycrcnn-client: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    preds = logits.argmax(axis=1) if logits.ndim == 2 else logits
+    for i, pred in enumerate(preds):
+        label = "?" if labels is None else int(labels[i])
+        mark = "" if labels is None else ("  ok" if int(pred) == label else "  WRONG")
+        print(f"image {i:4d}: predicted {int(pred)}  label {label}{mark}")
+    if labels is not None:
+        acc = float(np.mean(preds == np.asarray(labels)[: len(preds)]))
+        print(f"accuracy: {acc * 100:.1f} % ({int(round(acc * len(preds)))}/{len(preds)})")
+    print(f"encryption: {report['encryption_seconds']:.2f} s; upload: {report['upload_bytes'] / 1e6:.1f} MB; "
+          f"server: {report['server_seconds']:.2f} s (request {report['request_seconds']:.2f} s); "
+          f"download: {report['download_bytes'] / 1e6:.2f} MB; decryption: {report['decryption_seconds']:.2f} s; "
+          f"round trips: {report['round_trips']}"
+          + (f"; rencryption: {report['rencryption_seconds']:.2f} s" if report["round_trips"] > 1 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

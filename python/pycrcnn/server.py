@@ -1,0 +1,808 @@
+"""The pycrcnn inference server: encrypted CNN layers as a service.
+
+Run it with ``python -m pycrcnn.server --models DIR`` (or ``pycrcnn-server``),
+or under a WSGI server, e.g. ``gunicorn 'pycrcnn.server:create_app("models")'``.
+
+Endpoints (the full description, with the wire format, is ``docs/openapi.yaml``):
+
+- ``GET /`` -- liveness: ``{"status": "Server Works!", "version": ...}`` plus
+  the body limit, so that clients can check a request's size before sending.
+- ``GET /models`` (and ``GET /models/<name>``) -- every model in DIR: its
+  layers (torch module indices, types, parameters), input shape, which index
+  ranges can run encrypted, and its rencryption positions. ``.npz`` files
+  written by :func:`pycrcnn.net_builder.export_model` need no torch; ``.pt`` /
+  ``.pth`` pickles need torch and are **trusted code**: only put model files
+  you trust in DIR.
+- ``POST /compute`` -- runs a range of a model's layers on an encrypted
+  tensor. The request carries the client's *public* context (the server never
+  receives or makes a secret key: a blob holding one is refused) and the
+  tensor, as JSON with base64 fields or as a binary frame
+  (:mod:`pycrcnn.protocol`). Request data is never unpickled.
+
+Status codes: 400 malformed request / data / parameters / shapes, 404 unknown
+model, 405 wrong method, 413 body over the limit (judged from
+``Content-Length`` before reading), 422 the layers cannot run encrypted or the
+parameters are too small for them (plaintext overflow, noise budget), 503 all
+workers busy (retry after ``Retry-After`` seconds), 500 a bug. Every error is a
+JSON object ``{"error": "...", "status": N}``.
+
+Weights are encoded once per (model, layer range, parameter fingerprint, key)
+and kept in a bounded LRU cache; public contexts are cached by their SHA-256.
+The engine releases the GIL while it computes, so a threaded server runs
+``workers`` requests in parallel; more concurrent requests get 503 at once
+instead of queueing.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from . import protocol
+from ._engine import (
+    CipherTensor,
+    Context,
+    FormatError,
+    HEError,
+    NoiseBudgetExhausted,
+    ParameterError,
+    PlaintextOverflow,
+    SecretKeyRequired,
+)
+
+__all__ = ["create_app", "main", "ApiError", "MODEL_SUFFIXES"]
+
+log = logging.getLogger("pycrcnn.server")
+
+#: model files served, in order of preference when two share a name
+MODEL_SUFFIXES = (".npz", ".pt", ".pth")
+
+#: ``encryption_parameters`` keys compared with the public context (aliases of the seed's names)
+_PARAM_ALIASES = {
+    "m": "m", "p": "p", "sec": "sec", "encoding": "encoding", "base": "base",
+    "int_digits": "int_digits", "intDigits": "int_digits",
+    "frac_digits": "frac_digits", "fracDigits": "frac_digits",
+    "scale_bits": "scale_bits", "weight_scale_bits": "weight_scale_bits", "moduli": "moduli",
+    "n_plaintext_moduli": "n_plaintext_moduli",
+}
+
+#: header fields of a request (anything else is ignored and reported back)
+_REQUEST_FIELDS = ("encryption_parameters", "net", "layers", "public_context", "data", "switch_to_last_level",
+                   "address", "max_threads")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+def _json_response(payload: Dict[str, Any], status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=_json_default)
+    resp = Response(body, status=status, mimetype=protocol.JSON_CONTENT_TYPE)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, np.floating):
+            return float(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None, **extra: Any) -> Response:
+    payload = {"error": message, "status": status}
+    payload.update(extra)
+    return _json_response(payload, status, headers)
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no inf/nan: None instead."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ---------------------------------------------------------------------------
+# bounded LRU cache
+
+
+class _LRU:
+    """A small thread-safe LRU mapping."""
+
+    def __init__(self, size: int):
+        self.size = max(0, int(size))
+        self._d: "OrderedDict[Any, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                self.hits += 1
+                return self._d[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def discard(self, pred: Callable[[Any], bool]) -> None:
+        with self._lock:
+            for k in [k for k in self._d if pred(k)]:
+                del self._d[k]
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def stats(self) -> Dict[str, int]:
+        return {"entries": len(self._d), "capacity": self.size, "hits": self.hits, "misses": self.misses}
+
+
+# ---------------------------------------------------------------------------
+# the models
+
+
+class _ModelEntry:
+    """One model file, loaded lazily (and again if the file changes)."""
+
+    def __init__(self, name: str, path: Path):
+        self.name = name
+        self.path = path
+        self.lock = threading.Lock()
+        self.spec: Any = None
+        self.error: Optional[str] = None
+        self.version: Optional[Tuple[int, int]] = None
+
+    @property
+    def format(self) -> str:
+        return "npz" if self.path.suffix == ".npz" else "torch"
+
+    def _stat(self) -> Optional[Tuple[int, int]]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def load(self) -> Tuple[Any, Optional[str]]:
+        """``(spec, None)`` or ``(None, error message)``; never raises."""
+        with self.lock:
+            stat = self._stat()
+            if self.version is not None and stat == self.version:
+                return self.spec, self.error
+            self.version = stat
+            self.spec, self.error = None, None
+            try:
+                from .net_builder import load_model_spec
+
+                spec = load_model_spec(self.path)
+                spec.name = self.name
+                self.spec = spec
+            except ImportError as exc:
+                self.error = f"cannot load {self.path.name}: {exc} (a .pt model needs torch: pip install 'pycrcnn[torch]')"
+            except Exception as exc:  # noqa: BLE001 - a bad model file is listed with its error, never a crash
+                self.error = f"cannot load {self.path.name}: {type(exc).__name__}: {exc}"
+            if self.error:
+                log.warning("model %s: %s", self.name, self.error)
+            return self.spec, self.error
+
+
+def _supported_ranges(spec: Any) -> List[List[int]]:
+    """Maximal ``[start, stop)`` torch-index ranges without unsupported modules."""
+    ranges: List[List[int]] = []
+    cur: Optional[List[int]] = None
+    for layer in spec.layers:
+        if layer.supported:
+            if cur is None:
+                cur = [layer.index, layer.end_index + 1]
+            else:
+                cur[1] = layer.end_index + 1
+        else:
+            if cur is not None:
+                ranges.append(cur)
+            cur = None
+    if cur is not None:
+        ranges.append(cur)
+    return ranges
+
+
+def _describe_model(entry: _ModelEntry) -> Dict[str, Any]:
+    spec, error = entry.load()
+    out: Dict[str, Any] = {"name": entry.name, "file": entry.path.name, "format": entry.format}
+    if error is not None:
+        out["error"] = error
+        return out
+    n_modules = spec.n_modules if spec.n_modules else (max(spec.indices) + 1 if spec.layers else 0)
+    out.update({
+        "input_shape": list(spec.input_shape) if spec.input_shape is not None else None,
+        "n_modules": n_modules,
+        "layers": [{"index": l.index, "type": l.type, "params": _plain(l.params)} for l in spec.layers],
+        "supported": _supported_ranges(spec),
+        "unsupported": [
+            {"index": l.index, "module": l.params.get("module"), "reason": l.params.get("reason"),
+             "alternative": l.params.get("alternative")} for l in spec.unsupported
+        ],
+        "rencrypt_positions": list(spec.rencrypt_positions),
+        "normalization": spec.normalization,
+        "accuracy": spec.accuracy,
+    })
+    desc = (spec.metadata or {}).get("description")
+    if desc:
+        out["description"] = desc
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return _json_default(v) if not isinstance(v, (str, int, float, bool, type(None))) else _finite(v)
+
+
+class _Registry:
+    """The model files of a folder, by name (file stem); rescanned on demand."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._entries: Dict[str, _ModelEntry] = {}
+        self._last_scan = 0.0
+        self.scan(force=True)
+
+    def scan(self, force: bool = False) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_scan < 1.0:
+                return
+            self._last_scan = now
+            found: Dict[str, Path] = {}
+            try:
+                files = sorted(self.folder.iterdir())
+            except OSError as exc:
+                log.error("cannot list the models folder %s: %s", self.folder, exc)
+                files = []
+            for suffix in MODEL_SUFFIXES:
+                for f in files:
+                    if f.suffix == suffix and not f.name.startswith(".") and f.is_file():
+                        found.setdefault(f.stem, f)
+            entries = {}
+            for name, path in sorted(found.items()):
+                old = self._entries.get(name)
+                entries[name] = old if old is not None and old.path == path else _ModelEntry(name, path)
+            self._entries = entries
+
+    def names(self) -> List[str]:
+        self.scan()
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Optional[_ModelEntry]:
+        entry = self._entries.get(name)
+        if entry is None:
+            self.scan()
+            entry = self._entries.get(name)
+        return entry
+
+
+# ---------------------------------------------------------------------------
+# request parsing
+
+
+def _check_parameters(requested: Any, ctx: Context) -> List[str]:
+    """Compares the seed's ``encryption_parameters`` with the public context
+    (which is authoritative). Raises ApiError(400) on a disagreement; returns
+    the keys that were ignored."""
+    if requested is None:
+        return []
+    if isinstance(requested, list):
+        if not requested:
+            return []
+        requested = requested[0]
+    if not isinstance(requested, dict):
+        raise ApiError(400, "encryption_parameters must be a list of objects like "
+                            '[{"m": 4096, "p": 953983721, "sec": 128, "base": 2}] (the first one is used)')
+    actual = ctx.parameters()
+    ignored: List[str] = []
+    for key, want in requested.items():
+        name = _PARAM_ALIASES.get(key)
+        if name is None:
+            ignored.append(key)
+            continue
+        if want is None:
+            continue
+        if name == "n_plaintext_moduli":
+            have: Any = len(actual["p"]) if isinstance(actual["p"], list) else 1
+        elif name not in actual:
+            raise ApiError(
+                400, f"encryption_parameters: {key!r} does not apply to the {actual['encoding']} encoding of the "
+                     f"public context (its parameters: {_param_summary(actual)})")
+        else:
+            have = actual[name]
+        if not _same_param(want, have):
+            raise ApiError(
+                400, f"encryption_parameters disagree with the public context, which is authoritative: "
+                     f"{key}={want!r} requested, the public context has {have!r} "
+                     f"({_param_summary(actual)})")
+    return ignored
+
+
+def _same_param(want: Any, have: Any) -> bool:
+    if isinstance(want, bool):
+        return False
+    if isinstance(have, list):
+        if isinstance(want, (int, float)) and len(have) == 1:
+            want = [want]
+        if not isinstance(want, list) or len(want) != len(have):
+            return False
+        return all(_same_param(w, h) for w, h in zip(want, have))
+    if isinstance(have, str) or isinstance(want, str):
+        return str(want).lower() == str(have).lower()
+    if isinstance(want, (int, float)) and isinstance(have, (int, float)):
+        return float(want) == float(have)
+    return False
+
+
+def _param_summary(p: Dict[str, Any]) -> str:
+    keys = ["m", "p", "sec", "encoding", "base", "int_digits", "frac_digits", "scale_bits", "weight_scale_bits"]
+    return ", ".join(f"{k}={p[k]}" for k in keys if k in p)
+
+
+def _parse_layers(layers: Any, spec: Any, name: str) -> Tuple[int, int]:
+    """``[start, stop)`` from the seed's ``layers`` (None = all; a list selects
+    its smallest through its largest torch index, which must be consecutive)."""
+    n_modules = spec.n_modules if spec.n_modules else max(spec.indices) + 1
+    if layers is None:
+        return 0, n_modules
+    if isinstance(layers, bool) or not isinstance(layers, list) or not layers:
+        raise ApiError(400, f"layers must be null (all layers) or a non-empty list of torch module indices, "
+                            f"got {layers!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ApiError(400, f"layers must hold integers (torch module indices), got {layers!r}")
+    idx = sorted(set(layers))
+    if idx[0] < 0 or idx[-1] >= n_modules:
+        raise ApiError(400, f"layers {layers!r}: model {name!r} has torch module indices 0..{n_modules - 1}")
+    if idx != list(range(idx[0], idx[-1] + 1)):
+        raise ApiError(400, f"layers {layers!r}: the indices must be consecutive (a range of the network), "
+                            f"e.g. {list(range(idx[0], idx[-1] + 1))}")
+    return idx[0], idx[-1] + 1
+
+
+def _switch_is_safe(params: Dict[str, Any]) -> bool:
+    """Whether switching a result down to the last modulus keeps it decryptable.
+
+    The server cannot measure noise (it has no secret key), but it knows the
+    floor: after a switch to the single remaining prime q0 the rounding noise
+    is about sqrt(m)·2^4, which must stay well below q0/(2p). With the engine's
+    default moduli (q0 barely above p) that never holds, and the result is
+    returned at its current level instead.
+    """
+    moduli = params.get("moduli") or []
+    if len(moduli) < 2:
+        return False
+    p = params["p"]
+    p_max = max(p) if isinstance(p, list) else p
+    q_last = moduli[0]
+    margin = math.log2(q_last) - math.log2(2 * p_max) - (0.5 * math.log2(params["m"]) + 4)
+    return margin >= 12
+
+
+# ---------------------------------------------------------------------------
+# the app
+
+
+class _State:
+    def __init__(self, models_dir: Path, max_request_bytes: int, workers: int, weight_cache_size: int,
+                 context_cache_size: int):
+        self.models_dir = models_dir
+        self.registry = _Registry(models_dir)
+        self.max_request_bytes = max_request_bytes
+        self.workers = workers
+        self.slots = threading.BoundedSemaphore(workers)
+        self.weights = _LRU(weight_cache_size)
+        self.contexts = _LRU(context_cache_size)
+        self.busy_rejections = 0
+        self.requests_served = 0
+
+
+def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float = 512, workers: int = 2,
+               weight_cache_size: int = 8, context_cache_size: int = 16) -> Flask:
+    """The Flask application (usable under any WSGI server).
+
+    Args:
+        models_dir: folder of ``.npz`` / ``.pt`` / ``.pth`` models (default:
+            ``$PYCRCNN_MODELS``, else the models shipped with pycrcnn).
+        max_request_mb: body limit in MB (2^20 bytes); larger bodies get 413.
+        workers: requests computed at the same time; more get 503.
+        weight_cache_size: encoded models kept (per model, layer range, parameters and key).
+        context_cache_size: parsed public contexts kept (by SHA-256 of their bytes).
+    """
+    if models_dir is None:
+        models_dir = os.environ.get("PYCRCNN_MODELS") or _shipped_models_dir()
+    folder = Path(models_dir).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"models folder not found: {folder}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not max_request_mb or max_request_mb <= 0:
+        raise ValueError(f"max_request_mb must be > 0, got {max_request_mb}")
+    max_bytes = int(max_request_mb * (1 << 20))
+    state = _State(folder, max_bytes, int(workers), int(weight_cache_size), int(context_cache_size))
+
+    app = Flask("pycrcnn.server")
+    app.config["MAX_CONTENT_LENGTH"] = max_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["pycrcnn"] = state
+
+    # -- errors: always JSON ---------------------------------------------------
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return _error(exc.status, exc.message, **exc.extra)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if exc.code == 413:
+            return _error(413, f"request body larger than the limit of {state.max_request_bytes} bytes "
+                               f"({state.max_request_bytes / (1 << 20):g} MB; server option --max-request-mb)")
+        if exc.code == 404:
+            return _error(404, f"no such endpoint: {request.method} {request.path}; endpoints: GET /, GET /models, "
+                               "GET /models/<name>, POST /compute")
+        if exc.code == 405:
+            allowed = exc.valid_methods if hasattr(exc, "valid_methods") and exc.valid_methods else None
+            headers = {"Allow": ", ".join(allowed)} if allowed else None
+            return _error(405, f"method {request.method} is not allowed on {request.path}"
+                               + (f" (allowed: {', '.join(allowed)})" if allowed else ""), headers)
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _error(500, f"internal server error: {type(exc).__name__}: {exc}")
+
+    # -- endpoints ---------------------------------------------------------------
+    @app.get("/")
+    def index():
+        return _json_response({
+            "status": "Server Works!",
+            "version": __version__,
+            "max_request_bytes": state.max_request_bytes,
+            "workers": state.workers,
+            "endpoints": ["GET /", "GET /models", "GET /models/<name>", "POST /compute"],
+            "content_types": [protocol.JSON_CONTENT_TYPE, protocol.BINARY_CONTENT_TYPE],
+        })
+
+    @app.get("/models")
+    def models():
+        return _json_response({"models": [_describe_model(state.registry.get(n)) for n in state.registry.names()
+                                          if state.registry.get(n) is not None]})
+
+    @app.get("/models/<name>")
+    def model(name: str):
+        entry = state.registry.get(name)
+        if entry is None:
+            raise ApiError(404, f"unknown model {name!r}; available: {', '.join(state.registry.names()) or 'none'}")
+        return _json_response(_describe_model(entry))
+
+    @app.get("/stats")
+    def stats():
+        return _json_response({
+            "requests_served": state.requests_served,
+            "busy_rejections": state.busy_rejections,
+            "weight_cache": state.weights.stats(),
+            "context_cache": state.contexts.stats(),
+        })
+
+    @app.post("/compute")
+    def compute():
+        length = request.content_length
+        if length is not None and length > state.max_request_bytes:
+            # judged from the header: nothing is read
+            return _error(413, f"request body of {length} bytes is larger than the limit of "
+                               f"{state.max_request_bytes} bytes ({state.max_request_bytes / (1 << 20):g} MB; "
+                               f"server option --max-request-mb)")
+        if not state.slots.acquire(blocking=False):
+            state.busy_rejections += 1
+            _drain(request)
+            return _error(503, f"all {state.workers} workers are busy; retry later", {"Retry-After": "1"})
+        try:
+            resp = _compute(state)
+            state.requests_served += 1
+            return resp
+        finally:
+            state.slots.release()
+
+    return app
+
+
+def _shipped_models_dir() -> Path:
+    from .models import MODELS_DIR
+
+    return MODELS_DIR
+
+
+def _drain(req: Any) -> None:
+    """Reads and discards the body (bounded by the limit) so that the client,
+    still sending, receives the answer instead of a reset connection."""
+    try:
+        stream = req.stream
+        while stream.read(1 << 20):
+            pass
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+def _read_request(state: _State) -> Tuple[Dict[str, Any], bytes, bytes, bool]:
+    """``(header, public_context, data, binary)``; ApiError(400) if malformed."""
+    mimetype = (request.mimetype or "").lower()
+    body = request.get_data(cache=False)
+    if mimetype == protocol.BINARY_CONTENT_TYPE or body[:4] == protocol.REQUEST_MAGIC:
+        try:
+            header, pub, data = protocol.decode_request(body)
+        except protocol.ProtocolError as exc:
+            raise ApiError(400, f"malformed binary request: {exc}") from None
+        binary = True
+    else:
+        if not body:
+            raise ApiError(400, "empty request body: send a JSON object or a binary frame "
+                                f"({protocol.BINARY_CONTENT_TYPE}); see docs/openapi.yaml")
+        try:
+            header = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ApiError(400, f"malformed JSON body: {exc}") from None
+        del body
+        if isinstance(header, str) or protocol.looks_like_jsonpickle(header):
+            # the original PyCrCNN posted json=jsonpickle.encode(payload): a JSON string
+            raise ApiError(400, protocol.SEED_REQUEST_HINT)
+        if not isinstance(header, dict):
+            raise ApiError(400, f"the JSON body must be an object, got {type(header).__name__}")
+        if isinstance(header.get("data"), (list, dict)):
+            raise ApiError(400, protocol.SEED_REQUEST_HINT)
+        for field in ("public_context", "data"):
+            if field not in header:
+                raise ApiError(400, f"missing field {field!r} (base64 of "
+                                    f"{'Context.public_context()' if field == 'public_context' else 'CipherTensor.to_bytes()'})")
+        try:
+            pub = protocol.b64decode(header.pop("public_context"), "public_context")
+            data = protocol.b64decode(header.pop("data"), "data")
+        except protocol.ProtocolError as exc:
+            raise ApiError(400, str(exc)) from None
+        binary = False
+    if protocol.looks_like_jsonpickle(header):
+        raise ApiError(400, protocol.SEED_REQUEST_HINT)
+    return header, pub, data, binary
+
+
+def _public_context(state: _State, pub: bytes) -> Context:
+    if not pub:
+        raise ApiError(400, "public_context is empty: send ctx.public_context()")
+    digest = hashlib.sha256(pub).hexdigest()
+    ctx = state.contexts.get(digest)
+    if ctx is None:
+        try:
+            ctx = Context.from_public(pub)
+        except FormatError as exc:
+            raise ApiError(400, f"public_context rejected: {exc}") from None
+        except HEError as exc:
+            raise ApiError(400, f"public_context rejected: {type(exc).__name__}: {exc}") from None
+        if ctx.has_secret_key:  # Context.from_public refuses these; belt and braces
+            raise ApiError(400, "public_context holds a secret key; send ctx.public_context(), never the secret key")
+        state.contexts.put(digest, ctx)
+    return ctx
+
+
+def _compute(state: _State) -> Response:
+    t_start = time.perf_counter()
+    header, pub, data, binary = _read_request(state)
+
+    # -- which model and which layers (cheap checks first) ----------------------
+    net = header.get("net")
+    if not isinstance(net, str) or not net:
+        raise ApiError(400, f"missing or invalid 'net' (a model name from GET /models), got {net!r}")
+    entry = state.registry.get(net)
+    if entry is None:
+        raise ApiError(404, f"unknown net {net!r}; available: {', '.join(state.registry.names()) or 'none'}")
+    spec, load_error = entry.load()
+    if load_error is not None:
+        raise ApiError(500, f"model {net!r} could not be loaded: {load_error}")
+    start, stop = _parse_layers(header.get("layers"), spec, net)
+    try:
+        selected = spec.select(range(start, stop))
+        selected.check_supported()
+    except HEError as exc:
+        from .net_builder import UnsupportedLayerError
+
+        if isinstance(exc, UnsupportedLayerError):
+            raise ApiError(422, f"layers {start}..{stop - 1} of {net!r} cannot run on encrypted data: {exc}",
+                           supported=_supported_ranges(spec)) from None
+        raise ApiError(400, f"layers {start}..{stop - 1} of {net!r}: {exc}") from None
+    switch = header.get("switch_to_last_level", "auto")
+    if switch not in (True, False, "auto"):
+        raise ApiError(400, f"switch_to_last_level must be true, false or \"auto\", got {switch!r}")
+
+    # -- keys, parameters, data ---------------------------------------------------
+    ctx = _public_context(state, pub)
+    del pub
+    ignored = _check_parameters(header.get("encryption_parameters"), ctx)
+    try:
+        x = CipherTensor.from_bytes(data, ctx)
+    except HEError as exc:
+        raise ApiError(400, f"data rejected: {exc}") from None
+    del data
+    shape = list(x.shape)
+    if len(shape) < 2:
+        raise ApiError(400, f"data has shape {shape}; expected [N, ...] with the image axes after the batch axis")
+    if start == 0 and selected.input_shape is not None and tuple(shape[1:]) != tuple(selected.input_shape):
+        raise ApiError(400, f"data has shape {shape}, model {net!r} expects [N, "
+                            f"{', '.join(str(s) for s in selected.input_shape)}]")
+    try:
+        out_shape = selected.output_shape(shape[1:])
+    except HEError as exc:
+        raise ApiError(400, f"data of shape {shape} does not fit layers {start}..{stop - 1} of {net!r}: {exc}") from None
+    parse_seconds = time.perf_counter() - t_start
+
+    # -- the encoded layers (cached) -------------------------------------------------
+    # Encoded weights depend on the parameters, not on the keys: one entry
+    # serves every client with the same parameters.
+    key = (net, entry.version, start, stop, ctx.fingerprint)
+    model = state.weights.get(key)
+    if model is None:
+        from .net_builder import build_from_spec
+
+        try:
+            model = build_from_spec(ctx, selected, rencrypt_positions=[])
+        except HEError as exc:
+            raise ApiError(422, f"layers {start}..{stop - 1} of {net!r} cannot be encoded for these parameters: "
+                                f"{exc}") from None
+        state.weights.put(key, model)
+
+    # -- run ---------------------------------------------------------------------------
+    timings: List[Dict[str, Any]] = []
+    t_run = time.perf_counter()
+    for layer in model:
+        if getattr(layer, "spec", 1) is None:  # a rencryption layer: the client's job
+            continue
+        index, name = getattr(layer, "torch_index", None), layer.name
+        t0 = time.perf_counter()
+        try:
+            x = layer(x)
+        except (PlaintextOverflow, NoiseBudgetExhausted, ParameterError) as exc:
+            raise ApiError(422, f"layer {index} ({name}): {type(exc).__name__}: {exc}", layer=index) from None
+        except SecretKeyRequired as exc:
+            raise ApiError(422, f"layer {index} ({name}) needs the secret key: {exc}", layer=index) from None
+        except HEError as exc:
+            raise ApiError(400, f"layer {index} ({name}): {exc}", layer=index) from None
+        timings.append({"index": index, "type": name, "seconds": time.perf_counter() - t0,
+                        "shape": list(x.shape)})
+    compute_seconds = time.perf_counter() - t_run
+
+    params = ctx.parameters()
+    switched = False
+    if switch is True or (switch == "auto" and _switch_is_safe(params)):
+        try:
+            x = x.switch_to_last_level()
+            switched = True
+        except HEError as exc:
+            raise ApiError(422, f"cannot switch the result to the last modulus: {exc}") from None
+    t_ser = time.perf_counter()
+    out = x.to_bytes()
+    try:
+        growth = {k: _finite(v) for k, v in dict(x.growth_report()).items()}
+    except Exception:  # noqa: BLE001 - informative only
+        growth = None
+    result: Dict[str, Any] = {
+        "net": net,
+        "layers": [start, stop - 1],
+        "shape": list(x.shape),
+        "expected_shape": [shape[0], *out_shape],
+        "encoding": ctx.encoding,
+        "parameters": {k: v for k, v in params.items()},
+        "level": x.level,
+        "switched_to_last_level": switched,
+        "timings": timings,
+        "server_seconds": compute_seconds,
+        "parse_seconds": parse_seconds,
+        "serialize_seconds": time.perf_counter() - t_ser,
+        "growth": growth,
+        "rencrypt_positions": [p for p in spec.rencrypt_positions if start < p < stop],
+    }
+    if ignored:
+        result["ignored_parameters"] = ignored
+    unknown = [k for k in header if k not in _REQUEST_FIELDS]
+    if unknown:
+        result["ignored_fields"] = unknown
+    if binary:
+        body = protocol.encode_response(result, out)
+        return Response(body, status=200, mimetype=protocol.BINARY_CONTENT_TYPE)
+    result["data"] = protocol.b64encode(out)
+    return _json_response(result)
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pycrcnn-server",
+        description="Serve encrypted CNN inference: POST /compute runs model layers on BFV ciphertexts "
+                    "with the client's public context only.")
+    parser.add_argument("--models", default=None,
+                        help="folder of .npz / .pt / .pth models (default: the models shipped with pycrcnn). "
+                             ".pt files are pickles: only serve files you trust")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5000, help="port (default 5000; 0 = any free port)")
+    parser.add_argument("--workers", type=int, default=2, help="requests computed at once; more get 503 (default 2)")
+    parser.add_argument("--max-request-mb", type=float, default=512, help="body limit in MB (default 512)")
+    parser.add_argument("--weight-cache-size", type=int, default=8, help="encoded models kept (default 8)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine threads (default: all cores; pycrcnn.set_num_threads)")
+    parser.add_argument("--quiet", action="store_true", help="do not log every request")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads is not None:
+        from ._engine import set_num_threads
+
+        set_num_threads(args.threads)
+    try:
+        app = create_app(args.models, max_request_mb=args.max_request_mb, workers=args.workers,
+                         weight_cache_size=args.weight_cache_size)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"pycrcnn-server: {exc}", file=sys.stderr)
+        return 2
+    from werkzeug.serving import make_server
+
+    if args.quiet:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = make_server(args.host, args.port, app, threaded=True)
+    state: _State = app.extensions["pycrcnn"]
+    print(f"pycrcnn server {__version__} listening on http://{args.host}:{server.server_port} "
+          f"(models: {state.models_dir}; {', '.join(state.registry.names()) or 'none'})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

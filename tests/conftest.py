@@ -1,0 +1,117 @@
+"""Shared fixtures: the shared data/model folder and a real pycrcnn server process."""
+from __future__ import annotations
+
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: seed model files linked into the server's models folder (when the shared folder has them)
+SEED_MODELS = ("LeNet1_Approx_single_square.pt", "mnist.pt", "LeNet1.pt")
+#: shipped models linked into the server's models folder
+SHIPPED_MODELS = ("tiny_cnn", "tiny_mlp", "lenet1_square")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``$PYCRCNN_SHARED`` or the ``shared`` folder beside the repository."""
+    from pycrcnn.datasets import shared_dir as _shared_dir
+
+    return _shared_dir()
+
+
+@pytest.fixture(scope="session")
+def server_models_dir(tmp_path_factory, shared_dir) -> Path:
+    """A models folder for the server: shipped models, an exported ``.npz``
+    (``tiny_cnn_rencrypt.npz``: tiny_cnn with rencryption positions [1, 2]) and
+    symlinks to the seed's model files."""
+    from pycrcnn.models import shipped_model_path
+
+    folder = tmp_path_factory.mktemp("server_models")
+    for name in SHIPPED_MODELS:  # links: their models.json metadata (input shape, ...) still applies
+        src = shipped_model_path(name)
+        (folder / src.name).symlink_to(src)
+    try:
+        from pycrcnn.net_builder import export_model, load_model_spec
+
+        spec = load_model_spec(shipped_model_path("tiny_cnn"))
+        export_model(spec, folder / "tiny_cnn_rencrypt.npz", name="tiny_cnn_rencrypt", rencrypt_positions=[1, 2])
+    except ImportError:  # torch missing: no export
+        pass
+    seed = shared_dir / "models" / "pycrcnn-original"
+    for fname in SEED_MODELS:
+        if (seed / fname).is_file():
+            (folder / fname).symlink_to(seed / fname)
+    return folder
+
+
+def _start_server(models_dir: Path, log_path: Path, *extra: str, timeout: float = 60.0):
+    """Starts ``python -m pycrcnn.server`` on a free port; returns ``(process, base_url)``."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pycrcnn.server", "--models", str(models_dir), "--host", "127.0.0.1",
+         "--port", "0", *extra],
+        stdout=subprocess.PIPE, stderr=log, env=env, cwd=str(REPO))
+    log.close()
+    deadline = time.monotonic() + timeout
+    line = b""
+    while b"\n" not in line and proc.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            line += chunk
+    line = line.decode("utf-8", "replace")
+    match = re.search(r"listening on (http://[\d.]+:\d+)", line)
+    if not match:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the server did not start: {line!r}\n{log_path.read_text(errors='replace')}")
+    url = match.group(1)
+    import requests
+
+    while True:
+        try:
+            if requests.get(url + "/", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server at {url} does not answer\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.1)
+    return proc, url
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def server(server_models_dir, tmp_path_factory):
+    """Base URL (``http://127.0.0.1:PORT``) of a real ``python -m pycrcnn.server``
+    process serving :func:`server_models_dir` with 2 workers."""
+    log_path = tmp_path_factory.mktemp("server_log") / "server.log"
+    proc, url = _start_server(server_models_dir, log_path, "--workers", "2", "--quiet")
+    try:
+        yield url
+    finally:
+        _stop_server(proc)
