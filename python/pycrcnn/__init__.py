@@ -44,7 +44,8 @@ __all__ = [
 def __getattr__(name):
     # The model-building names pull in the net builder lazily so that importing
     # pycrcnn never imports torch.
-    if name in ("build_from_pytorch", "EncodedModel"):
+    if name in ("build_from_pytorch", "EncodedModel", "UnsupportedLayerError", "build_from_spec", "export_model",
+                "load_model_spec", "spec_from_torch", "ModelSpec", "LayerSpec"):
         from . import net_builder
         return getattr(net_builder, name)
     if name == "load_torch_model":

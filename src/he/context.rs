@@ -362,12 +362,17 @@ impl HeContext {
         if d == 0 {
             return value_err("a polynomial activation needs degree ≥ 1 (a constant is not an activation)");
         }
+        // Products switch down a level: x^k is computed from x^(k-1) and x
+        // brought to its level, and every power joins the sum at the deepest one.
         let mut powers = vec![x.clone()];
         for _ in 1..d {
-            let next = self.multiply(powers.last().unwrap_or(x), x)?;
+            let last = powers.last().unwrap_or(x);
+            let base = x.switch_to_level(last.level()?)?;
+            let next = self.multiply(last, &base)?;
             powers.push(next);
         }
-        let level = x.level()?;
+        let level = powers.last().unwrap_or(x).level()?;
+        let powers = powers.iter().map(|p| p.switch_to_level(level)).collect::<Result<Vec<_>>>()?;
         let ctx = self.params.bfv[0].context_at_level(level)?.clone();
         let (mults, scale_out, growth): (Vec<Prepared>, f64, Growth) = match self.params.encoding {
             Encoding::Batch { weight_scale_bits, .. } => {
@@ -438,6 +443,54 @@ impl HeContext {
         }
     }
 
+    /// Measured plaintext coefficients (key holder only): the largest
+    /// |coefficient| over all ciphertexts against the limit p/2 (batch: the
+    /// largest |slot value · scale| against T/2), and for the fractional
+    /// encoding the decode error that wrapped coefficients could be causing:
+    /// positions whose measured maximum exceeds p/4 are counted as possibly
+    /// wrapped. Unlike the worst-case bound this reflects the actual data.
+    pub fn measure_coefficients(&self, t: &CipherTensor) -> Result<(f64, f64, f64)> {
+        let sk = self.secret()?;
+        self.check(t)?;
+        let par = &self.params;
+        let limit = par.plaintext_product() as f64 / 2.0;
+        let elems: Vec<&Element> = t.data.iter().collect();
+        match par.encoding {
+            Encoding::Fractional { base, .. } => {
+                let p = par.p[0];
+                let per_elem: Vec<Vec<f64>> = elems
+                    .par_iter()
+                    .map(|e| {
+                        let pt = sk[0].try_decrypt(&e[0])?;
+                        let c = Vec::<u64>::try_decode(&pt, FheEncoding::poly())?;
+                        Ok(c.iter().map(|&x| centre(x, p).unsigned_abs() as f64).collect())
+                    })
+                    .collect::<Result<_>>()?;
+                let mut maxes = vec![0.0f64; par.m];
+                for v in &per_elem {
+                    for (a, &b) in maxes.iter_mut().zip(v) {
+                        *a = a.max(b);
+                    }
+                }
+                let m = par.m;
+                let b = base as f64;
+                let mut risk = 0.0;
+                for (i, &x) in maxes.iter().enumerate() {
+                    if x > p as f64 / 4.0 {
+                        let w = if i < m / 2 { b.powi(i as i32) } else { b.powi(-((m - i) as i32)) };
+                        risk += (p as f64 / 2.0) * w;
+                    }
+                }
+                Ok((maxes.iter().cloned().fold(0.0, f64::max), limit, risk))
+            }
+            Encoding::Batch { .. } => {
+                let d = self.decrypt(t)?;
+                let mx = d.iter().map(|v| (v * t.scale).abs()).fold(0.0, f64::max);
+                Ok((mx, limit, if mx > limit / 2.0 { f64::INFINITY } else { 0.0 }))
+            }
+        }
+    }
+
     /// Decrypts and encrypts afresh (key holder only): a full noise budget and,
     /// in the batch encoding, the input scale again.
     pub fn rencrypt(&self, x: &CipherTensor) -> Result<CipherTensor> {
@@ -446,3 +499,216 @@ impl HeContext {
     }
 }
 
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::he::params::ParametersRequest;
+    use ndarray::ArrayD;
+    use rand::Rng;
+
+    pub(crate) const FRAC: Encoding = Encoding::Fractional { base: 2, int_digits: 64, frac_digits: 32 };
+    pub(crate) const BATCH: Encoding = Encoding::Batch { scale_bits: 16, weight_scale_bits: 8 };
+
+    /// A keyed context.
+    pub(crate) fn make(m: usize, p: Vec<u64>, encoding: Encoding, sizes: Option<Vec<usize>>) -> HeContext {
+        let n = p.len().max(1);
+        make_n(m, p, n, encoding, sizes)
+    }
+
+    pub(crate) fn make_n(m: usize, p: Vec<u64>, n: usize, encoding: Encoding, sizes: Option<Vec<usize>>) -> HeContext {
+        let req = ParametersRequest { m, p, n_plaintext_moduli: n, sec: 128, encoding, moduli_sizes: sizes };
+        let mut ctx = HeContext::new(req.build().expect("parameters"));
+        ctx.keygen().expect("keygen");
+        ctx
+    }
+
+    pub(crate) fn random(shape: &[usize], lo: f64, hi: f64) -> ArrayD<f64> {
+        let mut rng = rand::rng();
+        ArrayD::from_shape_fn(IxDyn(shape), |_| rng.random_range(lo..hi))
+    }
+
+    fn max_err(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
+        assert_eq!(a.shape(), b.shape());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn fractional_round_trip() {
+        let ctx = make(2048, vec![65537], FRAC, None);
+        let x = random(&[2, 3], -1000.0, 1000.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        assert_eq!(t.shape(), vec![2, 3]);
+        assert!(max_err(&ctx.decrypt(&t).unwrap(), &x) <= 2f64.powi(-32));
+        // Integers are exact, including 0 and negative values.
+        let ints = ArrayD::from_shape_vec(IxDyn(&[5]), vec![0.0, 1.0, -1.0, 123456789.0, -987654321.0]).unwrap();
+        let t = ctx.encrypt(ints.view()).unwrap();
+        assert_eq!(ctx.decrypt(&t).unwrap(), ints);
+    }
+
+    #[test]
+    fn batch_round_trip() {
+        let ctx = make(2048, vec![], BATCH, None);
+        let x = random(&[7, 2, 2], -100.0, 100.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        assert_eq!(t.shape(), vec![7, 2, 2]);
+        assert_eq!(t.data.len(), 4);
+        assert!(max_err(&ctx.decrypt(&t).unwrap(), &x) <= 0.5 / 65536.0 + 1e-12);
+        // A full batch of m images.
+        let x = random(&[2048, 1], -1.0, 1.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        assert!(max_err(&ctx.decrypt(&t).unwrap(), &x) <= 0.5 / 65536.0 + 1e-12);
+        let too_many = random(&[2049, 1], -1.0, 1.0);
+        assert!(matches!(ctx.encrypt(too_many.view()), Err(HeError::Value(_))));
+    }
+
+    #[test]
+    fn crt_three_plaintext_moduli() {
+        let ctx = make_n(4096, vec![], 3, BATCH, None);
+        let p = &ctx.params.p;
+        assert_eq!(p.len(), 3);
+        let t_bits: f64 = p.iter().map(|&x| (x as f64).log2()).sum();
+        assert!(t_bits > 90.0, "{p:?}");
+        // Values far beyond one modulus: k · 2^10 at scale 2^16 = k · 2^26, exact in f64.
+        let mut rng = rand::rng();
+        let x = ArrayD::from_shape_fn(IxDyn(&[5, 3]), |_| (rng.random_range(-(1i64 << 40)..(1i64 << 40)) as f64) * 1024.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        assert_eq!(t.n_ciphertexts(), 9);
+        assert_eq!(ctx.decrypt(&t).unwrap(), x);
+        // A scalar product pushes values past every single modulus.
+        let y = random(&[5, 3], -1000.0, 1000.0);
+        let t = ctx.encrypt(y.view()).unwrap();
+        let w = ArrayD::from_elem(IxDyn(&[]), -1000.0);
+        let prod = t.mul_plain(&w).unwrap();
+        let d = ctx.decrypt(&prod).unwrap();
+        let expect = y.mapv(|v| ((v * 65536.0).round() / 65536.0) * -1000.0);
+        assert!(max_err(&d, &expect) < 1e-6, "{}", max_err(&d, &expect));
+        // And a square (relinearized per component).
+        let sq = ctx.square(&t).unwrap();
+        let expect = y.mapv(|v| ((v * 65536.0).round() / 65536.0).powi(2));
+        assert!(max_err(&ctx.decrypt(&sq).unwrap(), &expect) < 1e-6);
+    }
+
+    #[test]
+    fn square_at_2048_fractional() {
+        let ctx = make(2048, vec![65537], FRAC, None);
+        assert!(ctx.params.moduli.len() >= 3, "m=2048 needs small primes for one square: {:?}", ctx.params.moduli);
+        let x = random(&[1, 6], -10.0, 10.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let fresh = ctx.noise_budget(&t).unwrap();
+        let s = ctx.square(&t).unwrap();
+        let after = ctx.noise_budget(&s).unwrap();
+        assert!(after > 0 && after < fresh, "{fresh} → {after}");
+        assert!(max_err(&ctx.decrypt(&s).unwrap(), &x.mapv(|v| v * v)) < 1e-7);
+    }
+
+    #[test]
+    fn two_squares_at_8192() {
+        let ctx = make(8192, vec![953983721], FRAC, None);
+        let x = random(&[1, 2], -3.0, 3.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let s = ctx.square(&ctx.square(&t).unwrap()).unwrap();
+        assert!(ctx.noise_budget(&s).unwrap() > 0);
+        assert!(max_err(&ctx.decrypt(&s).unwrap(), &x.mapv(|v| v.powi(4))) < 1e-6);
+    }
+
+    #[test]
+    fn polynomials_mix_levels() {
+        // x and x² live at different levels once products switch down.
+        let ctx = make(4096, vec![953983721], FRAC, None);
+        let x = random(&[1, 3], -2.0, 2.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let y = ctx.polynomial(&t, &[0.1, 0.5, 0.25]).unwrap();
+        assert!(max_err(&ctx.decrypt(&y).unwrap(), &x.mapv(|v| 0.1 + 0.5 * v + 0.25 * v * v)) < 1e-6);
+        let batch = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+        let ctx = make(8192, vec![], batch, None);
+        let x = random(&[4, 2], -2.0, 2.0);
+        let q = x.mapv(|v| (v * 256.0).round() / 256.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let y = ctx.polynomial(&t, &[0.0, -1.0, 0.0, 0.5]).unwrap();
+        assert!(max_err(&ctx.decrypt(&y).unwrap(), &q.mapv(|v| -v + 0.5 * v.powi(3))) < 1e-9);
+        assert!(t.switch_to_level(1).unwrap().switch_to_level(0).is_err());
+    }
+
+    #[test]
+    fn noise_budget_falls_then_exhausts() {
+        let ctx = make(4096, vec![953983721], FRAC, None);
+        let x = random(&[1, 2], -2.0, 2.0);
+        let mut t = ctx.encrypt(x.view()).unwrap();
+        let mut expect = x.clone();
+        let mut last = ctx.noise_budget(&t).unwrap();
+        assert!(last > 40);
+        let mut exhausted = false;
+        for _ in 0..4 {
+            t = ctx.square(&t).unwrap();
+            expect.mapv_inplace(|v| v * v);
+            let b = ctx.noise_budget(&t).unwrap();
+            assert!(b < last, "budget must fall with every product: {last} → {b}");
+            last = b;
+            match ctx.decrypt(&t) {
+                Ok(d) => {
+                    assert!(b > 0);
+                    assert!(max_err(&d, &expect) < 1e-3 * expect.iter().fold(1.0, |a, v| f64::max(a, v.abs())));
+                }
+                Err(HeError::NoiseBudgetExhausted(msg)) => {
+                    assert!(b <= 0, "{b}");
+                    assert!(msg.contains("noise budget"));
+                    exhausted = true;
+                    break;
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(exhausted, "4 squares at m=4096 must exhaust the budget");
+        assert!(matches!(ctx.rencrypt(&t), Err(HeError::NoiseBudgetExhausted(_))));
+    }
+
+    #[test]
+    fn plaintext_products_cost_budget_too() {
+        let ctx = make(2048, vec![], BATCH, None);
+        let x = random(&[3, 2], -1.0, 1.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let b0 = ctx.noise_budget(&t).unwrap();
+        let w = ArrayD::from_elem(IxDyn(&[]), 0.75);
+        let t1 = t.mul_plain(&w).unwrap();
+        let b1 = ctx.noise_budget(&t1).unwrap();
+        assert!(b1 < b0, "{b0} → {b1}");
+    }
+
+    #[test]
+    fn public_context_computes_but_cannot_decrypt() {
+        let client = make(2048, vec![65537], FRAC, None);
+        let blob = crate::he::serialize::public_context_to_bytes(&client).unwrap();
+        let server = crate::he::serialize::context_from_bytes(&blob, false).unwrap();
+        assert!(!server.has_secret_key());
+        assert_eq!(server.key_id().unwrap(), client.key_id().unwrap());
+        let x = random(&[1, 3], -4.0, 4.0);
+        let t = client.encrypt(x.view()).unwrap();
+        let on_server = crate::he::serialize::tensor_from_bytes(&crate::he::serialize::tensor_to_bytes(&t), &server).unwrap();
+        let sq = server.square(&on_server).unwrap();
+        let w = ArrayD::from_shape_vec(IxDyn(&[3]), vec![0.5, -2.0, 1.25]).unwrap();
+        let y = sq.mul_plain(&w).unwrap().add_plain(&ArrayD::from_elem(IxDyn(&[]), 1.5)).unwrap();
+        assert!(matches!(server.decrypt(&y), Err(HeError::SecretKeyRequired(_))));
+        assert!(matches!(server.noise_budget(&y), Err(HeError::SecretKeyRequired(_))));
+        assert!(matches!(server.rencrypt(&y), Err(HeError::SecretKeyRequired(_))));
+        // The server's encryptions use the public key; the client decrypts everything.
+        let back = crate::he::serialize::tensor_from_bytes(&crate::he::serialize::tensor_to_bytes(&y), &client).unwrap();
+        let expect = ndarray::Array::from_shape_fn(IxDyn(&[1, 3]), |i| x[[0, i[1]]].powi(2) * w[[i[1]]] + 1.5);
+        assert!(max_err(&client.decrypt(&back).unwrap(), &expect) < 1e-7);
+        let pk = server.encrypt(x.view()).unwrap();
+        let back = crate::he::serialize::tensor_from_bytes(&crate::he::serialize::tensor_to_bytes(&pk), &client).unwrap();
+        assert!(max_err(&client.decrypt(&back).unwrap(), &x) <= 2f64.powi(-32));
+    }
+
+    #[test]
+    fn foreign_tensors_are_refused() {
+        let a = make(2048, vec![65537], FRAC, None);
+        let b = make(2048, vec![65537], FRAC, None);
+        let x = random(&[1, 2], -1.0, 1.0);
+        let ta = a.encrypt(x.view()).unwrap();
+        assert!(b.decrypt(&ta).is_err());
+        assert!(b.square(&ta).is_err());
+        let tb = b.encrypt(x.view()).unwrap();
+        assert!(ta.add(&tb).is_err());
+    }
+}

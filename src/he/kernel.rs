@@ -98,6 +98,21 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Prepared], par: &Arc<BfvParamete
         rows.push(r);
     }
     let mut parts = Vec::with_capacity(nparts);
+    // One integer multiplier (a tensor times a number): a copy multiplied in
+    // place by fhe-math's vectorized Shoup product, no accumulator.
+    if let [k] = terms[..] {
+        if let Prepared::Scalar(r) = ws[k] {
+            for part in 0..nparts {
+                let mut out = cts[k][part].coefficients().to_owned();
+                for (j, mut row) in out.outer_iter_mut().enumerate() {
+                    let row = row.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
+                    moduli[j].scalar_mul_vec(row, r[j]);
+                }
+                parts.push(Poly::try_convert_from(out, &ctx, true, Representation::Ntt)?);
+            }
+            return Ok(Ciphertext::new(parts, par)?);
+        }
+    }
     // The accumulator covers a chunk of coefficients so that it stays in L1
     // cache while every term streams through it once.
     const CHUNK: usize = 256;
@@ -206,6 +221,10 @@ mod tests {
         let prepared: Vec<Prepared> = wints.iter().map(|&w| Prepared::scalar(w, &c0)).collect();
         let ws: Vec<&Prepared> = prepared.iter().collect();
         let got = assert_matches_naive(&cts, &ws, &par);
+        // The single-scalar fast path (a tensor times a number) agrees too.
+        for k in 0..3 {
+            assert_matches_naive(&cts[k..k + 1], &ws[k..k + 1], &par);
+        }
         // Decrypted: the same as summing the slot vectors with the weights mod t.
         let sk = &ctx.secret().unwrap()[0];
         let slots = |ct: &Ciphertext| Vec::<u64>::try_decode(&sk.try_decrypt(ct).unwrap(), FheEncoding::simd()).unwrap();

@@ -214,7 +214,11 @@ fn nearest_batch_primes(m: usize, p: u64, limit: u64) -> Vec<u64> {
 /// the standard allows, at least two primes (three from m=4096), the first one
 /// large enough to exceed the largest plaintext modulus.
 fn default_moduli_sizes(m: usize, budget: usize, p_bits: usize) -> Vec<usize> {
-    let min_count = if m >= 4096 { 3 } else { 2 };
+    // fhe.rs relinearizes with an RNS decomposition (no special prime): its
+    // noise grows with the size of each prime. At m=2048 two 27-bit primes
+    // leave no budget after one square; three 18-bit primes leave a few bits
+    // (for p ≤ 17 bits; larger p falls back to two primes below).
+    let min_count = if m >= 4096 || (m == 2048 && p_bits > 0) { 3 } else { 2 };
     let mut count = min_count.max(budget.div_ceil(MAX_PRIME_BITS));
     // fhe.rs needs p below every ciphertext prime: fewer, larger primes for a large p.
     while count > 1 && budget / count < p_bits + 1 {
@@ -312,6 +316,15 @@ impl ParametersRequest {
                     )));
                 }
                 let mut s = default_moduli_sizes(self.m, budget, p_bits);
+                // The smallest prime must exceed 2p (see the check below): use
+                // fewer, larger primes when the ones generated are too small.
+                let p_max = self.p.iter().copied().max().unwrap_or(0);
+                while s.len() > 2
+                    && generate_moduli(&s, self.m).map_or(true, |q| q.iter().copied().min().unwrap_or(0) / 2 <= p_max)
+                {
+                    let count = s.len() - 1;
+                    s = (0..count).map(|i| (budget / count + usize::from(i < budget % count)).min(62)).collect();
+                }
                 if s.len() < 2 && self.m > 1024 {
                     return Err(HeError::Parameter(format!(
                         "p has {p_bits} bits, but m={} at {}-bit security allows q of {budget} bits, which must hold two primes larger than p: choose p below 2^{} or a larger m",
@@ -330,9 +343,9 @@ impl ParametersRequest {
         let q0 = moduli.iter().copied().min().unwrap_or(0);
 
         let p = if self.p.is_empty() {
-            // Only batch reaches here: the largest valid primes below the smallest
-            // ciphertext prime and 2^40, with one bit of headroom: fhe.rs's fresh
-            // noise jumps by ~40 bits at m=2048 when t is within a bit of q_i.
+            // Only batch reaches here: the largest valid primes below half the
+            // smallest ciphertext prime (fhe.rs decrypts wrongly from p ≈ 2q/3,
+            // see the check below) and below 2^40.
             let limit = (q0 / 2).min(1u64 << AUTO_PLAINTEXT_BITS);
             let found = batch_primes_below(self.m, limit, self.n_plaintext_moduli);
             if found.len() < self.n_plaintext_moduli {
@@ -349,10 +362,15 @@ impl ParametersRequest {
         };
 
         for (i, &pi) in p.iter().enumerate() {
-            if pi >= q0 {
+            // fhe.rs decrypts by scaling into the first ciphertext prime q and
+            // reducing v + p mod q, then mod p: that is wrong as soon as
+            // p/2 + p ≥ q (measured: every batch decryption fails from
+            // p ≈ 0.67·q). Keep p below q/2.
+            if pi >= q0 / 2 {
                 return Err(HeError::Parameter(format!(
-                    "p={pi} must be smaller than every ciphertext prime (the smallest is {q0}, {} bits): fhe.rs decrypts wrongly otherwise; choose a smaller p or larger moduli",
-                    bits(q0)
+                    "p={pi} must be smaller than half of every ciphertext prime (the smallest is {q0}, {} bits; p < {}): fhe.rs decrypts wrongly otherwise; choose a smaller p or larger moduli",
+                    bits(q0),
+                    q0 / 2
                 )));
             }
             if moduli.contains(&pi) {
@@ -364,9 +382,10 @@ impl ParametersRequest {
             if let Encoding::Batch { .. } = self.encoding {
                 if !is_prime(pi) || pi % (2 * self.m as u64) != 1 {
                     return Err(HeError::Parameter(format!(
-                        "the batch encoding needs a prime p ≡ 1 mod {} (2m) below q0={q0}; {pi} is not one. Nearest valid primes: {:?}",
+                        "the batch encoding needs a prime p ≡ 1 mod {} (2m) below q0/2={}; {pi} is not one. Nearest valid primes: {:?}",
                         2 * self.m,
-                        nearest_batch_primes(self.m, pi, q0)
+                        q0 / 2,
+                        nearest_batch_primes(self.m, pi, q0 / 2)
                     )));
                 }
             }
@@ -497,6 +516,61 @@ mod tests {
         r.n_plaintext_moduli = 3;
         let p = r.build().unwrap();
         assert_eq!(p.p.len(), 3);
+    }
+
+    #[test]
+    fn m2048_gets_three_primes_for_a_17_bit_p() {
+        let p = req(2048, vec![65537], 128, FRAC).build().unwrap();
+        assert_eq!(p.moduli.len(), 3, "{:?}", p.moduli);
+        assert!(p.moduli.iter().all(|&q| q / 2 > 65537));
+        // A p too large for three primes falls back to two, still below q/2.
+        let p = req(2048, vec![131071], 128, FRAC).build().unwrap();
+        assert_eq!(p.moduli.len(), 2, "{:?}", p.moduli);
+        // The automatic batch prime keeps the large plaintext space of two primes.
+        let p = req(2048, vec![], 128, BATCH).build().unwrap();
+        assert_eq!(p.moduli.len(), 2);
+        assert!(p.p[0] > 1 << 25);
+    }
+
+    #[test]
+    fn p_must_stay_below_half_of_every_prime() {
+        let sizes = Some(vec![27, 27]);
+        let probe = ParametersRequest { moduli_sizes: sizes.clone(), ..req(2048, vec![], 128, BATCH) }.build().unwrap();
+        let q0 = *probe.moduli.iter().min().unwrap();
+        assert!(probe.p[0] < q0 / 2);
+        for frac in [0.55, 0.7, 0.9] {
+            let p = batch_primes_below(2048, (q0 as f64 * frac) as u64, 1)[0];
+            let e = ParametersRequest { moduli_sizes: sizes.clone(), ..req(2048, vec![p], 128, BATCH) }.build().unwrap_err();
+            assert!(matches!(e, HeError::Parameter(_)));
+            assert!(e.to_string().contains("half"), "{e}");
+        }
+        // The primes an error message suggests are valid.
+        let e = req(4096, vec![40961 + 2], 128, BATCH).build().unwrap_err().to_string();
+        let list = e.split("Nearest valid primes: [").nth(1).unwrap().trim_end_matches(']');
+        for q in list.split(", ").map(|x| x.parse::<u64>().unwrap()) {
+            req(4096, vec![q], 128, BATCH).build().unwrap_or_else(|e| panic!("suggested {q}: {e}"));
+        }
+    }
+
+    /// Why p < q/2: fhe.rs reduces the scaled phase v + t modulo the first
+    /// prime q before reducing modulo t, which goes wrong once 3t/2 ≥ q.
+    #[test]
+    fn fhe_rs_decrypts_wrongly_from_two_thirds_of_q() {
+        use fhe::bfv::{Encoding as E, Plaintext, SecretKey};
+        use fhe_traits::{FheDecoder, FheDecrypter, FheEncoder, FheEncrypter};
+        let moduli = generate_moduli(&[27, 27], 2048).unwrap();
+        let q0 = moduli[0];
+        let mut rng = rand::rng();
+        for (frac, ok) in [(0.45, true), (0.6, true), (0.75, false)] {
+            let t = batch_primes_below(2048, (q0 as f64 * frac) as u64, 1)[0];
+            let par = BfvParametersBuilder::new().set_degree(2048).set_plaintext_modulus(t).set_moduli(&moduli).build_arc().unwrap();
+            let sk = SecretKey::random(&par, &mut rng);
+            let v: Vec<u64> = (0..2048u64).map(|i| (i * 2654435761) % t).collect();
+            let pt = Plaintext::try_encode(&v[..], E::simd(), &par).unwrap();
+            let ct = sk.try_encrypt(&pt, &mut rng).unwrap();
+            let back = Vec::<u64>::try_decode(&sk.try_decrypt(&ct).unwrap(), E::simd()).unwrap();
+            assert_eq!(back == v, ok, "t = {frac}·q0");
+        }
     }
 
     #[test]

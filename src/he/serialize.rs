@@ -418,9 +418,191 @@ pub fn context_from_bytes(data: &[u8], allow_secret: bool) -> Result<HeContext> 
         None
     };
     r.done()?;
-    let keys = Keys::new(secret, pks, rks, params.levels())?;
+    let keys = Keys::new(secret, pks, rks, params.levels())
+        .map_err(|e| HeError::Format(format!("invalid relinearization keys: {e}")))?;
     if keys.key_id != f.key_id {
         return Err(HeError::Format("the key id does not match the keys in the blob".into()));
     }
     Ok(HeContext { params, keys: Some(keys) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::he::context::tests::{make, make_n, random, BATCH, FRAC};
+    use rand::Rng;
+
+    fn is_format<T>(r: Result<T>) -> bool {
+        matches!(r, Err(HeError::Format(ref m)) if !m.is_empty())
+    }
+
+    /// Re-frames a payload with a valid checksum: what a forger (not a bit flip) produces.
+    fn reframe(blob: &[u8], payload: &[u8]) -> Vec<u8> {
+        let f = open_frame(blob).unwrap();
+        frame(f.kind, &f.fingerprint, &f.key_id, payload)
+    }
+
+    #[test]
+    fn round_trips() {
+        let ctx = make(2048, vec![65537], FRAC, None);
+        let x = random(&[2, 3], -5.0, 5.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let back = tensor_from_bytes(&tensor_to_bytes(&t), &ctx).unwrap();
+        assert_eq!(back.shape(), t.shape());
+        assert_eq!(back.growth, t.growth);
+        assert_eq!(ctx.decrypt(&back).unwrap(), ctx.decrypt(&t).unwrap());
+        // Secret key blob: a new context that decrypts the old ciphertexts.
+        let sk = secret_key_to_bytes(&ctx).unwrap();
+        let ctx2 = context_from_bytes(&sk, true).unwrap();
+        assert!(ctx2.has_secret_key());
+        let again = tensor_from_bytes(&tensor_to_bytes(&t), &ctx2).unwrap();
+        assert_eq!(ctx2.decrypt(&again).unwrap(), ctx.decrypt(&t).unwrap());
+        // Batch with CRT, after switching to the last level.
+        let ctx = make_n(4096, vec![], 2, BATCH, None);
+        let x = random(&[3, 2], -5.0, 5.0);
+        // (Level 1: a single remaining prime leaves no budget at these parameters.)
+        let mut t = ctx.encrypt(x.view()).unwrap();
+        t.data.iter_mut().for_each(|e| e.iter_mut().for_each(|c| c.switch_to_level(1).unwrap()));
+        let blob = tensor_to_bytes(&t);
+        let back = tensor_from_bytes(&blob, &ctx).unwrap();
+        assert_eq!(back.level().unwrap(), 1);
+        assert_eq!(ctx.decrypt(&back).unwrap(), ctx.decrypt(&t).unwrap());
+        let pc = public_context_to_bytes(&ctx).unwrap();
+        let server = context_from_bytes(&pc, false).unwrap();
+        assert!(tensor_from_bytes(&blob, &server).is_ok());
+    }
+
+    #[test]
+    fn every_bit_flip_and_truncation_is_a_format_error() {
+        let ctx = make(1024, vec![257], FRAC, None);
+        let t = ctx.encrypt(random(&[1], -1.0, 1.0).view()).unwrap();
+        let blob = tensor_to_bytes(&t);
+        assert!(blob.len() < 8000, "{}", blob.len());
+        let mut bad = blob.clone();
+        for i in 0..blob.len() * 8 {
+            bad[i / 8] ^= 1 << (i % 8);
+            assert!(is_format(tensor_from_bytes(&bad, &ctx)), "bit {i}");
+            bad[i / 8] ^= 1 << (i % 8);
+        }
+        for n in 0..blob.len() {
+            assert!(is_format(tensor_from_bytes(&blob[..n], &ctx)), "truncated to {n}");
+        }
+        let mut longer = blob.clone();
+        longer.push(0);
+        assert!(is_format(tensor_from_bytes(&longer, &ctx)));
+        assert!(tensor_from_bytes(&blob, &ctx).is_ok());
+    }
+
+    #[test]
+    fn public_context_and_secret_key_flips_sampled() {
+        let ctx = make(1024, vec![257], FRAC, None);
+        let pc = public_context_to_bytes(&ctx).unwrap();
+        let sk = secret_key_to_bytes(&ctx).unwrap();
+        let mut rng = rand::rng();
+        for blob in [&pc, &sk] {
+            let mut bad = blob.clone();
+            for _ in 0..500 {
+                let i = rng.random_range(0..blob.len() * 8);
+                bad[i / 8] ^= 1 << (i % 8);
+                assert!(is_format(context_from_bytes(&bad, true)), "bit {i}");
+                bad[i / 8] ^= 1 << (i % 8);
+            }
+            for _ in 0..200 {
+                let n = rng.random_range(0..blob.len());
+                assert!(is_format(context_from_bytes(&blob[..n], true)));
+            }
+        }
+    }
+
+    #[test]
+    fn forged_payloads_never_panic() {
+        // A valid checksum over a corrupted payload reaches the parsers: every
+        // outcome must be a value, never a panic (Ok is allowed where a change
+        // is still well-formed, e.g. inside ciphertext coefficients).
+        let ctx = make(1024, vec![257], FRAC, None);
+        let t = ctx.encrypt(random(&[2], -1.0, 1.0).view()).unwrap();
+        let blob = tensor_to_bytes(&t);
+        let payload = open_frame(&blob).unwrap().payload.to_vec();
+        let mut rng = rand::rng();
+        let mut errors = 0;
+        let mut p = payload.clone();
+        // Every bit of the metadata and the first ciphertext's framing, then a sample.
+        let positions: Vec<usize> = (0..120 * 8).chain((0..3000).map(|_| rng.random_range(0..payload.len() * 8))).collect();
+        for &i in &positions {
+            p[i / 8] ^= 1 << (i % 8);
+            match tensor_from_bytes(&reframe(&blob, &p), &ctx) {
+                Ok(_) => {}
+                Err(HeError::Format(_)) => errors += 1,
+                Err(e) => panic!("bit {i}: not a format error: {e:?}"),
+            }
+            p[i / 8] ^= 1 << (i % 8);
+        }
+        assert!(errors > 100);
+        // Random bytes, with and without a valid frame.
+        for len in [0usize, 1, 10, 100, 1000, 5000] {
+            let junk: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            assert!(is_format(tensor_from_bytes(&junk, &ctx)));
+            assert!(is_format(context_from_bytes(&junk, true)));
+            assert!(is_format(tensor_from_bytes(&reframe(&blob, &junk), &ctx)));
+            let pc = public_context_to_bytes(&ctx).unwrap();
+            assert!(is_format(context_from_bytes(&reframe(&pc, &junk), true)));
+        }
+        // Huge shapes and counts are refused before allocating.
+        let mut w = Writer(Vec::new());
+        w.u8(0);
+        w.f64(1.0);
+        w.u8(1);
+        w.u32(0);
+        w.u32(3);
+        for d in [1u64 << 40, 1 << 40, 0] {
+            w.u64(d);
+        }
+        w.u32(1);
+        assert!(tensor_from_bytes(&reframe(&blob, &w.0), &ctx).is_err());
+        let mut w = Writer(Vec::new());
+        w.u8(0);
+        w.f64(1.0);
+        w.u8(1);
+        w.u32(0);
+        w.u32(1);
+        w.u64(1 << 20);
+        w.u32(1);
+        assert!(is_format(tensor_from_bytes(&reframe(&blob, &w.0), &ctx)));
+    }
+
+    #[test]
+    fn foreign_blobs_are_refused() {
+        let a = make(2048, vec![65537], FRAC, None);
+        let b = make(2048, vec![65537], FRAC, None);
+        let c = make(2048, vec![40961], FRAC, None);
+        let x = random(&[1, 2], -1.0, 1.0);
+        let blob = tensor_to_bytes(&a.encrypt(x.view()).unwrap());
+        match tensor_from_bytes(&blob, &b) {
+            Err(HeError::Format(m)) => assert!(m.contains("another key"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        match tensor_from_bytes(&blob, &c) {
+            Err(HeError::Format(m)) => assert!(m.contains("parameters"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        let pc = public_context_to_bytes(&a).unwrap();
+        let sk = secret_key_to_bytes(&a).unwrap();
+        assert!(is_format(tensor_from_bytes(&pc, &a)));
+        assert!(is_format(tensor_from_bytes(&sk, &a)));
+        assert!(is_format(context_from_bytes(&blob, false)));
+        assert!(is_format(context_from_bytes(&blob, true)));
+        match context_from_bytes(&sk, false) {
+            Err(HeError::Format(m)) => assert!(m.contains("secret key"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // A public context whose key id was replaced by another's (with a valid checksum).
+        let f = open_frame(&pc).unwrap();
+        let other = b.key_id().unwrap();
+        let forged = frame(Kind::PublicContext, &f.fingerprint, &other, f.payload);
+        assert!(is_format(context_from_bytes(&forged, false)));
+        // A context without keys cannot load tensors or export itself.
+        let keyless = HeContext::new(crate::he::params::HeParameters::from_spec(&a.params.spec()).unwrap());
+        assert!(tensor_from_bytes(&blob, &keyless).is_err());
+        assert!(public_context_to_bytes(&keyless).is_err());
+    }
 }

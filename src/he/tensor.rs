@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use fhe::bfv::{Ciphertext, Encoding as FheEncoding, Plaintext};
 use fhe_math::rq::{traits::TryConvertFrom, Poly, Representation};
-use fhe_traits::{FheDecoder, FheEncoder};
+use fhe_traits::FheEncoder;
 use num_bigint::BigUint;
 use ndarray::{ArrayD, Axis, IxDyn};
 use rayon::prelude::*;
@@ -126,15 +126,19 @@ impl CipherTensor {
     /// Element-wise sum with another tensor of the same shape and scale.
     pub fn add(&self, other: &CipherTensor) -> Result<CipherTensor> {
         self.check_same(other)?;
+        let growth = self.growth.add(&other.growth);
+        self.check_fits(&growth, "add")?;
         let data = self.zip_map(other, |x, y| Ok(x + y))?;
-        Ok(self.with_data(data, self.scale, self.growth.add(&other.growth)))
+        Ok(self.with_data(data, self.scale, growth))
     }
 
     /// Element-wise difference.
     pub fn sub(&self, other: &CipherTensor) -> Result<CipherTensor> {
         self.check_same(other)?;
+        let growth = self.growth.add(&other.growth);
+        self.check_fits(&growth, "subtract")?;
         let data = self.zip_map(other, |x, y| Ok(x - y))?;
-        Ok(self.with_data(data, self.scale, self.growth.add(&other.growth)))
+        Ok(self.with_data(data, self.scale, growth))
     }
 
     /// Negation.
@@ -174,7 +178,26 @@ impl CipherTensor {
             .map(|(e, v)| self.add_constant_element(e, v, level))
             .collect();
         let data = ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
-        Ok(self.with_data(data, self.scale, self.growth.add(&extra)))
+        let growth = self.growth.add(&extra);
+        self.check_fits(&growth, "add")?;
+        Ok(self.with_data(data, self.scale, growth))
+    }
+
+    /// Batch: refuses a result whose values may exceed the plaintext range
+    /// (they would wrap silently). Fractional bounds are reported, not refused.
+    fn check_fits(&self, growth: &Growth, what: &str) -> Result<()> {
+        if let Encoding::Batch { .. } = self.params.encoding {
+            let r = growth.report(self.params.plaintext_product() as f64, 2);
+            if !r.fits() {
+                return Err(HeError::PlaintextOverflow(format!(
+                    "{what}: values may reach {:.3e} at scale {} but the plaintext modulus allows ±{:.3e}; use smaller scales, more plaintext moduli (CRT) or a rencryption",
+                    r.coeff_bound / self.scale,
+                    self.scale,
+                    r.limit / self.scale
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Bound of plain constants added at the current scale.
@@ -211,13 +234,20 @@ impl CipherTensor {
                 let coeffs: Vec<i64> = match par.encoding {
                     Encoding::Batch { .. } => {
                         let ints: Vec<i128> = v.iter().map(|&x| (x * self.scale).round() as i128).collect();
-                        if ints.len() == 1 {
+                        if ints.iter().all(|&x| x == ints[0]) {
                             // A constant over all slots is the constant polynomial.
                             vec![centre(reduce_i128(ints[0], t), t)]
                         } else {
+                            // Values per slot. fhe.rs will not decode a SIMD plaintext as
+                            // a polynomial, but its Δ·m is exact modulo Q for additions
+                            // (the uncentred lift costs noise only in products): take it
+                            // from the sum with a zero ciphertext.
                             let slots: Vec<u64> = ints.iter().map(|&x| reduce_i128(x, t)).collect();
                             let pt = Plaintext::try_encode(&slots[..], FheEncoding::simd_at_level(level), &par.bfv[k])?;
-                            Vec::<u64>::try_decode(&pt, FheEncoding::poly_at_level(level))?.into_iter().map(|c| centre(c, t)).collect()
+                            let ctx = par.bfv[k].context_at_level(level)?;
+                            let zero = Ciphertext::new(vec![Poly::zero(ctx, Representation::Ntt), Poly::zero(ctx, Representation::Ntt)], &par.bfv[k])?;
+                            let sum = &zero + &pt;
+                            return Ok(sum[0].clone());
                         }
                     }
                     Encoding::Fractional { base, int_digits, frac_digits } => {
@@ -262,24 +292,59 @@ impl CipherTensor {
                 "the batch encoding multiplies every image by the same weights: give values without the batch axis (shape of one image)",
             );
         }
-        // An element-wise product is an affine map with one term per element,
-        // over the whole tensor viewed as one image.
-        let total = self.data.len();
-        let flat_shape: Vec<usize> = if self.batch.is_some() { vec![total] } else { vec![1, total] };
-        let flat = self.data.clone().into_shape_with_order(IxDyn(&flat_shape)).map_err(|e| HeError::Value(e.to_string()))?;
-        let tmp = self.with_data(flat, self.scale, self.growth.clone());
+        // One multiplier per distinct value (a scalar times a tensor encodes
+        // once), applied in place of each element: no copy of the tensor.
+        let mut index: HashMap<u64, u32> = HashMap::new();
+        let mut uniq: Vec<f64> = Vec::new();
+        let widx: Vec<u32> = vals
+            .iter()
+            .map(|v| {
+                *index.entry(v[0].to_bits()).or_insert_with(|| {
+                    uniq.push(v[0]);
+                    (uniq.len() - 1) as u32
+                })
+            })
+            .collect();
+        // The growth of an element-wise product is the worst single weight.
         let map = AffineMap {
-            in_shape: vec![total],
-            out_shape: vec![total],
-            terms: (0..total as u32).map(|i| vec![(i, i)]).collect(),
-            weights: vals.iter().map(|v| v[0]).collect(),
+            in_shape: vec![1],
+            out_shape: vec![uniq.len()],
+            terms: (0..uniq.len() as u32).map(|u| vec![(0, u)]).collect(),
+            weights: uniq,
             divisor: 1.0,
             bias: vec![],
         };
-        let prepared = tmp.prepare(&map, self.level()?)?;
-        let out = tmp.apply_affine(&map, &prepared, "multiply")?;
-        let data = out.data.into_shape_with_order(IxDyn(self.data.shape())).map_err(|e| HeError::Value(e.to_string()))?;
-        Ok(self.with_data(data, out.scale, out.growth))
+        let (scale_out, weight_factor) = match self.params.encoding {
+            Encoding::Batch { weight_scale_bits, .. } => {
+                let f = (weight_scale_bits as f64).exp2();
+                (self.scale * f, f)
+            }
+            Encoding::Fractional { .. } => (1.0, 1.0),
+        };
+        let growth = self.affine_growth(&map, scale_out, weight_factor)?;
+        if let Encoding::Batch { .. } = self.params.encoding {
+            let report = growth.report(self.params.plaintext_product() as f64, 2);
+            if !report.fits() {
+                return Err(HeError::PlaintextOverflow(format!(
+                    "multiply: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}; use smaller scale_bits/weight_scale_bits, more plaintext moduli (CRT) or a rencryption before this layer",
+                    report.coeff_bound, report.limit
+                )));
+            }
+        }
+        let prepared = prepare_weights(&self.params, &map, self.level()?)?;
+        let elems: Vec<&Element> = self.data.iter().collect();
+        let out: Result<Vec<Element>> = elems
+            .par_iter()
+            .zip(widx.par_iter())
+            .map(|(e, &u)| {
+                e.iter()
+                    .enumerate()
+                    .map(|(k, ct)| weighted_sum(&[ct], &[&prepared[u as usize]], &self.params.bfv[k]))
+                    .collect()
+            })
+            .collect();
+        let data = ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(self.with_data(data, scale_out, growth))
     }
 
     /// Index of the first axis of one image in `data`: 1 for fractional
@@ -527,7 +592,23 @@ impl CipherTensor {
 
     /// Switches every ciphertext down to the last modulus (smallest to send).
     pub fn switch_to_last_level(&self) -> Result<CipherTensor> {
-        let last = self.params.levels() - 1;
+        self.switch_to_level(self.params.levels() - 1)
+    }
+
+    /// Switches every ciphertext down to `level` (a no-op at that level; an
+    /// error above the current one: ciphertexts only switch down).
+    pub fn switch_to_level(&self, level: usize) -> Result<CipherTensor> {
+        let current = self.level()?;
+        if level == current {
+            return Ok(self.clone());
+        }
+        if level < current || level >= self.params.levels() {
+            return value_err(format!(
+                "cannot switch ciphertexts at level {current} to level {level}: levels run from {current} down to {}",
+                self.params.levels() - 1
+            ));
+        }
+        let last = level;
         let out: Result<Vec<Element>> = self
             .data
             .iter()
@@ -593,4 +674,85 @@ pub fn prepare_weights(params: &HeParameters, map: &AffineMap, level: usize) -> 
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::he::context::tests::{make, random, BATCH, FRAC};
+    use ndarray::{ArrayD, IxDyn};
+
+    fn quant(x: f64, bits: i32) -> f64 {
+        (x * 2f64.powi(bits)).round() / 2f64.powi(bits)
+    }
+
+    #[test]
+    fn batch_constants_scalar_and_per_image() {
+        let ctx = make(2048, vec![], BATCH, None);
+        let x = random(&[3, 2], -1.0, 1.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        // A scalar (the same in every slot).
+        let d = ctx.decrypt(&t.add_plain(&ArrayD::from_elem(IxDyn(&[]), 0.5)).unwrap()).unwrap();
+        for (a, b) in d.iter().zip(x.iter()) {
+            assert_eq!(*a, quant(*b, 16) + 0.5);
+        }
+        // Different values per image (slot).
+        let v = ArrayD::from_shape_vec(IxDyn(&[3, 1]), vec![1.0, -2.0, 3.25]).unwrap();
+        let d = ctx.decrypt(&t.add_plain(&v).unwrap()).unwrap();
+        for i in 0..3 {
+            for j in 0..2 {
+                assert_eq!(d[[i, j]], quant(x[[i, j]], 16) + v[[i, 0]]);
+            }
+        }
+        // After a product: the constant goes in at the product's scale (2^24:
+        // p ≈ 2^26 leaves ±2 here; 3.25 would wrap and is refused).
+        let w = ArrayD::from_elem(IxDyn(&[]), -0.5);
+        let s = t.mul_plain(&w).unwrap();
+        assert!(matches!(s.add_plain(&v), Err(crate::he::HeError::PlaintextOverflow(_))));
+        let v = v.mapv(|a| a / 4.0);
+        let d = ctx.decrypt(&s.add_plain(&v).unwrap()).unwrap();
+        for i in 0..3 {
+            for j in 0..2 {
+                assert_eq!(d[[i, j]], quant(x[[i, j]], 16) * -0.5 + v[[i, 0]]);
+            }
+        }
+        let budget = ctx.noise_budget(&t.add_plain(&v).unwrap()).unwrap();
+        // Sums are bounded too.
+        let big = ctx.encrypt(ArrayD::from_elem(IxDyn(&[2, 1]), 100.0).view()).unwrap();
+        assert!(big.add(&big).is_ok());
+        let mut s = big.clone();
+        let mut refused = false;
+        for _ in 0..10 {
+            match s.add(&s) {
+                Ok(n) => s = n,
+                Err(crate::he::HeError::PlaintextOverflow(_)) => {
+                    refused = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused);
+        assert!(budget >= ctx.noise_budget(&t).unwrap() - 1, "adding a constant must cost (almost) no budget");
+    }
+
+    #[test]
+    fn fractional_constants() {
+        let ctx = make(2048, vec![65537], FRAC, None);
+        let x = random(&[2, 2], -4.0, 4.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let v = ArrayD::from_shape_vec(IxDyn(&[2]), vec![-1.75, 1e6]).unwrap();
+        let d = ctx.decrypt(&t.add_plain(&v).unwrap()).unwrap();
+        for i in 0..2 {
+            for j in 0..2 {
+                assert!((d[[i, j]] - (x[[i, j]] + v[[j]])).abs() < 1e-8);
+            }
+        }
+        let sq = ctx.square(&t).unwrap();
+        let d = ctx.decrypt(&sq.add_plain(&v).unwrap()).unwrap();
+        for i in 0..2 {
+            for j in 0..2 {
+                assert!((d[[i, j]] - (x[[i, j]].powi(2) + v[[j]])).abs() < 1e-7);
+            }
+        }
+    }
 }
