@@ -218,8 +218,6 @@ def test_batch_arithmetic_matches_numpy():
         s + tx
 
 
-@pytest.mark.xfail(reason="CipherTensor lacks __array_ufunc__ = None: numpy treats it as a sequence and "
-                          "returns an object array (fix in src/python/tensor.rs)", strict=False)
 def test_reflected_numpy_operands():
     ctx = ctx_for("fractional", 2048)
     x = RNG.uniform(-5, 5, size=(2, 3))
@@ -439,20 +437,10 @@ def test_good_parameters_and_accessors():
 # indexing, shapes, to_numpy
 
 
-def _scalar_inputs_promoted() -> bool:
-    c = keyed(m=1024, p=257, encoding="fractional")
-    return c.encrypt(np.float64(1.0)).shape != ()
 
 
-SCALAR_BUG = _scalar_inputs_promoted()
-scalar_bug = pytest.mark.xfail(
-    SCALAR_BUG, strict=True,
-    reason="as_f64_array (src/python/context.rs) uses np.ascontiguousarray, which turns 0-d inputs into shape "
-           "(1,): Context.encrypt(2.5) is not a PyCtxt and PyCtxt ± number fails to broadcast [1] to []; "
-           "np.asarray(x, dtype='float64', order='C') keeps 0-d")
 
 
-@scalar_bug
 def test_scalar_ciphertexts():
     ctx = ctx_for("fractional", 2048)
     c = ctx.encrypt(2.5)
@@ -565,9 +553,6 @@ def test_pickle_context_and_tensor():
     assert not pub.has_secret_key and pub.key_id == ctx.key_id
 
 
-@pytest.mark.xfail(reason="src/python/context.rs LIVE registry keeps one weakref per key id: a public context "
-                          "with the same key (made later, even if dropped since) replaces the secret-key one, so an "
-                          "unpickled tensor lands where it cannot be decrypted", strict=False)
 def test_unpickled_tensor_prefers_the_secret_key_context():
     ctx = keyed(m=1024, p=257, encoding="fractional")
     t = ctx.encrypt(np.array([1.5, 2.5]))

@@ -70,7 +70,8 @@ class Pyfhel:
         """Makes the context. ``flagBatching=True`` selects the batch (SIMD) encoding,
         whose ``p`` must be a prime ≡ 1 mod 2m (``p=None`` lets the engine pick)."""
         if flagBatching:
-            self.context = Context(m=m, p=p, sec=sec, encoding="batch")
+            # Pyfhel's batching encoded integers: no fixed-point scaling.
+            self.context = Context(m=m, p=p, sec=sec, encoding="batch", scale_bits=0, weight_scale_bits=0)
         else:
             self.context = Context(m=m, p=p, sec=sec, encoding="fractional", base=base,
                                    int_digits=intDigits, frac_digits=fracDigits)

@@ -45,7 +45,17 @@ impl PyContext {
             if let Ok(mut g) = LIVE.lock() {
                 let map = g.get_or_insert_with(HashMap::new);
                 map.retain(|_, w| w.bind(slf.py()).upgrade().is_some());
-                map.insert(id, r.unbind());
+                // A live context holding the secret key is never displaced by a
+                // public one with the same key id: unpickled tensors should land
+                // where they can be decrypted.
+                let holder_alive = map
+                    .get(&id)
+                    .and_then(|w| w.bind(slf.py()).upgrade())
+                    .and_then(|o| o.cast_into::<PyContext>().ok())
+                    .is_some_and(|c| c.get().get().has_secret_key());
+                if !holder_alive || slf.get().get().has_secret_key() {
+                    map.insert(id, r.unbind());
+                }
             }
         }
         Ok(())
@@ -378,7 +388,11 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
 /// Any array-like as a float64 numpy array.
 pub fn as_f64_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f64>> {
     let np = x.py().import("numpy")?;
-    let arr = np.call_method1("ascontiguousarray", (x, "float64")).map_err(|e| {
+    // asarray keeps 0-d inputs 0-d (ascontiguousarray would make them 1-d).
+    let kwargs = pyo3::types::PyDict::new(x.py());
+    kwargs.set_item("dtype", "float64")?;
+    kwargs.set_item("order", "C")?;
+    let arr = np.call_method("asarray", (x,), Some(&kwargs)).map_err(|e| {
         HEError::new_err(format!("expected numbers or a numeric array: {e}"))
     })?;
     arr.extract::<PyReadonlyArrayDyn<'py, f64>>().map_err(|e| to_py(crate::he::HeError::Value(e.to_string())))

@@ -196,6 +196,12 @@ impl PyCipherTensor {
         Ok(PyCipherTensor { inner: RwLock::new(Arc::new(t)), ctx })
     }
 
+    /// numpy defers to our reflected operators (`array * tensor` → `tensor.__rmul__`).
+    #[classattr]
+    fn __array_ufunc__(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
     /// Logical shape `(N, ...)`.
     #[getter]
     fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
