@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     use python::{context, errors, layers, pool, tensor};
     let py = m.py();
+    pool::tune_allocator();
     m.add_class::<context::PyContext>()?;
     m.add_class::<tensor::PyCipherTensor>()?;
     m.add_class::<tensor::PyCtxt>()?;

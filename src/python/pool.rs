@@ -40,6 +40,19 @@ pub fn get_num_threads() -> PyResult<usize> {
     Ok(pool()?.current_num_threads())
 }
 
+/// Keeps freed ciphertext buffers in the process. By default glibc serves
+/// allocations above 128 KiB with mmap and returns freed memory to the OS, so
+/// every fresh ciphertext faults its pages in again: measured here, adding
+/// ciphertexts took 106 µs each instead of 40 µs, and products 13–15% longer.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called once at import.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// Runs `f` without the GIL on the engine's pool; errors and panics become Python exceptions.
 pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T> + Send) -> PyResult<T> {
     let pool = pool()?;
