@@ -256,3 +256,15 @@ def test_flag_batching_validates_p():
     auto = Pyfhel()
     auto.contextGen(p=None, m=4096, flagBatching=True)
     assert auto.getp() % 8192 == 1
+
+
+def test_products_of_ciphertexts_at_different_levels():
+    # Every product switches down a modulus level; later products must bring
+    # the other operand down to match (Pyfhel's power, x² · y).
+    he = Pyfhel()
+    he.contextGen(p=65537, m=8192)
+    he.keyGen()
+    c = he.encryptFrac(2.0)
+    assert abs(he.decryptFrac(he.power(c, 3, in_new_ctxt=True)) - 8.0) < 1e-6
+    a, b = he.encryptFrac(1.5), he.encryptFrac(-2.0)
+    assert abs(he.decryptFrac(he.multiply(he.square(a, in_new_ctxt=True), b)) + 4.5) < 1e-6

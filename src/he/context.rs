@@ -326,10 +326,24 @@ impl HeContext {
         if a.shape() != b.shape() {
             return value_err(format!("shapes differ: {:?} and {:?}", a.shape(), b.shape()));
         }
-        let level = a.level()?;
-        if b.level()? != level {
-            return value_err("ciphertexts of a product must be at the same modulus level");
-        }
+        // Products switch down a level: bring the operand that is higher up
+        // to the other's level (x · x² in a polynomial, Pyfhel's power).
+        let level = a.level()?.max(b.level()?);
+        let (a_low, b_low);
+        let (a, b) = (
+            if a.level()? < level {
+                a_low = a.switch_to_level(level)?;
+                &a_low
+            } else {
+                a
+            },
+            if b.level()? < level {
+                b_low = b.switch_to_level(level)?;
+                &b_low
+            } else {
+                b
+            },
+        );
         let growth = a.growth.mul(&b.growth);
         let scale = a.scale * b.scale;
         if let Encoding::Batch { .. } = self.params.encoding {
