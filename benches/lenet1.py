@@ -49,43 +49,11 @@ from pycrcnn.net_builder import build_from_pytorch  # noqa: E402
 MODEL = "LeNet1_Approx_single_square.pt"
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
-        if n % p == 0:
-            return n == p
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d, s = d // 2, s + 1
-    for a in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def batch_primes(m: int, bits: int, count: int) -> list:
-    """The ``count`` largest primes below 2^bits that are ≡ 1 mod 2m."""
-    out, k = [], (2 ** bits - 1) // (2 * m)
-    while len(out) < count:
-        c = k * 2 * m + 1
-        if _is_prime(c):
-            out.append(c)
-        k -= 1
-    return out
-
-
 def make_context(encoding: str) -> Context:
     if encoding == "fractional":
         return Context(m=4096, p=953983721, sec=128, encoding="fractional")
-    return Context(m=4096, p=batch_primes(4096, 24, 3), sec=128, encoding="batch", scale_bits=8, weight_scale_bits=8)
+    return Context(m=4096, p_bits=24, n_plaintext_moduli=3, sec=128, encoding="batch", scale_bits=8,
+                   weight_scale_bits=8)
 
 
 def peak_rss_mb() -> float:

@@ -255,15 +255,6 @@ def poly_bound(ctx, x, coeffs, in_scale):
     return total + c0 + SLACK
 
 
-# Engine bug (reported): since products switch down a modulus level, Context.polynomial combines
-# x (level 0) with x² (level 1) and fails with "ciphertexts of a weighted sum must share size and
-# level" (degree 3: "ciphertexts of a product must be at the same modulus level"). Remove this mark
-# once the engine brings every power to one level.
-ENGINE_POLYNOMIAL_LEVELS = pytest.mark.xfail(raises=HEError, strict=False,
-                                             reason="engine: polynomial powers at different modulus levels")
-
-
-@ENGINE_POLYNOMIAL_LEVELS
 @pytest.mark.parametrize("coeffs", [[0.1, 0.5, 0.25], [0.0, -1.0, 0.125]], ids=["c0b", "noc0"])
 def test_polynomial(ctx, coeffs):
     from pycrcnn.nn import Polynomial
@@ -276,7 +267,6 @@ def test_polynomial(ctx, coeffs):
     check(ctx.decrypt(out), ref, poly_bound(ctx, x, coeffs, 2.0 ** SB), f"Polynomial {coeffs} ({ctx.encoding})")
 
 
-@ENGINE_POLYNOMIAL_LEVELS
 def test_polynomial_degree3_batch():
     """Degree 3 needs two ciphertext products: m=8192 in the batch encoding, small scales."""
     from pycrcnn.nn import Polynomial

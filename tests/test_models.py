@@ -18,9 +18,9 @@ A_|ŵ|(e) + A_|ŵ−w|(|x|) + δb, of a square ≤ e·(2|x| + e), of a pool ≤ 
 The arithmetic on the encoded integers is exact, so the decrypted values must
 lie within that bound of torch's float64 output.
 
-Batch parameters for LeNet-1 (one square): m=4096 (128-bit security),
-plaintext = three CRT primes ≈ 2^24 (≡ 1 mod 8192), scale_bits=8,
-weight_scale_bits=8. The worst-case value bound reaches 6.7e19 ≈ 2^66 < T/2 ≈
+Batch parameters for LeNet-1 (one square): ``Context(m=4096, sec=128,
+encoding="batch", p_bits=24, n_plaintext_moduli=3, scale_bits=8,
+weight_scale_bits=8)`` — plaintext = three CRT primes ≈ 2^24 (≡ 1 mod 8192). The worst-case value bound reaches 6.7e19 ≈ 2^66 < T/2 ≈
 2^71; the noise budget ends at ≈ 13 bits. Larger primes (three ≈ 2^35, the
 engine's default) exhaust the budget in the last layer; two primes do not hold
 2^66 unless the scales drop to 6–7 bits, which costs accuracy (logit errors
@@ -69,41 +69,9 @@ N_BATCH = 100  # digits classified in one batch-mode pass (the cost does not dep
 # helpers
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
-        if n % p == 0:
-            return n == p
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d, s = d // 2, s + 1
-    for a in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def batch_primes(m: int, bits: int, count: int) -> list:
-    """The ``count`` largest primes p < 2^bits with p ≡ 1 mod 2m (valid batch plaintext moduli)."""
-    out, k = [], (2 ** bits - 1) // (2 * m)
-    while len(out) < count:
-        c = k * 2 * m + 1
-        if _is_prime(c):
-            out.append(c)
-        k -= 1
-    return out
-
-
 def lenet_batch_context() -> Context:
-    ctx = Context(m=4096, p=batch_primes(4096, 24, 3), sec=128, encoding="batch", scale_bits=8, weight_scale_bits=8)
+    ctx = Context(m=4096, p_bits=24, n_plaintext_moduli=3, sec=128, encoding="batch", scale_bits=8,
+                  weight_scale_bits=8)
     ctx.keygen()
     return ctx
 
@@ -284,7 +252,7 @@ def test_model_pt_batch(digits):
     path = seed_path("model.pt")
     net = load_torch_model(path)
     s, ws = 10, 12
-    ctx = Context(m=4096, p=batch_primes(4096, 26, 3), sec=128, encoding="batch", scale_bits=s,
+    ctx = Context(m=4096, p_bits=26, n_plaintext_moduli=3, sec=128, encoding="batch", scale_bits=s,
                   weight_scale_bits=ws)
     ctx.keygen()
     x, _ = digits
@@ -341,8 +309,7 @@ def test_cifar_prefixes_batch(name, last, rencrypt):
     net = load_torch_model(path)
     s, ws = 6, 8
     # first segment: conv (worst case |y| ≈ 6.4) → square → pool ≈ 2^35.4 < p/2 with p ≈ 2^37
-    ctx = Context(m=4096, p=batch_primes(4096, 37, 1)[0], sec=128, encoding="batch", scale_bits=s,
-                  weight_scale_bits=ws)
+    ctx = Context(m=4096, p_bits=37, sec=128, encoding="batch", scale_bits=s, weight_scale_bits=ws)
     ctx.keygen()
     x = np.random.default_rng(1).random((4, 3, 32, 32))
     model = build_from_pytorch(ctx, path, rencrypt_positions=rencrypt, layers=range(0, last + 1))

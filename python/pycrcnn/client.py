@@ -5,7 +5,7 @@ Library::
     from pycrcnn import Context, datasets
     from pycrcnn.client import Client
 
-    ctx = Context(m=4096, encoding="batch", scale_bits=8, weight_scale_bits=8, n_plaintext_moduli=3)
+    ctx = Context(m=4096, encoding="batch", scale_bits=8, weight_scale_bits=8, n_plaintext_moduli=3, p_bits=25)
     ctx.keygen()                                  # the secret key stays here
     client = Client("http://127.0.0.1:5000")
     images, labels = datasets.sample_digits(16)

@@ -35,13 +35,12 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -294,20 +293,13 @@ class ModelSpec:
             shape = _layer_output_shape(layer, shape)
         return shape
 
-    def forward_numpy(self, x: np.ndarray, upto: Optional[int] = None, return_all: bool = False):
-        """The plain forward pass in float64 numpy (torch's semantics): the
-        reference when torch is not installed. ``upto`` stops after the layer with
-        that torch index; ``return_all`` gives ``[(index, output), ...]``."""
+    def forward_numpy(self, x: np.ndarray) -> np.ndarray:
+        """The plain forward pass in float64 numpy with torch's semantics: the
+        reference when torch is not installed."""
         y = np.asarray(x, dtype=np.float64)
-        outs = []
         for layer in self.layers:
-            if upto is not None and layer.index > upto:
-                break
-            if not layer.supported:
-                raise layer.error()
             y = _numpy_layer(layer, y)
-            outs.append((layer.index, y))
-        return outs if return_all else y
+        return y
 
     def __repr__(self) -> str:
         body = "\n".join(f"  ({l.index}): {l.type} {_jsonable(l.params)}" for l in self.layers)
@@ -834,14 +826,9 @@ class EncodedModel(list):
         return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if a < b]
 
     def describe(self) -> List[Dict[str, Any]]:
-        """One dict per element: ``index``, ``type``, ``params``."""
-        out = []
-        for layer in self:
-            if layer.spec is None:
-                out.append({"index": layer.torch_index, "type": "Rencryption", "params": {}})
-            else:
-                out.append({"index": layer.torch_index, "type": layer.spec.type, "params": _jsonable(layer.spec.params)})
-        return out
+        """One dict per element: ``index``, ``type``, ``params`` (and ``weight_shape``)."""
+        return [{"index": layer.torch_index, "type": "Rencryption", "params": {}} if layer.spec is None
+                else layer.spec.describe() for layer in self]
 
     def output_shape(self, in_shape: Sequence[int]) -> Tuple[int, ...]:
         """Shape of one output for the shape of one input."""
@@ -962,6 +949,8 @@ def build_from_spec(HE: HEType, spec: Union[ModelSpec, PathLike], layers: Any = 
         spec = load_model_spec(spec)
     if layers is not None:
         spec = spec.select(layers)
+    if not spec.layers:
+        raise HEError(f"{spec.name!r} has no layer to run (only dropped modules such as Dropout/Identity)")
     spec.check_supported()
     positions = spec.rencrypt_positions if rencrypt_positions is None else list(rencrypt_positions)
     return EncodedModel(HE, spec, positions)

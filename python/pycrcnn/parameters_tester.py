@@ -205,7 +205,7 @@ class _Reference:
 
     def step(self, layer: LayerSpec, x: np.ndarray) -> np.ndarray:
         if self.net is None:
-            return self.spec.__class__(layers=[layer]).forward_numpy(x)
+            return ModelSpec(layers=[layer]).forward_numpy(x)
         import torch
 
         with torch.no_grad():
