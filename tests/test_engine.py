@@ -645,3 +645,16 @@ def test_exception_hierarchy():
         CipherTensor.from_bytes(b"nope", ctx_for("batch", 2048))
     with pytest.raises(PlaintextOverflow):
         ctx_for("batch", 2048).encrypt(np.array([[1e9]]))
+
+
+def test_sums_of_tensors_at_different_levels():
+    # A product sits one modulus level lower; adding a fresh tensor to it
+    # brings the fresh one down (SEAL allowed this too).
+    ctx = pycrcnn.Context(m=4096, p=953983721, encoding="fractional")
+    ctx.keygen()
+    x = np.array([[0.5, -1.25]])
+    e = ctx.encrypt(x)
+    s = ctx.square(e)
+    assert s.level > e.level
+    assert np.allclose(ctx.decrypt(s + e), x ** 2 + x, atol=1e-6)
+    assert np.allclose(ctx.decrypt(e - s), x - x ** 2, atol=1e-6)

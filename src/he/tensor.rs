@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use fhe::bfv::{Ciphertext, Encoding as FheEncoding, Plaintext};
@@ -125,20 +126,26 @@ impl CipherTensor {
 
     /// Element-wise sum with another tensor of the same shape and scale.
     pub fn add(&self, other: &CipherTensor) -> Result<CipherTensor> {
-        self.check_same(other)?;
-        let growth = self.growth.add(&other.growth);
-        self.check_fits(&growth, "add")?;
-        let data = self.zip_map(other, |x, y| Ok(x + y))?;
-        Ok(self.with_data(data, self.scale, growth))
+        self.combine(other, "add", |x, y| x + y)
     }
 
     /// Element-wise difference.
     pub fn sub(&self, other: &CipherTensor) -> Result<CipherTensor> {
-        self.check_same(other)?;
-        let growth = self.growth.add(&other.growth);
-        self.check_fits(&growth, "subtract")?;
-        let data = self.zip_map(other, |x, y| Ok(x - y))?;
-        Ok(self.with_data(data, self.scale, growth))
+        self.combine(other, "subtract", |x, y| x - y)
+    }
+
+    /// `f` element-wise, after bringing the operand that sits higher up the
+    /// modulus chain down to the other's level (a product and a fresh
+    /// ciphertext can be added, as in SEAL).
+    fn combine(&self, other: &CipherTensor, what: &str, f: impl Fn(&Ciphertext, &Ciphertext) -> Ciphertext + Sync) -> Result<CipherTensor> {
+        let level = self.level()?.max(other.level()?);
+        let a = if self.level()? < level { Cow::Owned(self.switch_to_level(level)?) } else { Cow::Borrowed(self) };
+        let b = if other.level()? < level { Cow::Owned(other.switch_to_level(level)?) } else { Cow::Borrowed(other) };
+        a.check_same(&b)?;
+        let growth = a.growth.add(&b.growth);
+        a.check_fits(&growth, what)?;
+        let data = a.zip_map(&b, |x, y| Ok(f(x, y)))?;
+        Ok(a.with_data(data, a.scale, growth))
     }
 
     /// Negation.
