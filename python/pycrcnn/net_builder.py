@@ -862,11 +862,13 @@ class EncodedModel(list):
 
             bar = tqdm(total=len(layers), desc=self.spec.name, unit="layer", leave=False)
         try:
+            owned = False  # the caller's tensor is never consumed, our intermediates may be
             for layer in layers:
                 name = layer.name
                 t0 = time.perf_counter()
                 try:
-                    x = layer(x)
+                    x = layer._consume(x) if owned and hasattr(layer, "_consume") else layer(x)
+                    owned = True
                 except HEError as exc:
                     report.append({"index": layer.torch_index, "name": name, "error": str(exc),
                                    "error_type": type(exc).__name__})

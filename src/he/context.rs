@@ -369,6 +369,38 @@ impl HeContext {
         self.multiply(x, x)
     }
 
+    /// Element-wise square that consumes `x`: each input ciphertext is freed
+    /// as soon as its square exists, so the input and the output are never
+    /// both whole in memory (the peak of an encrypted CNN is at its first
+    /// square).
+    pub fn square_consuming(&self, x: CipherTensor) -> Result<CipherTensor> {
+        self.check(&x)?;
+        let level = x.level()?;
+        let growth = x.growth.mul(&x.growth);
+        if let Encoding::Batch { .. } = self.params.encoding {
+            let r = growth.report(self.params.plaintext_product() as f64, 2);
+            if !r.fits() {
+                return Err(HeError::PlaintextOverflow(format!(
+                    "square: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}; use smaller scales, more plaintext moduli or a rencryption",
+                    r.coeff_bound, r.limit
+                )));
+            }
+        }
+        for k in 0..self.params.p.len() {
+            self.multiplicator(k, level)?;
+        }
+        let CipherTensor { data, batch, scale, params, key_id, .. } = x;
+        let shape = data.shape().to_vec();
+        let data = if data.is_standard_layout() { data } else { data.as_standard_layout().into_owned() };
+        let (elems, _) = data.into_raw_vec_and_offset();
+        let out: Vec<Element> = elems
+            .into_par_iter()
+            .map(|e| e.iter().enumerate().map(|(k, c)| Ok(self.multiplicator(k, level)?.multiply(c, c)?)).collect())
+            .collect::<Result<_>>()?;
+        let data = ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(CipherTensor { data, batch, scale: scale * scale, growth, params, key_id })
+    }
+
     /// Σ_k coeffs[k] · x^k element-wise (coefficients lowest degree first).
     pub fn polynomial(&self, x: &CipherTensor, coeffs: &[f64]) -> Result<CipherTensor> {
         self.check(x)?;

@@ -167,6 +167,23 @@ impl PyLayer {
         wrap_tensor(py, out, ctx_obj)
     }
 
+    /// Like calling the layer, but a Square consumes `x` (which is left
+    /// empty): for intermediate results of a model, to halve peak memory.
+    fn _call_consuming(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        if !matches!(*self.layer, Layer::Square) {
+            return self.__call__(py, x);
+        }
+        let tensor = x.cast::<PyCipherTensor>().map_err(|_| HEError::new_err("a layer takes a CipherTensor"))?;
+        let ctx_obj = tensor.get().context_ref().clone_ref(py);
+        let ctx = ctx_obj.bind(py).get().get();
+        if ctx.params.fingerprint != self.ctx.bind(py).get().get().params.fingerprint {
+            return Err(HEError::new_err("the tensor was encrypted under other parameters than the layer's context"));
+        }
+        let t = tensor.get().take();
+        let out = run(py, move || ctx.square_consuming(t))?;
+        wrap_tensor(py, out, ctx_obj)
+    }
+
     /// torch-like name.
     #[getter]
     fn name(&self) -> String {

@@ -30,6 +30,25 @@ impl PyCipherTensor {
         &self.ctx
     }
 
+    /// Takes the tensor out, leaving an empty one of no shape behind (for
+    /// layers that consume intermediate results).
+    pub fn take(&self) -> CipherTensor {
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let empty = CipherTensor {
+            data: ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[0]), vec![]).unwrap_or_else(|_| ndarray::ArrayD::from_elem(ndarray::IxDyn(&[0]), vec![])),
+            batch: g.batch,
+            scale: g.scale,
+            growth: g.growth.clone(),
+            params: g.params.clone(),
+            key_id: g.key_id,
+        };
+        let arc = std::mem::replace(&mut *g, Arc::new(empty));
+        Arc::try_unwrap(arc).unwrap_or_else(|a| (*a).clone())
+    }
+
     /// The tensor.
     pub fn get(&self) -> Arc<CipherTensor> {
         match self.inner.read() {
