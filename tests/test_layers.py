@@ -59,7 +59,15 @@ from pycrcnn.net_builder import (  # noqa: E402
 )
 
 torch.set_num_threads(1)
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64_reference():
+    """float64 torch references for this module only (the default dtype is global)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 FRAC_DELTA = 2.0 ** -32  # truncation error of one fractional encoding (32 fractional digits)
 SLACK = 1e-9  # float64 rounding in decoding and in the reference
@@ -348,7 +356,7 @@ def test_layers_take_the_seeds_object_array(frac):
 def seed_net():
     path = pycrcnn.datasets.shared_dir() / "models" / "pycrcnn-original" / "LeNet1_Approx_single_square.pt"
     if not path.is_file():
-        pytest.skip(f"{path} not found (set PYCRCNN_SHARED)")
+        pytest.fail(f"{path} not found: set PYCRCNN_SHARED to the shared folder")
     return pycrcnn.load_torch_model(path)
 
 

@@ -114,7 +114,7 @@ def batch_error_bound(net, x, s, ws, rencrypt=(), start=0):
 def seed_path(name: str) -> Path:
     p = datasets.shared_dir() / "models" / "pycrcnn-original" / name
     if not p.is_file():
-        pytest.skip(f"{p} not found (set PYCRCNN_SHARED)")
+        pytest.fail(f"{p} not found: set PYCRCNN_SHARED to the shared folder")
     return p
 
 

@@ -15,7 +15,7 @@ use super::error::{value_err, HeError, Result};
 use super::growth::Growth;
 use super::kernel::{weighted_sum, Prepared};
 use super::params::{Encoding, HeParameters};
-use super::tensor::{CipherTensor, Element};
+use super::tensor::{check_fits, CipherTensor, Element};
 
 /// The keys of a context. `secret` is `None` on a server.
 pub struct Keys {
@@ -346,15 +346,7 @@ impl HeContext {
         );
         let growth = a.growth.mul(&b.growth);
         let scale = a.scale * b.scale;
-        if let Encoding::Batch { .. } = self.params.encoding {
-            let r = growth.report(self.params.plaintext_product() as f64, 2);
-            if !r.fits() {
-                return Err(HeError::PlaintextOverflow(format!(
-                    "square/product: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}; use smaller scales, more plaintext moduli or a rencryption",
-                    r.coeff_bound, r.limit
-                )));
-            }
-        }
+        check_fits(&self.params, &growth, scale, "square/product")?;
         let xs: Vec<(&Element, &Element)> = a.data.iter().zip(b.data.iter()).collect();
         let out: Result<Vec<Element>> = xs
             .par_iter()
@@ -377,15 +369,7 @@ impl HeContext {
         self.check(&x)?;
         let level = x.level()?;
         let growth = x.growth.mul(&x.growth);
-        if let Encoding::Batch { .. } = self.params.encoding {
-            let r = growth.report(self.params.plaintext_product() as f64, 2);
-            if !r.fits() {
-                return Err(HeError::PlaintextOverflow(format!(
-                    "square: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}; use smaller scales, more plaintext moduli or a rencryption",
-                    r.coeff_bound, r.limit
-                )));
-            }
-        }
+        check_fits(&self.params, &growth, x.scale * x.scale, "square")?;
         for k in 0..self.params.p.len() {
             self.multiplicator(k, level)?;
         }
@@ -456,15 +440,7 @@ impl HeContext {
                 (ms, 1.0, Growth::Poly(g))
             }
         };
-        if let Encoding::Batch { .. } = self.params.encoding {
-            let r = growth.report(self.params.plaintext_product() as f64, 2);
-            if !r.fits() {
-                return Err(HeError::PlaintextOverflow(format!(
-                    "polynomial: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}",
-                    r.coeff_bound, r.limit
-                )));
-            }
-        }
+        check_fits(&self.params, &growth, scale_out, "polynomial")?;
         let n = x.data.len();
         let flats: Vec<Vec<&Element>> = powers.iter().map(|p| p.data.iter().collect()).collect();
         let ncomp = self.params.p.len();

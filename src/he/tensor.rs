@@ -193,18 +193,7 @@ impl CipherTensor {
     /// Batch: refuses a result whose values may exceed the plaintext range
     /// (they would wrap silently). Fractional bounds are reported, not refused.
     fn check_fits(&self, growth: &Growth, what: &str) -> Result<()> {
-        if let Encoding::Batch { .. } = self.params.encoding {
-            let r = growth.report(self.params.plaintext_product() as f64, 2);
-            if !r.fits() {
-                return Err(HeError::PlaintextOverflow(format!(
-                    "{what}: values may reach {:.3e} at scale {} but the plaintext modulus allows ±{:.3e}; use smaller scales, more plaintext moduli (CRT) or a rencryption",
-                    r.coeff_bound / self.scale,
-                    self.scale,
-                    r.limit / self.scale
-                )));
-            }
-        }
-        Ok(())
+        check_fits(&self.params, growth, self.scale, what)
     }
 
     /// Bound of plain constants added at the current scale.
@@ -393,7 +382,6 @@ impl CipherTensor {
             return value_err(format!("{name}: weights were prepared for another map"));
         }
         let level = self.level()?;
-        let batch_enc = matches!(self.params.encoding, Encoding::Batch { .. });
         let (scale_out, weight_factor) = match self.params.encoding {
             Encoding::Batch { weight_scale_bits, .. } => {
                 if map.divisor != 1.0 {
@@ -406,15 +394,7 @@ impl CipherTensor {
             Encoding::Fractional { .. } => (1.0, 1.0),
         };
         let growth = self.affine_growth(map, scale_out, weight_factor)?;
-        if batch_enc {
-            let report = growth.report(self.params.plaintext_product() as f64, 2);
-            if !report.fits() {
-                return Err(HeError::PlaintextOverflow(format!(
-                    "{name}: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}; use smaller scale_bits/weight_scale_bits, more plaintext moduli (CRT) or a rencryption before this layer",
-                    report.coeff_bound, report.limit
-                )));
-            }
-        }
+        check_fits(&self.params, &growth, scale_out, name)?;
         let imgs = self.physical_images();
         let in_per_img: usize = map.in_shape.iter().product::<usize>().max(1);
         let out_per_img: usize = map.out_shape.iter().product::<usize>().max(1);
@@ -651,6 +631,22 @@ fn add_polys(e: &Element, polys: &[Poly], params: &HeParameters) -> Result<Eleme
             Ok(Ciphertext::new(parts, &params.bfv[k])?)
         })
         .collect()
+}
+
+/// Batch encoding: a [`HeError::PlaintextOverflow`] naming `what` when values
+/// bounded by `growth` (at `scale`) could wrap modulo the plaintext modulus.
+pub(crate) fn check_fits(params: &HeParameters, growth: &Growth, scale: f64, what: &str) -> Result<()> {
+    if let Encoding::Batch { .. } = params.encoding {
+        let r = growth.report(params.plaintext_product() as f64, 2);
+        if !r.fits() {
+            return Err(HeError::PlaintextOverflow(format!(
+                "{what}: values may reach {:.3e} at scale {scale} but the plaintext modulus allows ±{:.3e}; use smaller scales, more plaintext moduli (CRT) or a rencryption",
+                r.coeff_bound / scale,
+                r.limit / scale
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Element-wise maximum of two bounds.
