@@ -16,12 +16,8 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import pycrcnn  # noqa: F401
-except ImportError:  # a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: F401  (a test dependency: --plot)
+import pycrcnn
 from pycrcnn import datasets  # noqa: E402
 from pycrcnn.parameters_tester import main, run_tests  # noqa: E402
 

@@ -2,16 +2,9 @@
 over the Rust engine, with real encryption."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-try:
-    import pycrcnn  # noqa: F401
-except ImportError:  # a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import pycrcnn
 import pycrcnn.crypto

@@ -17,11 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    import pycrcnn  # noqa: F401
-except ImportError:  # a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

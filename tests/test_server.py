@@ -19,7 +19,7 @@ import pycrcnn
 from pycrcnn import CipherTensor, Context, FormatError, SecretKeyRequired, datasets, protocol
 from pycrcnn.client import Client, ServerError, request_parameters
 
-torch = pytest.importorskip("torch")
+import torch
 
 from pycrcnn.models import load_torch_model, shipped_model_path  # noqa: E402
 

@@ -18,12 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    import pycrcnn.datasets  # noqa: F401
-except ImportError:  # a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-torch = pytest.importorskip("torch")
+import torch
 from torch import nn  # noqa: E402
 
 from pycrcnn import datasets  # noqa: E402
