@@ -772,6 +772,51 @@ def _encode_layer(HE: HEType, layer: LayerSpec):
     raise layer.error()
 
 
+def _copies(probe: CipherTensor, image_shape: Sequence[int], fractional: bool) -> CipherTensor:
+    """A tensor of one image whose every element is the probe's ciphertext."""
+    element = probe.to_numpy().reshape(-1)[0]
+    arr = np.empty(int(np.prod(image_shape)), dtype=object)
+    for i in range(arr.size):
+        arr[i] = element
+    return CipherTensor(arr.reshape(((1,) if fractional else ()) + tuple(image_shape)))
+
+
+def _single(t: CipherTensor) -> CipherTensor:
+    """The one element of a one-element result, as a probe."""
+    return t.to_numpy().reshape(-1)[0]
+
+
+def _worst_row(w: np.ndarray) -> int:
+    return int(np.abs(w.reshape(w.shape[0], -1)).sum(axis=1).argmax())
+
+
+def _probe_layer(ctx: Context, layer: Any, probe: CipherTensor, fractional: bool) -> CipherTensor:
+    """``layer``'s worst output element computed from copies of ``probe``."""
+    spec = layer.spec
+    if spec is None:
+        return ctx.rencrypt(probe)
+    t, w, b = spec.type, spec.weight, spec.bias
+    if t in ("Conv2d", "Conv1d", "Linear"):
+        o = _worst_row(w)
+        bias = None if b is None else b[o:o + 1]
+        if t == "Linear":
+            enc, shape = LinearLayer(ctx, w[o:o + 1], bias), (w.shape[1],)
+        elif t == "Conv2d":
+            enc, shape = ConvolutionalLayer(ctx, w[o:o + 1], bias=bias), tuple(w.shape[1:])
+        else:
+            enc, shape = Conv1dLayer(ctx, w[o:o + 1], bias=bias), tuple(w.shape[1:])
+        return _single(enc(_copies(probe, shape, fractional)))
+    if t == "AvgPool2d":
+        k = spec.params["kernel_size"]
+        k = (k, k) if isinstance(k, int) else tuple(k)
+        return _single(AveragePoolLayer(ctx, k)(_copies(probe, (1,) + k, fractional)))
+    if t == "Square":
+        return ctx.square(probe)
+    if t == "Polynomial":
+        return ctx.polynomial(probe, [float(c) for c in spec.params["coefficients"]])
+    return probe  # Flatten: nothing happens to the values
+
+
 class EncodedModel(list):
     """Encrypted layers in order: a ``list`` (``for layer in model: x = layer(x)``
     works as in the seed) that is also callable, ``model(x, debug=False, progress=False)``.
@@ -837,6 +882,42 @@ class EncodedModel(list):
     def __repr__(self) -> str:
         body = ",\n".join(f"  ({l.torch_index}) {l!r}" for l in self)
         return f"EncodedModel([\n{body}\n])"
+
+    # -- prediction ---------------------------------------------------------------
+    def plan(self, input_bound: float = 1.0) -> List[Dict[str, Any]]:
+        """Predicts, before running, whether the model fits the parameters.
+
+        Runs each layer's worst output element on a *probe*: one ciphertext
+        of ``input_bound`` standing for every input, combined by the output
+        with the largest Σ|w| (so copies add up coherently: a conservative
+        estimate). Costs milliseconds to seconds instead of a full pass and
+        needs the secret key (the client chooses parameters). Returns one dict
+        per layer: ``index``, ``name``, ``noise_budget`` (predicted bits
+        left), ``growth`` (the engine's bound against p/2 or T/2) and ``ok``;
+        on the first layer that would fail, ``error`` says why, and nothing
+        after it is listed.
+        """
+        ctx = self.context
+        if not ctx.has_secret_key:
+            raise HEError("plan() measures noise on probe ciphertexts and needs the secret key")
+        fractional = ctx.encoding == "fractional"
+        probe = ctx.encrypt(np.float64(input_bound) if fractional else np.array([float(input_bound)]))
+        plan: List[Dict[str, Any]] = []
+        for layer in self:
+            entry: Dict[str, Any] = {"index": layer.torch_index, "name": layer.name}
+            try:
+                probe = _probe_layer(ctx, layer, probe, fractional)
+                entry["noise_budget"] = int(ctx.noise_budget(probe))
+                entry["growth"] = dict(probe.growth_report())
+                entry["ok"] = entry["noise_budget"] > 0 and (fractional or entry["growth"]["fits"])
+                if entry["noise_budget"] <= 0:
+                    entry["error"] = "noise budget exhausted"
+            except HEError as exc:
+                entry.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            plan.append(entry)
+            if not entry["ok"]:
+                break
+        return plan
 
     # -- running --------------------------------------------------------------
     def _input(self, x: Any) -> CipherTensor:
