@@ -948,7 +948,7 @@ class EncodedModel(list):
                 name = layer.name
                 t0 = time.perf_counter()
                 try:
-                    x = layer._consume(x) if owned and hasattr(layer, "_consume") else layer(x)
+                    x = layer._consume(x) if owned else layer(x)
                     owned = True
                 except HEError as exc:
                     report.append({"index": layer.torch_index, "name": name, "error": str(exc),

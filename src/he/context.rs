@@ -15,7 +15,7 @@ use super::error::{value_err, HeError, Result};
 use super::growth::Growth;
 use super::kernel::{weighted_sum, Prepared};
 use super::params::{Encoding, HeParameters};
-use super::tensor::{check_fits, CipherTensor, Element};
+use super::tensor::{at_common_level, check_fits, shaped, CipherTensor, Element};
 
 /// The keys of a context. `secret` is `None` on a server.
 pub struct Keys {
@@ -197,7 +197,7 @@ impl HeContext {
                             .collect()
                     })
                     .collect();
-                let data = ArrayD::from_shape_vec(IxDyn(&phys_shape), elems?).map_err(|e| HeError::Value(e.to_string()))?;
+                let data = shaped(&phys_shape, elems?)?;
                 Ok(CipherTensor { data, batch: Some(n), scale, growth: Growth::Integer(bound), params: par.clone(), key_id })
             }
             Encoding::Fractional { base, int_digits, frac_digits } => {
@@ -225,7 +225,7 @@ impl HeContext {
                         Ok(vec![self.encrypt_pt(0, &pt)?])
                     })
                     .collect();
-                let data = ArrayD::from_shape_vec(IxDyn(x.shape()), elems?).map_err(|e| HeError::Value(e.to_string()))?;
+                let data = shaped(x.shape(), elems?)?;
                 Ok(CipherTensor { data, batch: None, scale: 1.0, growth: Growth::Poly(g), params: par.clone(), key_id })
             }
         }
@@ -289,7 +289,7 @@ impl HeContext {
         let vals: Vec<Vec<f64>> = elems.par_iter().map(|e| self.decrypt_element(e, t.batch, t.scale)).collect::<Result<_>>()?;
         let shape = t.shape();
         match t.batch {
-            None => ArrayD::from_shape_vec(IxDyn(&shape), vals.into_iter().flatten().collect()).map_err(|e| HeError::Value(e.to_string())),
+            None => shaped(&shape, vals.into_iter().flatten().collect()),
             Some(n) => {
                 // vals[j][i]: element j, image i → logical [i, j].
                 let phys = vals.len();
@@ -299,7 +299,7 @@ impl HeContext {
                         out.push(v[i]);
                     }
                 }
-                ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| HeError::Value(e.to_string()))
+                shaped(&shape, out)
             }
         }
     }
@@ -319,6 +319,11 @@ impl HeContext {
         })
     }
 
+    /// The relinearized product of two elements at `level`, component by component.
+    fn product(&self, x: &Element, y: &Element, level: usize) -> Result<Element> {
+        x.iter().zip(y).enumerate().map(|(k, (cx, cy))| Ok(self.multiplicator(k, level)?.multiply(cx, cy)?)).collect()
+    }
+
     /// Element-wise product of two tensors (relinearized). Batch scales multiply.
     pub fn multiply(&self, a: &CipherTensor, b: &CipherTensor) -> Result<CipherTensor> {
         self.check(a)?;
@@ -326,33 +331,16 @@ impl HeContext {
         if a.shape() != b.shape() {
             return value_err(format!("shapes differ: {:?} and {:?}", a.shape(), b.shape()));
         }
-        // Products switch down a level: bring the operand that is higher up
-        // to the other's level (x · x² in a polynomial, Pyfhel's power).
-        let level = a.level()?.max(b.level()?);
-        let (a_low, b_low);
-        let (a, b) = (
-            if a.level()? < level {
-                a_low = a.switch_to_level(level)?;
-                &a_low
-            } else {
-                a
-            },
-            if b.level()? < level {
-                b_low = b.switch_to_level(level)?;
-                &b_low
-            } else {
-                b
-            },
-        );
+        // Products switch down a level: the operand that sits higher up comes
+        // down to the other's level (x · x² in a polynomial, Pyfhel's power).
+        let (a, b) = at_common_level(a, b)?;
+        let level = a.level()?;
         let growth = a.growth.mul(&b.growth);
         let scale = a.scale * b.scale;
         check_fits(&self.params, &growth, scale, "square/product")?;
         let xs: Vec<(&Element, &Element)> = a.data.iter().zip(b.data.iter()).collect();
-        let out: Result<Vec<Element>> = xs
-            .par_iter()
-            .map(|(x, y)| x.iter().zip(y.iter()).enumerate().map(|(k, (cx, cy))| Ok(self.multiplicator(k, level)?.multiply(cx, cy)?)).collect())
-            .collect();
-        let data = ArrayD::from_shape_vec(IxDyn(a.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        let out: Result<Vec<Element>> = xs.par_iter().map(|(x, y)| self.product(x, y, level)).collect();
+        let data = shaped(a.data.shape(), out?)?;
         Ok(CipherTensor { data, batch: a.batch, scale, growth, params: a.params.clone(), key_id: a.key_id })
     }
 
@@ -377,11 +365,9 @@ impl HeContext {
         let shape = data.shape().to_vec();
         let data = if data.is_standard_layout() { data } else { data.as_standard_layout().into_owned() };
         let (elems, _) = data.into_raw_vec_and_offset();
-        let out: Vec<Element> = elems
-            .into_par_iter()
-            .map(|e| e.iter().enumerate().map(|(k, c)| Ok(self.multiplicator(k, level)?.multiply(c, c)?)).collect())
-            .collect::<Result<_>>()?;
-        let data = ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| HeError::Value(e.to_string()))?;
+        // Each input element is dropped as soon as its square exists.
+        let out: Vec<Element> = elems.into_par_iter().map(|e| self.product(&e, &e, level)).collect::<Result<_>>()?;
+        let data = shaped(&shape, out)?;
         Ok(CipherTensor { data, batch, scale: scale * scale, growth, params, key_id })
     }
 
@@ -392,13 +378,10 @@ impl HeContext {
         if d == 0 {
             return value_err("a polynomial activation needs degree ≥ 1 (a constant is not an activation)");
         }
-        // Products switch down a level: x^k is computed from x^(k-1) and x
-        // brought to its level, and every power joins the sum at the deepest one.
+        // Products switch down a level: every power joins the sum at the deepest one.
         let mut powers = vec![x.clone()];
         for _ in 1..d {
-            let last = powers.last().unwrap_or(x);
-            let base = x.switch_to_level(last.level()?)?;
-            let next = self.multiply(last, &base)?;
+            let next = self.multiply(powers.last().unwrap_or(x), x)?;
             powers.push(next);
         }
         let level = powers.last().unwrap_or(x).level()?;
@@ -456,7 +439,7 @@ impl HeContext {
                     .collect()
             })
             .collect();
-        let data = ArrayD::from_shape_vec(IxDyn(x.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        let data = shaped(x.data.shape(), out?)?;
         let t = CipherTensor { data, batch: x.batch, scale: scale_out, growth, params: x.params.clone(), key_id: x.key_id };
         if coeffs[0] != 0.0 {
             t.add_plain(&ArrayD::from_elem(IxDyn(&[]), coeffs[0]))

@@ -86,11 +86,12 @@ impl CipherTensor {
     }
 
     fn check_same(&self, other: &CipherTensor) -> Result<()> {
-        if !Arc::ptr_eq(&self.params, &other.params) && self.params.fingerprint != other.params.fingerprint {
-            return value_err("the tensors belong to different parameters");
-        }
         if !Arc::ptr_eq(&self.params, &other.params) {
-            return value_err("the tensors belong to different contexts; load both with the same Context");
+            return value_err(if self.params.fingerprint != other.params.fingerprint {
+                "the tensors belong to different parameters"
+            } else {
+                "the tensors belong to different contexts; load both with the same Context"
+            });
         }
         if self.key_id != other.key_id {
             return value_err("the tensors were encrypted under different keys");
@@ -113,15 +114,11 @@ impl CipherTensor {
         Ok(())
     }
 
-    fn zip_map(&self, other: &CipherTensor, f: impl Fn(&Ciphertext, &Ciphertext) -> Result<Ciphertext> + Sync) -> Result<ArrayD<Element>> {
+    fn zip_map(&self, other: &CipherTensor, f: impl Fn(&Ciphertext, &Ciphertext) -> Ciphertext + Sync) -> Result<ArrayD<Element>> {
         let a: Vec<&Element> = self.data.iter().collect();
         let b: Vec<&Element> = other.data.iter().collect();
-        let out: Result<Vec<Element>> = a
-            .par_iter()
-            .zip(b.par_iter())
-            .map(|(x, y)| x.iter().zip(y.iter()).map(|(cx, cy)| f(cx, cy)).collect())
-            .collect();
-        Ok(ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?)
+        let out: Vec<Element> = a.par_iter().zip(b.par_iter()).map(|(x, y)| x.iter().zip(y.iter()).map(|(cx, cy)| f(cx, cy)).collect()).collect();
+        shaped(self.data.shape(), out)
     }
 
     /// Element-wise sum with another tensor of the same shape and scale.
@@ -138,13 +135,11 @@ impl CipherTensor {
     /// modulus chain down to the other's level (a product and a fresh
     /// ciphertext can be added, as in SEAL).
     fn combine(&self, other: &CipherTensor, what: &str, f: impl Fn(&Ciphertext, &Ciphertext) -> Ciphertext + Sync) -> Result<CipherTensor> {
-        let level = self.level()?.max(other.level()?);
-        let a = if self.level()? < level { Cow::Owned(self.switch_to_level(level)?) } else { Cow::Borrowed(self) };
-        let b = if other.level()? < level { Cow::Owned(other.switch_to_level(level)?) } else { Cow::Borrowed(other) };
+        let (a, b) = at_common_level(self, other)?;
         a.check_same(&b)?;
         let growth = a.growth.add(&b.growth);
         a.check_fits(&growth, what)?;
-        let data = a.zip_map(&b, |x, y| Ok(f(x, y)))?;
+        let data = a.zip_map(&b, f)?;
         Ok(a.with_data(data, a.scale, growth))
     }
 
@@ -184,7 +179,7 @@ impl CipherTensor {
             .zip(vals.par_iter())
             .map(|(e, v)| self.add_constant_element(e, v, level))
             .collect();
-        let data = ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        let data = shaped(self.data.shape(), out?)?;
         let growth = self.growth.add(&extra);
         self.check_fits(&growth, "add")?;
         Ok(self.with_data(data, self.scale, growth))
@@ -260,25 +255,6 @@ impl CipherTensor {
             .collect()
     }
 
-    /// The integer or polynomial that multiplies by `w` in this encoding, and
-    /// its growth. Batch: round(w · 2^weight_scale_bits) (the scale grows by
-    /// that factor); fractional: the encoding of w.
-    pub fn weight_multiplier(params: &HeParameters, w: f64, exact_integer: bool) -> Result<(Vec<i64>, bool)> {
-        match params.encoding {
-            Encoding::Batch { weight_scale_bits, .. } => {
-                let f = if exact_integer { 1.0 } else { (weight_scale_bits as f64).exp2() };
-                let x = (w * f).round();
-                if !x.is_finite() || x.abs() >= 2f64.powi(62) {
-                    return value_err(format!("weight {w} is out of range"));
-                }
-                Ok((vec![x as i64], true))
-            }
-            Encoding::Fractional { base, int_digits, frac_digits } => {
-                Ok((fractional_encode(w, params.m, base, int_digits, frac_digits)?, false))
-            }
-        }
-    }
-
     /// Multiplies element-wise by plain values broadcast to the logical shape
     /// (batch: they must not vary across the batch axis).
     pub fn mul_plain(&self, values: &ArrayD<f64>) -> Result<CipherTensor> {
@@ -310,23 +286,9 @@ impl CipherTensor {
             divisor: 1.0,
             bias: vec![],
         };
-        let (scale_out, weight_factor) = match self.params.encoding {
-            Encoding::Batch { weight_scale_bits, .. } => {
-                let f = (weight_scale_bits as f64).exp2();
-                (self.scale * f, f)
-            }
-            Encoding::Fractional { .. } => (1.0, 1.0),
-        };
+        let (scale_out, weight_factor) = self.affine_scale(&map);
         let growth = self.affine_growth(&map, scale_out, weight_factor)?;
-        if let Encoding::Batch { .. } = self.params.encoding {
-            let report = growth.report(self.params.plaintext_product() as f64, 2);
-            if !report.fits() {
-                return Err(HeError::PlaintextOverflow(format!(
-                    "multiply: values may reach {:.3e} but the plaintext modulus allows ±{:.3e}; use smaller scale_bits/weight_scale_bits, more plaintext moduli (CRT) or a rencryption before this layer",
-                    report.coeff_bound, report.limit
-                )));
-            }
-        }
+        check_fits(&self.params, &growth, scale_out, "multiply")?;
         let prepared = prepare_weights(&self.params, &map, self.level()?)?;
         let elems: Vec<&Element> = self.data.iter().collect();
         let out: Result<Vec<Element>> = elems
@@ -339,7 +301,7 @@ impl CipherTensor {
                     .collect()
             })
             .collect();
-        let data = ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        let data = shaped(self.data.shape(), out?)?;
         Ok(self.with_data(data, scale_out, growth))
     }
 
@@ -362,11 +324,6 @@ impl CipherTensor {
         }
     }
 
-    /// Encodes an affine map's weights for the ciphertexts at `level`.
-    pub fn prepare(&self, map: &AffineMap, level: usize) -> Result<Vec<Prepared>> {
-        prepare_weights(&self.params, map, level)
-    }
-
     /// Applies `map` to every image. `prepared` comes from [`prepare_weights`]
     /// at this tensor's level. `name` names the layer in errors.
     pub fn apply_affine(&self, map: &AffineMap, prepared: &[Prepared], name: &str) -> Result<CipherTensor> {
@@ -382,17 +339,7 @@ impl CipherTensor {
             return value_err(format!("{name}: weights were prepared for another map"));
         }
         let level = self.level()?;
-        let (scale_out, weight_factor) = match self.params.encoding {
-            Encoding::Batch { weight_scale_bits, .. } => {
-                if map.divisor != 1.0 {
-                    (self.scale * map.divisor, 1.0)
-                } else {
-                    let f = (weight_scale_bits as f64).exp2();
-                    (self.scale * f, f)
-                }
-            }
-            Encoding::Fractional { .. } => (1.0, 1.0),
-        };
+        let (scale_out, weight_factor) = self.affine_scale(map);
         let growth = self.affine_growth(map, scale_out, weight_factor)?;
         check_fits(&self.params, &growth, scale_out, name)?;
         let imgs = self.physical_images();
@@ -438,8 +385,22 @@ impl CipherTensor {
         }
         let mut shape = if start == 1 { vec![imgs] } else { vec![] };
         shape.extend_from_slice(&map.out_shape);
-        let data = ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| HeError::Value(e.to_string()))?;
+        let data = shaped(&shape, out)?;
         Ok(self.with_data(data, scale_out, growth))
+    }
+
+    /// Batch: the scale after `map` and the factor its weights were scaled by
+    /// (2^weight_scale_bits, or 1 for a divided map, whose divisor joins the
+    /// scale). Fractional: (1, 1).
+    fn affine_scale(&self, map: &AffineMap) -> (f64, f64) {
+        match self.params.encoding {
+            Encoding::Batch { .. } if map.divisor != 1.0 => (self.scale * map.divisor, 1.0),
+            Encoding::Batch { weight_scale_bits, .. } => {
+                let f = (weight_scale_bits as f64).exp2();
+                (self.scale * f, f)
+            }
+            Encoding::Fractional { .. } => (1.0, 1.0),
+        }
     }
 
     fn affine_growth(&self, map: &AffineMap, scale_out: f64, weight_factor: f64) -> Result<Growth> {
@@ -572,8 +533,7 @@ impl CipherTensor {
                 return value_err("all ciphertexts must be at the same modulus level");
             }
         }
-        let data = ArrayD::from_shape_vec(IxDyn(shape), elems)
-            .map_err(|_| HeError::Value(format!("{} ciphertexts do not fill shape {shape:?}", parts.len())))?;
+        let data = shaped(shape, elems)?;
         Ok(first.with_data(data, first.scale, growth))
     }
 
@@ -595,25 +555,38 @@ impl CipherTensor {
                 self.params.levels() - 1
             ));
         }
-        let last = level;
-        let out: Result<Vec<Element>> = self
-            .data
-            .iter()
-            .collect::<Vec<_>>()
+        let elems: Vec<&Element> = self.data.iter().collect();
+        let out: Result<Vec<Element>> = elems
             .par_iter()
             .map(|e| {
                 e.iter()
                     .map(|ct| {
                         let mut c = ct.clone();
-                        c.switch_to_level(last)?;
+                        c.switch_to_level(level)?;
                         Ok(c)
                     })
                     .collect()
             })
             .collect();
-        let data = ArrayD::from_shape_vec(IxDyn(self.data.shape()), out?).map_err(|e| HeError::Value(e.to_string()))?;
+        let data = shaped(self.data.shape(), out?)?;
         Ok(self.with_data(data, self.scale, self.growth.clone()))
     }
+}
+
+/// `a` and `b` at the deeper of their two modulus levels (switching down the
+/// one that sits higher; the other is borrowed as it is).
+pub(crate) fn at_common_level<'a>(a: &'a CipherTensor, b: &'a CipherTensor) -> Result<(Cow<'a, CipherTensor>, Cow<'a, CipherTensor>)> {
+    let level = a.level()?.max(b.level()?);
+    let down = |t: &'a CipherTensor| -> Result<Cow<'a, CipherTensor>> {
+        Ok(if t.level()? < level { Cow::Owned(t.switch_to_level(level)?) } else { Cow::Borrowed(t) })
+    };
+    Ok((down(a)?, down(b)?))
+}
+
+/// An array of `shape` from row-major elements.
+pub(crate) fn shaped<T>(shape: &[usize], elems: Vec<T>) -> Result<ArrayD<T>> {
+    let n = elems.len();
+    ArrayD::from_shape_vec(IxDyn(shape), elems).map_err(|_| HeError::Value(format!("{n} elements do not fill shape {shape:?}")))
 }
 
 /// Adds `polys[k]` to the first polynomial of component k (a new ciphertext,
@@ -661,19 +634,29 @@ pub fn growth_max(a: &Growth, b: &Growth) -> Growth {
 /// Encodes an affine map's weights for ciphertexts at `level`.
 pub fn prepare_weights(params: &HeParameters, map: &AffineMap, level: usize) -> Result<Vec<Prepared>> {
     let ctx = params.bfv[0].context_at_level(level)?.clone();
-    let exact = map.divisor != 1.0;
     map.weights
         .par_iter()
-        .map(|&w| {
-            let real = if matches!(params.encoding, Encoding::Fractional { .. }) { w / map.divisor } else { w };
-            if exact && matches!(params.encoding, Encoding::Batch { .. }) && real.fract() != 0.0 {
-                return value_err("a divided map needs integer weights in the batch encoding");
+        .map(|&w| match params.encoding {
+            // Batch: round(w · 2^weight_scale_bits), the scale grows by that
+            // factor; a divided map (pooling) keeps integer weights and puts the
+            // divisor into the scale instead.
+            Encoding::Batch { weight_scale_bits, .. } => {
+                let x = if map.divisor != 1.0 {
+                    if w.fract() != 0.0 {
+                        return value_err("a divided map needs integer weights in the batch encoding");
+                    }
+                    w
+                } else {
+                    (w * (weight_scale_bits as f64).exp2()).round()
+                };
+                if !x.is_finite() || x.abs() >= 2f64.powi(62) {
+                    return value_err(format!("weight {w} is out of range"));
+                }
+                Ok(Prepared::scalar(x as i64, &ctx))
             }
-            let (c, scalar) = CipherTensor::weight_multiplier(params, real, exact)?;
-            if scalar {
-                Ok(Prepared::scalar(c[0], &ctx))
-            } else {
-                Prepared::poly(&c, &ctx)
+            // Fractional: the (centred) encoding of the real multiplier.
+            Encoding::Fractional { base, int_digits, frac_digits } => {
+                Prepared::poly(&fractional_encode(w / map.divisor, params.m, base, int_digits, frac_digits)?, &ctx)
             }
         })
         .collect()

@@ -10,6 +10,7 @@ use super::context::{as_f64_array, PyContext};
 use super::errors::HEError;
 use super::pool::run;
 use super::tensor::{wrap_tensor, PyCipherTensor};
+use crate::he::HeContext;
 use crate::layers::{output_shape, Affine, Geometry, Layer};
 
 /// An encrypted layer: call it on a CipherTensor.
@@ -44,6 +45,23 @@ fn new_layer(py: Python<'_>, ctx: &Bound<'_, PyAny>, layer: Layer) -> PyResult<P
 
 fn affine(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>) -> PyResult<Layer> {
     Affine::new(geometry, weights, bias).map(Layer::Affine).map_err(super::errors::to_py)
+}
+
+impl PyLayer {
+    /// The input tensor, its Context and engine context; refuses tensors made
+    /// under other parameters than the layer's.
+    fn input<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyCipherTensor>, Py<PyContext>, Arc<HeContext>)> {
+        let tensor = x
+            .cast::<PyCipherTensor>()
+            .map_err(|_| HEError::new_err("a layer takes a CipherTensor (or the seed's object array, via pycrcnn.layers)"))?
+            .clone();
+        let ctx_obj = tensor.get().context_ref().clone_ref(py);
+        let ctx = ctx_obj.bind(py).get().get();
+        if ctx.params.fingerprint != self.ctx.bind(py).get().get().params.fingerprint {
+            return Err(HEError::new_err("the tensor was encrypted under other parameters than the layer's context"));
+        }
+        Ok((tensor, ctx_obj, ctx))
+    }
 }
 
 #[pymethods]
@@ -151,17 +169,8 @@ impl PyLayer {
     /// context: weights do not depend on keys, so one encoded layer serves
     /// every key with the same parameters (a server's many clients).
     fn __call__(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let tensor = x
-            .cast::<PyCipherTensor>()
-            .map_err(|_| HEError::new_err("a layer takes a CipherTensor (or the seed's object array, via pycrcnn.layers)"))?;
-        let ctx_obj = tensor.get().context_ref().clone_ref(py);
+        let (tensor, ctx_obj, ctx) = self.input(py, x)?;
         let t = tensor.get().get();
-        let ctx = ctx_obj.bind(py).get().get();
-        if ctx.params.fingerprint != self.ctx.bind(py).get().get().params.fingerprint {
-            return Err(HEError::new_err(
-                "the tensor was encrypted under other parameters than the layer's context",
-            ));
-        }
         let layer = self.layer.clone();
         let out = run(py, || layer.forward(&ctx, &t))?;
         wrap_tensor(py, out, ctx_obj)
@@ -173,12 +182,7 @@ impl PyLayer {
         if !matches!(*self.layer, Layer::Square) {
             return self.__call__(py, x);
         }
-        let tensor = x.cast::<PyCipherTensor>().map_err(|_| HEError::new_err("a layer takes a CipherTensor"))?;
-        let ctx_obj = tensor.get().context_ref().clone_ref(py);
-        let ctx = ctx_obj.bind(py).get().get();
-        if ctx.params.fingerprint != self.ctx.bind(py).get().get().params.fingerprint {
-            return Err(HEError::new_err("the tensor was encrypted under other parameters than the layer's context"));
-        }
+        let (tensor, ctx_obj, ctx) = self.input(py, x)?;
         let t = tensor.get().take();
         let out = run(py, move || ctx.square_consuming(t))?;
         wrap_tensor(py, out, ctx_obj)

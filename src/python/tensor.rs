@@ -38,7 +38,7 @@ impl PyCipherTensor {
             Err(p) => p.into_inner(),
         };
         let empty = CipherTensor {
-            data: ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[0]), vec![]).unwrap_or_else(|_| ndarray::ArrayD::from_elem(ndarray::IxDyn(&[0]), vec![])),
+            data: ndarray::ArrayD::default(ndarray::IxDyn(&[0])),
             batch: g.batch,
             scale: g.scale,
             growth: g.growth.clone(),
