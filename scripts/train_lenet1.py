@@ -31,12 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    import pycrcnn.datasets  # noqa: F401
-except ImportError:  # running from a checkout without an installed package
-    sys.path.insert(0, str(REPO / "python"))
-
-import numpy as np
 import torch
 from torch import nn
 
