@@ -1,9 +1,13 @@
 //! pycrcnn: encrypted CNN inference over BFV (fhe.rs). `he` is the
-//! encrypted-math core and `layers` the CNN layers over it, both plain Rust;
+//! encrypted-math core, `layers` the CNN layers over it and `model` the one
+//! runner of whole models, all plain Rust;
 //! with the `python` feature this file registers the `pycrcnn._engine` module.
+
+#![warn(missing_docs)]
 
 pub mod he;
 pub mod layers;
+pub mod model;
 #[cfg(feature = "python")]
 mod python;
 
@@ -14,13 +18,14 @@ use pyo3::prelude::*;
 #[cfg(feature = "python")]
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    use python::{context, errors, layers, pool, tensor};
+    use python::{context, errors, layers, model, pool, tensor};
     let py = m.py();
     pool::tune_allocator();
     m.add_class::<context::PyContext>()?;
     m.add_class::<tensor::PyCipherTensor>()?;
     m.add_class::<tensor::PyCtxt>()?;
     m.add_class::<layers::PyLayer>()?;
+    m.add_class::<model::PyModel>()?;
     m.add_function(wrap_pyfunction!(pool::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(pool::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(tensor::_tensor_from_pickle, m)?)?;
@@ -30,6 +35,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PlaintextOverflow", py.get_type::<errors::PlaintextOverflow>())?;
     m.add("ParameterError", py.get_type::<errors::ParameterError>())?;
     m.add("FormatError", py.get_type::<errors::FormatError>())?;
+    m.add("RunCancelled", py.get_type::<errors::RunCancelled>())?;
     m.add("NTT_FEATURES", he::params::NTT_FEATURES)?;
     Ok(())
 }

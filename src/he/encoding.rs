@@ -20,9 +20,11 @@ pub fn fractional_encode(v: f64, m: usize, base: u32, int_digits: usize, frac_di
     let mut i = 0;
     while n >= 1.0 {
         if i >= int_digits {
-            return Err(HeError::PlaintextOverflow(format!(
-                "{v} needs more than int_digits={int_digits} base-{base} integer digits"
-            )));
+            return Err(HeError::PlaintextOverflow {
+                message: format!("{v} needs more than int_digits={int_digits} base-{base} integer digits"),
+                bound: v.abs(),
+                limit: (base as f64).powi(int_digits as i32),
+            });
         }
         let d = n % b;
         c[i] = sign * d as i64;

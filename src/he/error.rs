@@ -1,5 +1,6 @@
 //! Typed errors of the engine. Each variant maps to one Python exception of
-//! the `pycrcnn.HEError` hierarchy (see `src/python/errors.rs`).
+//! the `pycrcnn.HEError` hierarchy (see `src/python/errors.rs`); structured
+//! fields become attributes of the exception (`exc.layer`, `exc.bound`, ...).
 
 use thiserror::Error;
 
@@ -13,11 +14,23 @@ pub enum HeError {
     #[error("{0}")]
     SecretKeyRequired(String),
     /// A ciphertext's invariant noise budget is used up: decrypting it would give garbage.
-    #[error("{0}")]
-    NoiseBudgetExhausted(String),
+    #[error("{message}")]
+    NoiseBudgetExhausted {
+        /// What happened and what would help.
+        message: String,
+        /// The budget measured (bits, ≤ 0).
+        budget: i64,
+    },
     /// A value (or a bound on it) would not fit in the plaintext modulus.
-    #[error("{0}")]
-    PlaintextOverflow(String),
+    #[error("{message}")]
+    PlaintextOverflow {
+        /// What would overflow and what would help.
+        message: String,
+        /// The bound the values may reach (in real units, before the scale).
+        bound: f64,
+        /// What the plaintext modulus allows (in the same units).
+        limit: f64,
+    },
     /// Bytes that are not a valid, intact, matching pycrcnn blob.
     #[error("{0}")]
     Format(String),
@@ -27,6 +40,38 @@ pub enum HeError {
     /// An error reported by fhe.rs that the checks above did not anticipate.
     #[error("fhe.rs: {0}")]
     Backend(String),
+    /// A model run stopped because its per-layer callback asked it to.
+    #[error("the run was cancelled after this layer by its callback")]
+    Cancelled,
+    /// An error raised by one layer of a model: which one, and what went wrong.
+    #[error("layer {index} ({name}): {source}")]
+    AtLayer {
+        /// The layer's index (the torch module index where the model has one).
+        index: i64,
+        /// The layer's torch-like name.
+        name: String,
+        /// What went wrong.
+        source: Box<HeError>,
+    },
+}
+
+impl HeError {
+    /// The error with the layer that raised it named first (kept once: an
+    /// error that already names its layer is returned as it is).
+    pub fn at_layer(self, index: i64, name: &str) -> HeError {
+        match self {
+            e @ HeError::AtLayer { .. } => e,
+            e => HeError::AtLayer { index, name: name.to_string(), source: Box::new(e) },
+        }
+    }
+
+    /// The error without its layer annotation.
+    pub fn root(&self) -> &HeError {
+        match self {
+            HeError::AtLayer { source, .. } => source.root(),
+            e => e,
+        }
+    }
 }
 
 impl From<fhe::Error> for HeError {

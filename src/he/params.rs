@@ -98,20 +98,13 @@ pub struct ParametersRequest {
 /// Validated parameters, with one fhe.rs parameter set per plaintext modulus.
 #[derive(Debug)]
 pub struct HeParameters {
-    /// Polynomial degree.
-    pub m: usize,
-    /// Security level in bits.
-    pub sec: u32,
-    /// Plaintext moduli (one per CRT component).
-    pub p: Vec<u64>,
-    /// Ciphertext moduli (shared by all components).
-    pub moduli: Vec<u64>,
-    /// The encoding.
-    pub encoding: Encoding,
-    /// One fhe.rs parameter set per plaintext modulus, same ciphertext moduli.
-    pub bfv: Vec<Arc<BfvParameters>>,
-    /// Hash of everything above plus the build's NTT feature set.
-    pub fingerprint: [u8; 16],
+    m: usize,
+    sec: u32,
+    p: Vec<u64>,
+    moduli: Vec<u64>,
+    encoding: Encoding,
+    bfv: Vec<Arc<BfvParameters>>,
+    fingerprint: [u8; 16],
 }
 
 /// Serializable description of parameters (public context header, Python dicts).
@@ -427,6 +420,41 @@ fn fingerprint(spec: &ParametersSpec) -> [u8; 16] {
 }
 
 impl HeParameters {
+    /// Polynomial degree.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Security level in bits.
+    pub fn sec(&self) -> u32 {
+        self.sec
+    }
+
+    /// Plaintext moduli (one per CRT component).
+    pub fn p(&self) -> &[u64] {
+        &self.p
+    }
+
+    /// Ciphertext moduli (shared by all components), first at the top level.
+    pub fn moduli(&self) -> &[u64] {
+        &self.moduli
+    }
+
+    /// The encoding.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// One fhe.rs parameter set per plaintext modulus, same ciphertext moduli.
+    pub fn bfv(&self) -> &[Arc<BfvParameters>] {
+        &self.bfv
+    }
+
+    /// Hash of the parameters plus the build's NTT feature set.
+    pub fn fingerprint(&self) -> [u8; 16] {
+        self.fingerprint
+    }
+
     /// Rebuilds parameters from their description (a public context's header),
     /// re-checking every rule.
     pub fn from_spec(spec: &ParametersSpec) -> Result<HeParameters> {

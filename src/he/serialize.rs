@@ -192,15 +192,15 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, fhe::Error>
 /// Serializes a tensor.
 pub fn tensor_to_bytes(t: &CipherTensor) -> Vec<u8> {
     let mut w = Writer(Vec::new());
-    match t.batch {
+    match t.batch() {
         Some(n) => {
             w.u8(1);
             w.u64(n as u64)
         }
         None => w.u8(0),
     }
-    w.f64(t.scale);
-    match &t.growth {
+    w.f64(t.scale());
+    match &t.growth() {
         Growth::Integer(b) => {
             w.u8(0);
             w.f64(*b)
@@ -215,25 +215,25 @@ pub fn tensor_to_bytes(t: &CipherTensor) -> Vec<u8> {
             }
         }
     }
-    w.u32(t.data.ndim() as u32);
-    for &d in t.data.shape() {
+    w.u32(t.data().ndim() as u32);
+    for &d in t.data().shape() {
         w.u64(d as u64);
     }
-    w.u32(t.params.p.len() as u32);
-    for e in t.data.iter() {
+    w.u32(t.params().p().len() as u32);
+    for e in t.data().iter() {
         for ct in e {
             w.bytes(&ct.to_bytes());
         }
     }
-    frame(Kind::Tensor, &t.params.fingerprint, &t.key_id, &w.0)
+    frame(Kind::Tensor, &t.params().fingerprint(), &t.key_id(), &w.0)
 }
 
 /// Parses a tensor made under `ctx`'s parameters and key.
 pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
     let f = open_frame(data)?;
     expect(&f, Kind::Tensor)?;
-    let params = &ctx.params;
-    if f.fingerprint != params.fingerprint {
+    let params = ctx.params();
+    if f.fingerprint != params.fingerprint() {
         return Err(HeError::Format("the ciphertext was made under other encryption parameters than this context's".into()));
     }
     let key_id = ctx.key_id()?;
@@ -245,8 +245,8 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
         0 => None,
         1 => {
             let n = r.u64()?;
-            if n == 0 || n > params.m as u64 {
-                return Err(HeError::Format(format!("batch size {n} is out of range 1..={}", params.m)));
+            if n == 0 || n > params.m() as u64 {
+                return Err(HeError::Format(format!("batch size {n} is out of range 1..={}", params.m())));
             }
             Some(n as usize)
         }
@@ -260,14 +260,14 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
         0 => Growth::Integer(r.f64()?),
         1 => {
             let n = r.u32()? as usize;
-            if n > params.m {
+            if n > params.m() {
                 return Err(HeError::Format("bad growth bound".into()));
             }
-            let mut v = vec![0.0; params.m];
+            let mut v = vec![0.0; params.m()];
             for _ in 0..n {
                 let i = r.u32()? as usize;
                 let x = r.f64()?;
-                if i >= params.m || !x.is_finite() {
+                if i >= params.m() || !x.is_finite() {
                     return Err(HeError::Format("bad growth bound".into()));
                 }
                 v[i] = x;
@@ -276,7 +276,7 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
         }
         x => return Err(HeError::Format(format!("bad growth kind {x}"))),
     };
-    let batch_enc = matches!(params.encoding, super::params::Encoding::Batch { .. });
+    let batch_enc = matches!(params.encoding(), super::params::Encoding::Batch { .. });
     if batch_enc != batch.is_some() || batch_enc != matches!(growth, Growth::Integer(_)) {
         return Err(HeError::Format("the tensor's encoding does not match the context's".into()));
     }
@@ -295,7 +295,7 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
         return Err(HeError::Format(format!("{count} elements is more than the {MAX_ELEMENTS} allowed")));
     }
     let ncomp = r.u32()? as usize;
-    if ncomp != params.p.len() {
+    if ncomp != params.p().len() {
         return Err(HeError::Format("wrong number of plaintext-modulus components".into()));
     }
     // Each ciphertext takes at least its 8-byte length: refuse before allocating.
@@ -308,7 +308,7 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
         let mut e = Vec::with_capacity(ncomp);
         for k in 0..ncomp {
             let b = r.bytes()?;
-            let par = &params.bfv[k];
+            let par = &params.bfv()[k];
             let ct = guarded("ciphertext", || Ciphertext::from_bytes(b, par))?;
             if ct.len() != 2 {
                 return Err(HeError::Format("a ciphertext must have two parts".into()));
@@ -323,7 +323,7 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
     }
     r.done()?;
     let data = ArrayD::from_shape_vec(IxDyn(&shape), elems).map_err(|e| HeError::Format(e.to_string()))?;
-    Ok(CipherTensor { data, batch, scale, growth, params: params.clone(), key_id })
+    Ok(CipherTensor::from_parts(data, batch, scale, growth, params.clone(), key_id))
 }
 
 fn write_spec(w: &mut Writer, params: &HeParameters) {
@@ -334,7 +334,7 @@ fn read_params(r: &mut Reader, fingerprint: &[u8; 16]) -> Result<Arc<HeParameter
     let spec: ParametersSpec =
         serde_json::from_slice(r.bytes()?).map_err(|e| HeError::Format(format!("bad parameter description: {e}")))?;
     let params = HeParameters::from_spec(&spec).map_err(|e| HeError::Format(format!("invalid parameters in the blob: {e}")))?;
-    if &params.fingerprint != fingerprint {
+    if &params.fingerprint() != fingerprint {
         return Err(HeError::Format("parameter fingerprint mismatch (another build or NTT feature set?)".into()));
     }
     Ok(Arc::new(params))
@@ -353,7 +353,7 @@ fn write_public_keys(w: &mut Writer, keys: &Keys) {
 fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<(Vec<PublicKey>, Vec<Vec<RelinearizationKey>>)> {
     let mut pks = Vec::new();
     let mut rks = Vec::new();
-    for par in &params.bfv {
+    for par in params.bfv() {
         let b = r.bytes()?;
         pks.push(guarded("public key", || PublicKey::from_bytes(b, par))?);
         let n = r.u32()? as usize;
@@ -374,9 +374,9 @@ fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<(Vec<Public
 pub fn public_context_to_bytes(ctx: &HeContext) -> Result<Vec<u8>> {
     let keys = ctx.keys()?;
     let mut w = Writer(Vec::new());
-    write_spec(&mut w, &ctx.params);
+    write_spec(&mut w, &ctx.params());
     write_public_keys(&mut w, keys);
-    Ok(frame(Kind::PublicContext, &ctx.params.fingerprint, &keys.key_id, &w.0))
+    Ok(frame(Kind::PublicContext, &ctx.params().fingerprint(), &keys.key_id, &w.0))
 }
 
 /// Everything, the secret key included (for the client to save).
@@ -384,12 +384,12 @@ pub fn secret_key_to_bytes(ctx: &HeContext) -> Result<Vec<u8>> {
     let keys = ctx.keys()?;
     let sks = ctx.secret()?;
     let mut w = Writer(Vec::new());
-    write_spec(&mut w, &ctx.params);
+    write_spec(&mut w, &ctx.params());
     write_public_keys(&mut w, keys);
     for sk in sks {
         w.bytes(&sk.to_bytes());
     }
-    Ok(frame(Kind::SecretKey, &ctx.params.fingerprint, &keys.key_id, &w.0))
+    Ok(frame(Kind::SecretKey, &ctx.params().fingerprint(), &keys.key_id, &w.0))
 }
 
 /// Loads a public context, or a secret key when `allow_secret` (the client's own file).
@@ -409,7 +409,7 @@ pub fn context_from_bytes(data: &[u8], allow_secret: bool) -> Result<HeContext> 
     let (pks, rks) = read_public_keys(&mut r, &params)?;
     let secret = if f.kind == Kind::SecretKey {
         let mut sks = Vec::new();
-        for par in &params.bfv {
+        for par in params.bfv() {
             let b = r.bytes()?;
             sks.push(guarded("secret key", || SecretKey::from_bytes(b, par))?);
         }
@@ -423,7 +423,7 @@ pub fn context_from_bytes(data: &[u8], allow_secret: bool) -> Result<HeContext> 
     if keys.key_id != f.key_id {
         return Err(HeError::Format("the key id does not match the keys in the blob".into()));
     }
-    Ok(HeContext { params, keys: Some(keys) })
+    Ok(HeContext::with_keys(params, keys))
 }
 
 #[cfg(test)]
@@ -449,7 +449,7 @@ mod tests {
         let t = ctx.encrypt(x.view()).unwrap();
         let back = tensor_from_bytes(&tensor_to_bytes(&t), &ctx).unwrap();
         assert_eq!(back.shape(), t.shape());
-        assert_eq!(back.growth, t.growth);
+        assert_eq!(back.growth(), t.growth());
         assert_eq!(ctx.decrypt(&back).unwrap(), ctx.decrypt(&t).unwrap());
         // Secret key blob: a new context that decrypts the old ciphertexts.
         let sk = secret_key_to_bytes(&ctx).unwrap();
@@ -461,8 +461,7 @@ mod tests {
         let ctx = make_n(4096, vec![], 2, BATCH, None);
         let x = random(&[3, 2], -5.0, 5.0);
         // (Level 1: a single remaining prime leaves no budget at these parameters.)
-        let mut t = ctx.encrypt(x.view()).unwrap();
-        t.data.iter_mut().for_each(|e| e.iter_mut().for_each(|c| c.switch_to_level(1).unwrap()));
+        let t = ctx.encrypt(x.view()).unwrap().switch_to_level(1).unwrap();
         let blob = tensor_to_bytes(&t);
         let back = tensor_from_bytes(&blob, &ctx).unwrap();
         assert_eq!(back.level().unwrap(), 1);
@@ -601,7 +600,7 @@ mod tests {
         let forged = frame(Kind::PublicContext, &f.fingerprint, &other, f.payload);
         assert!(is_format(context_from_bytes(&forged, false)));
         // A context without keys cannot load tensors or export itself.
-        let keyless = HeContext::new(crate::he::params::HeParameters::from_spec(&a.params.spec()).unwrap());
+        let keyless = HeContext::new(crate::he::params::HeParameters::from_spec(&a.params().spec()).unwrap());
         assert!(tensor_from_bytes(&blob, &keyless).is_err());
         assert!(public_context_to_bytes(&keyless).is_err());
     }

@@ -15,8 +15,8 @@ use rayon::prelude::*;
 
 use super::encoding::{centre, fractional_encode, reduce_i128};
 use super::error::{value_err, HeError, Result};
-use super::growth::{Growth, GrowthReport};
-use super::kernel::{weighted_sum, Prepared};
+use super::growth::{negacyclic_bound, Growth, GrowthReport};
+use super::multiplier::Multiplier;
 use super::params::{Encoding, HeParameters};
 
 /// One encrypted value (fractional) or one slot vector (batch): a ciphertext
@@ -26,41 +26,56 @@ pub type Element = Vec<Ciphertext>;
 /// An array of ciphertexts and what it takes to read them.
 #[derive(Debug, Clone)]
 pub struct CipherTensor {
-    /// Physical array: the logical shape (fractional) or the logical shape
-    /// without the batch axis (batch, where the batch lives in the slots).
-    pub data: ArrayD<Element>,
-    /// Batch encoding: the number of images N in the slots. `None` for fractional.
-    pub batch: Option<usize>,
-    /// Batch encoding: slots hold round(value · scale). 1 for fractional.
-    pub scale: f64,
-    /// Bound on the plaintext magnitudes.
-    pub growth: Growth,
-    /// The parameters the ciphertexts belong to.
-    pub params: Arc<HeParameters>,
-    /// The key the ciphertexts were made under.
-    pub key_id: [u8; 16],
-}
-
-/// A linear map applied to every image independently: the shared form of
-/// convolution, linear layers and pooling.
-#[derive(Debug, Clone)]
-pub struct AffineMap {
-    /// Input shape of one image (without the batch axis).
-    pub in_shape: Vec<usize>,
-    /// Output shape of one image.
-    pub out_shape: Vec<usize>,
-    /// For every output element (row-major): (input flat index, weight index).
-    pub terms: Vec<Vec<(u32, u32)>>,
-    /// Weights; the real multiplier is `weights[i] / divisor`.
-    pub weights: Vec<f64>,
-    /// Exact divisor (average pooling's k²): batch tracks it in the scale
-    /// instead of rounding 1/k², and then `weights` must be integers.
-    pub divisor: f64,
-    /// Bias per output element (empty for none).
-    pub bias: Vec<f64>,
+    data: ArrayD<Element>,
+    batch: Option<usize>,
+    scale: f64,
+    growth: Growth,
+    params: Arc<HeParameters>,
+    key_id: [u8; 16],
 }
 
 impl CipherTensor {
+    /// A tensor from its parts (the encryptor's and the loader's constructor).
+    pub(crate) fn from_parts(data: ArrayD<Element>, batch: Option<usize>, scale: f64, growth: Growth, params: Arc<HeParameters>, key_id: [u8; 16]) -> CipherTensor {
+        CipherTensor { data, batch, scale, growth, params, key_id }
+    }
+
+    /// Physical array of elements: the logical shape (fractional) or the
+    /// logical shape without the batch axis (batch: the batch is in the slots).
+    pub fn data(&self) -> &ArrayD<Element> {
+        &self.data
+    }
+
+    /// Takes the physical array out (for operations that consume a tensor).
+    pub(crate) fn into_data(self) -> ArrayD<Element> {
+        self.data
+    }
+
+    /// Batch encoding: the number of images N in the slots. `None` for fractional.
+    pub fn batch(&self) -> Option<usize> {
+        self.batch
+    }
+
+    /// Batch encoding: slots hold round(value · scale). 1 for fractional.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Bound on the plaintext magnitudes.
+    pub fn growth(&self) -> &Growth {
+        &self.growth
+    }
+
+    /// The parameters the ciphertexts belong to.
+    pub fn params(&self) -> &Arc<HeParameters> {
+        &self.params
+    }
+
+    /// The key the ciphertexts were made under.
+    pub fn key_id(&self) -> [u8; 16] {
+        self.key_id
+    }
+
     /// The logical shape: `[N, ...]`.
     pub fn shape(&self) -> Vec<usize> {
         let mut s = self.data.shape().to_vec();
@@ -73,21 +88,22 @@ impl CipherTensor {
     /// The level (number of moduli dropped) of the ciphertexts.
     pub fn level(&self) -> Result<usize> {
         let first = self.data.iter().next().ok_or_else(|| HeError::Value("empty tensor".into()))?;
-        Ok(self.params.bfv[0].level_of_context(first[0][0].ctx())?)
+        Ok(self.params.bfv()[0].level_of_context(first[0][0].ctx())?)
     }
 
     /// Number of ciphertexts it holds.
     pub fn n_ciphertexts(&self) -> usize {
-        self.data.len() * self.params.p.len()
+        self.data.len() * self.params.p().len()
     }
 
-    fn with_data(&self, data: ArrayD<Element>, scale: f64, growth: Growth) -> CipherTensor {
+    /// A tensor of the same batch, parameters and key holding `data` at `scale`.
+    pub(crate) fn with_data(&self, data: ArrayD<Element>, scale: f64, growth: Growth) -> CipherTensor {
         CipherTensor { data, batch: self.batch, scale, growth, params: self.params.clone(), key_id: self.key_id }
     }
 
     fn check_same(&self, other: &CipherTensor) -> Result<()> {
         if !Arc::ptr_eq(&self.params, &other.params) {
-            return value_err(if self.params.fingerprint != other.params.fingerprint {
+            return value_err(if self.params.fingerprint() != other.params.fingerprint() {
                 "the tensors belong to different parameters"
             } else {
                 "the tensors belong to different contexts; load both with the same Context"
@@ -185,6 +201,23 @@ impl CipherTensor {
         Ok(self.with_data(data, self.scale, growth))
     }
 
+    /// Adds `polys[k]` to the first polynomial of component k (a new ciphertext,
+    /// so that no stale seed of a fresh ciphertext survives).
+    pub(crate) fn add_polys(&self, e: &Element, polys: &[Poly]) -> Result<Element> {
+        e.iter()
+            .zip(polys)
+            .enumerate()
+            .map(|(k, (ct, p))| {
+                if ct[0].ctx() != p.ctx() {
+                    return value_err("a constant was encoded for another modulus level");
+                }
+                let mut parts: Vec<Poly> = ct.iter().cloned().collect();
+                parts[0] += p;
+                Ok(Ciphertext::new(parts, &self.params.bfv()[k])?)
+            })
+            .collect()
+    }
+
     /// Batch: refuses a result whose values may exceed the plaintext range
     /// (they would wrap silently). Fractional bounds are reported, not refused.
     fn check_fits(&self, growth: &Growth, what: &str) -> Result<()> {
@@ -193,12 +226,12 @@ impl CipherTensor {
 
     /// Bound of plain constants added at the current scale.
     fn constant_growth(&self, vals: impl Iterator<Item = f64>) -> Result<Growth> {
-        match self.params.encoding {
+        match self.params.encoding() {
             Encoding::Batch { .. } => Ok(Growth::Integer(vals.map(|v| (v * self.scale).round().abs()).fold(0.0, f64::max))),
             Encoding::Fractional { base, int_digits, frac_digits } => {
-                let mut g = vec![0.0; self.params.m];
+                let mut g = vec![0.0; self.params.m()];
                 for v in vals {
-                    let c = fractional_encode(v, self.params.m, base, int_digits, frac_digits)?;
+                    let c = fractional_encode(v, self.params.m(), base, int_digits, frac_digits)?;
                     for (gi, ci) in g.iter_mut().zip(c) {
                         *gi = f64::max(*gi, ci.abs() as f64);
                     }
@@ -210,21 +243,21 @@ impl CipherTensor {
 
     /// `e + v` for one element: `v` has one value (constant over the batch) or N.
     fn add_constant_element(&self, e: &Element, v: &[f64], level: usize) -> Result<Element> {
-        let polys = self.constant_polys(v, level)?;
-        add_polys(e, &polys, &self.params)
+        let polys = self.constant_polys(v, self.scale, level)?;
+        self.add_polys(e, &polys)
     }
 
     /// What adding the plain value(s) `v` adds to each component's first
     /// polynomial: Δ·m with m the centred encoding of `v` (one value: a
     /// constant over the batch; N values: one per slot).
-    fn constant_polys(&self, v: &[f64], level: usize) -> Result<Vec<Poly>> {
+    pub(crate) fn constant_polys(&self, v: &[f64], scale: f64, level: usize) -> Result<Vec<Poly>> {
         let par = &self.params;
-        (0..par.p.len())
+        (0..par.p().len())
             .map(|k| {
-                let t = par.p[k];
-                let coeffs: Vec<i64> = match par.encoding {
+                let t = par.p()[k];
+                let coeffs: Vec<i64> = match par.encoding() {
                     Encoding::Batch { .. } => {
-                        let ints: Vec<i128> = v.iter().map(|&x| (x * self.scale).round() as i128).collect();
+                        let ints: Vec<i128> = v.iter().map(|&x| (x * scale).round() as i128).collect();
                         if ints.iter().all(|&x| x == ints[0]) {
                             // A constant over all slots is the constant polynomial.
                             vec![centre(reduce_i128(ints[0], t), t)]
@@ -234,18 +267,18 @@ impl CipherTensor {
                             // (the uncentred lift costs noise only in products): take it
                             // from the sum with a zero ciphertext.
                             let slots: Vec<u64> = ints.iter().map(|&x| reduce_i128(x, t)).collect();
-                            let pt = Plaintext::try_encode(&slots[..], FheEncoding::simd_at_level(level), &par.bfv[k])?;
-                            let ctx = par.bfv[k].context_at_level(level)?;
-                            let zero = Ciphertext::new(vec![Poly::zero(ctx, Representation::Ntt), Poly::zero(ctx, Representation::Ntt)], &par.bfv[k])?;
+                            let pt = Plaintext::try_encode(&slots[..], FheEncoding::simd_at_level(level), &par.bfv()[k])?;
+                            let ctx = par.bfv()[k].context_at_level(level)?;
+                            let zero = Ciphertext::new(vec![Poly::zero(ctx, Representation::Ntt), Poly::zero(ctx, Representation::Ntt)], &par.bfv()[k])?;
                             let sum = &zero + &pt;
                             return Ok(sum[0].clone());
                         }
                     }
                     Encoding::Fractional { base, int_digits, frac_digits } => {
-                        fractional_encode(v[0], par.m, base, int_digits, frac_digits)?
+                        fractional_encode(v[0], par.m(), base, int_digits, frac_digits)?
                     }
                 };
-                let ctx = par.bfv[k].context_at_level(level)?;
+                let ctx = par.bfv()[k].context_at_level(level)?;
                 let mut poly = Poly::try_convert_from(&coeffs[..], ctx, true, Representation::PowerBasis)?;
                 poly.change_representation(Representation::Ntt);
                 let delta: BigUint = ctx.modulus() / BigUint::from(t);
@@ -277,19 +310,36 @@ impl CipherTensor {
                 })
             })
             .collect();
-        // The growth of an element-wise product is the worst single weight.
-        let map = AffineMap {
-            in_shape: vec![1],
-            out_shape: vec![uniq.len()],
-            terms: (0..uniq.len() as u32).map(|u| vec![(0, u)]).collect(),
-            weights: uniq,
-            divisor: 1.0,
-            bias: vec![],
+        // Batch: round(w · 2^weight_scale_bits), the scale grows by that factor.
+        // Fractional: the centred encoding of w. The bound is the worst single weight's.
+        let level = self.level()?;
+        let ctx = self.params.bfv()[0].context_at_level(level)?.clone();
+        let (multipliers, scale_out, growth) = match (self.params.encoding(), &self.growth) {
+            (Encoding::Batch { weight_scale_bits, .. }, Growth::Integer(b)) => {
+                let f = (weight_scale_bits as f64).exp2();
+                let ints: Vec<f64> = uniq.iter().map(|w| (w * f).round()).collect();
+                if let Some(w) = ints.iter().find(|x| x.abs() >= 2f64.powi(62)) {
+                    return value_err(format!("multiplier {} is out of range", w / f));
+                }
+                let worst = ints.iter().fold(0.0, |a: f64, x| a.max(x.abs()));
+                let ms = ints.iter().map(|&x| Multiplier::scalar(x as i64, &ctx)).collect::<Vec<_>>();
+                (ms, self.scale * f, Growth::Integer(worst * b))
+            }
+            (Encoding::Fractional { base, int_digits, frac_digits }, Growth::Poly(g)) => {
+                let mut ms = Vec::with_capacity(uniq.len());
+                let mut worst = vec![0.0; self.params.m()];
+                for &w in &uniq {
+                    let c = fractional_encode(w, self.params.m(), base, int_digits, frac_digits)?;
+                    for (a, &x) in worst.iter_mut().zip(&c) {
+                        *a = f64::max(*a, x.abs() as f64);
+                    }
+                    ms.push(Multiplier::poly(&c, &ctx)?);
+                }
+                (ms, 1.0, Growth::Poly(negacyclic_bound(g, &worst)))
+            }
+            _ => return value_err("growth bound does not match the encoding"),
         };
-        let (scale_out, weight_factor) = self.affine_scale(&map);
-        let growth = self.affine_growth(&map, scale_out, weight_factor)?;
         check_fits(&self.params, &growth, scale_out, "multiply")?;
-        let prepared = prepare_weights(&self.params, &map, self.level()?)?;
         let elems: Vec<&Element> = self.data.iter().collect();
         let out: Result<Vec<Element>> = elems
             .par_iter()
@@ -297,7 +347,7 @@ impl CipherTensor {
             .map(|(e, &u)| {
                 e.iter()
                     .enumerate()
-                    .map(|(k, ct)| weighted_sum(&[ct], &[&prepared[u as usize]], &self.params.bfv[k]))
+                    .map(|(k, ct)| multipliers[u as usize].apply(ct, &self.params.bfv()[k]))
                     .collect()
             })
             .collect();
@@ -315,8 +365,13 @@ impl CipherTensor {
         }
     }
 
+    /// The shape of one image in `data` (the physical axes after the images').
+    pub fn image_shape(&self) -> &[usize] {
+        &self.data.shape()[self.image_axes_start()..]
+    }
+
     /// Number of images stored along physical axis 0 (fractional) or 1 (batch).
-    fn physical_images(&self) -> usize {
+    pub(crate) fn physical_images(&self) -> usize {
         if self.image_axes_start() == 1 {
             self.data.shape()[0]
         } else {
@@ -324,136 +379,9 @@ impl CipherTensor {
         }
     }
 
-    /// Applies `map` to every image. `prepared` comes from [`prepare_weights`]
-    /// at this tensor's level. `name` names the layer in errors.
-    pub fn apply_affine(&self, map: &AffineMap, prepared: &[Prepared], name: &str) -> Result<CipherTensor> {
-        let start = self.image_axes_start();
-        let img_shape = &self.data.shape()[start..];
-        if img_shape != map.in_shape.as_slice() {
-            return value_err(format!(
-                "{name}: expects input of shape {:?} per image, got {:?}",
-                map.in_shape, img_shape
-            ));
-        }
-        if prepared.len() != map.weights.len() {
-            return value_err(format!("{name}: weights were prepared for another map"));
-        }
-        let level = self.level()?;
-        let (scale_out, weight_factor) = self.affine_scale(map);
-        let growth = self.affine_growth(map, scale_out, weight_factor)?;
-        check_fits(&self.params, &growth, scale_out, name)?;
-        let imgs = self.physical_images();
-        let in_per_img: usize = map.in_shape.iter().product::<usize>().max(1);
-        let out_per_img: usize = map.out_shape.iter().product::<usize>().max(1);
-        let flat: Vec<&Element> = self.data.iter().collect();
-        let ncomp = self.params.p.len();
-        let jobs: Vec<(usize, usize)> = (0..imgs).flat_map(|i| (0..out_per_img).map(move |o| (i, o))).collect();
-        let out: Result<Vec<Element>> = jobs
-            .par_iter()
-            .map(|&(img, o)| {
-                let terms = &map.terms[o];
-                let base = img * in_per_img;
-                (0..ncomp)
-                    .map(|k| {
-                        if terms.is_empty() {
-                            // No input reaches this output (all padding): 0 · x, a valid encryption of 0.
-                            let zero = Prepared::scalar(0, flat[base][k][0].ctx());
-                            return weighted_sum(&[&flat[base][k]], &[&zero], &self.params.bfv[k]);
-                        }
-                        let (cts, ws): (Vec<&Ciphertext>, Vec<&Prepared>) =
-                            terms.iter().map(|&(i, w)| (&flat[base + i as usize][k], &prepared[w as usize])).unzip();
-                        weighted_sum(&cts, &ws, &self.params.bfv[k])
-                    })
-                    .collect::<Result<Element>>()
-            })
-            .collect();
-        let mut out = out?;
-        if !map.bias.is_empty() {
-            // One encoded bias per distinct value (per output channel), reused at every position.
-            let tmp = self.with_data(ArrayD::from_elem(IxDyn(&[]), flat[0].clone()), scale_out, self.growth.clone());
-            let mut encoded: HashMap<u64, Vec<Poly>> = HashMap::new();
-            for &b in &map.bias {
-                if let std::collections::hash_map::Entry::Vacant(slot) = encoded.entry(b.to_bits()) {
-                    slot.insert(tmp.constant_polys(&[b], level)?);
-                }
-            }
-            out = out
-                .into_par_iter()
-                .enumerate()
-                .map(|(j, e)| add_polys(&e, &encoded[&map.bias[j % out_per_img].to_bits()], &self.params))
-                .collect::<Result<Vec<Element>>>()?;
-        }
-        let mut shape = if start == 1 { vec![imgs] } else { vec![] };
-        shape.extend_from_slice(&map.out_shape);
-        let data = shaped(&shape, out)?;
-        Ok(self.with_data(data, scale_out, growth))
-    }
-
-    /// Batch: the scale after `map` and the factor its weights were scaled by
-    /// (2^weight_scale_bits, or 1 for a divided map, whose divisor joins the
-    /// scale). Fractional: (1, 1).
-    fn affine_scale(&self, map: &AffineMap) -> (f64, f64) {
-        match self.params.encoding {
-            Encoding::Batch { .. } if map.divisor != 1.0 => (self.scale * map.divisor, 1.0),
-            Encoding::Batch { weight_scale_bits, .. } => {
-                let f = (weight_scale_bits as f64).exp2();
-                (self.scale * f, f)
-            }
-            Encoding::Fractional { .. } => (1.0, 1.0),
-        }
-    }
-
-    fn affine_growth(&self, map: &AffineMap, scale_out: f64, weight_factor: f64) -> Result<Growth> {
-        match (&self.growth, self.params.encoding) {
-            (Growth::Integer(b), Encoding::Batch { .. }) => {
-                let mut worst: f64 = 0.0;
-                for (o, terms) in map.terms.iter().enumerate() {
-                    let s: f64 = terms.iter().map(|&(_, w)| (map.weights[w as usize] * weight_factor).round().abs()).sum();
-                    let bias = map.bias.get(o).map(|&x| (x * scale_out).round().abs()).unwrap_or(0.0);
-                    worst = worst.max(s * b + bias);
-                }
-                Ok(Growth::Integer(worst))
-            }
-            (Growth::Poly(g), Encoding::Fractional { base, int_digits, frac_digits }) => {
-                let m = self.params.m;
-                let enc: Vec<Vec<(usize, f64)>> = map
-                    .weights
-                    .iter()
-                    .map(|&w| {
-                        fractional_encode(w / map.divisor, m, base, int_digits, frac_digits)
-                            .map(|c| c.iter().enumerate().filter(|(_, &x)| x != 0).map(|(i, &x)| (i, x.abs() as f64)).collect())
-                    })
-                    .collect::<Result<_>>()?;
-                let mut s = vec![0.0; m];
-                let mut per_out = vec![0.0; m];
-                for terms in &map.terms {
-                    per_out.iter_mut().for_each(|x| *x = 0.0);
-                    for &(_, w) in terms {
-                        for &(i, x) in &enc[w as usize] {
-                            per_out[i] += x;
-                        }
-                    }
-                    for (a, b) in s.iter_mut().zip(&per_out) {
-                        *a = f64::max(*a, *b);
-                    }
-                }
-                let mut out = super::growth::negacyclic_bound(g, &s);
-                if !map.bias.is_empty() {
-                    if let Growth::Poly(bg) = self.constant_growth(map.bias.iter().cloned())? {
-                        for (a, b) in out.iter_mut().zip(bg) {
-                            *a += b;
-                        }
-                    }
-                }
-                Ok(Growth::Poly(out))
-            }
-            _ => value_err("growth bound does not match the encoding"),
-        }
-    }
-
     /// What the growth bound means against the plaintext modulus.
     pub fn growth_report(&self) -> GrowthReport {
-        let base = match self.params.encoding {
+        let base = match self.params.encoding() {
             Encoding::Fractional { base, .. } => base,
             Encoding::Batch { .. } => 2,
         };
@@ -589,34 +517,20 @@ pub(crate) fn shaped<T>(shape: &[usize], elems: Vec<T>) -> Result<ArrayD<T>> {
     ArrayD::from_shape_vec(IxDyn(shape), elems).map_err(|_| HeError::Value(format!("{n} elements do not fill shape {shape:?}")))
 }
 
-/// Adds `polys[k]` to the first polynomial of component k (a new ciphertext,
-/// so that no stale seed of a fresh ciphertext survives).
-fn add_polys(e: &Element, polys: &[Poly], params: &HeParameters) -> Result<Element> {
-    e.iter()
-        .zip(polys)
-        .enumerate()
-        .map(|(k, (ct, p))| {
-            if ct[0].ctx() != p.ctx() {
-                return value_err("a constant was encoded for another modulus level");
-            }
-            let mut parts: Vec<Poly> = ct.iter().cloned().collect();
-            parts[0] += p;
-            Ok(Ciphertext::new(parts, &params.bfv[k])?)
-        })
-        .collect()
-}
-
 /// Batch encoding: a [`HeError::PlaintextOverflow`] naming `what` when values
 /// bounded by `growth` (at `scale`) could wrap modulo the plaintext modulus.
 pub(crate) fn check_fits(params: &HeParameters, growth: &Growth, scale: f64, what: &str) -> Result<()> {
-    if let Encoding::Batch { .. } = params.encoding {
+    if let Encoding::Batch { .. } = params.encoding() {
         let r = growth.report(params.plaintext_product() as f64, 2);
         if !r.fits() {
-            return Err(HeError::PlaintextOverflow(format!(
-                "{what}: values may reach {:.3e} at scale {scale} but the plaintext modulus allows ±{:.3e}; use smaller scales, more plaintext moduli (CRT) or a rencryption",
-                r.coeff_bound / scale,
-                r.limit / scale
-            )));
+            let (bound, limit) = (r.coeff_bound / scale, r.limit / scale);
+            return Err(HeError::PlaintextOverflow {
+                message: format!(
+                    "{what}: values may reach {bound:.3e} at scale {scale} but the plaintext modulus allows ±{limit:.3e}; use smaller scales, more plaintext moduli (CRT) or a rencryption"
+                ),
+                bound,
+                limit,
+            });
         }
     }
     Ok(())
@@ -629,37 +543,6 @@ pub fn growth_max(a: &Growth, b: &Growth) -> Growth {
         (Growth::Poly(x), Growth::Poly(y)) => Growth::Poly(x.iter().zip(y).map(|(p, q)| p.max(*q)).collect()),
         (x, _) => x.clone(),
     }
-}
-
-/// Encodes an affine map's weights for ciphertexts at `level`.
-pub fn prepare_weights(params: &HeParameters, map: &AffineMap, level: usize) -> Result<Vec<Prepared>> {
-    let ctx = params.bfv[0].context_at_level(level)?.clone();
-    map.weights
-        .par_iter()
-        .map(|&w| match params.encoding {
-            // Batch: round(w · 2^weight_scale_bits), the scale grows by that
-            // factor; a divided map (pooling) keeps integer weights and puts the
-            // divisor into the scale instead.
-            Encoding::Batch { weight_scale_bits, .. } => {
-                let x = if map.divisor != 1.0 {
-                    if w.fract() != 0.0 {
-                        return value_err("a divided map needs integer weights in the batch encoding");
-                    }
-                    w
-                } else {
-                    (w * (weight_scale_bits as f64).exp2()).round()
-                };
-                if !x.is_finite() || x.abs() >= 2f64.powi(62) {
-                    return value_err(format!("weight {w} is out of range"));
-                }
-                Ok(Prepared::scalar(x as i64, &ctx))
-            }
-            // Fractional: the (centred) encoding of the real multiplier.
-            Encoding::Fractional { base, int_digits, frac_digits } => {
-                Prepared::poly(&fractional_encode(w / map.divisor, params.m, base, int_digits, frac_digits)?, &ctx)
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -693,7 +576,7 @@ mod tests {
         // p ≈ 2^26 leaves ±2 here; 3.25 would wrap and is refused).
         let w = ArrayD::from_elem(IxDyn(&[]), -0.5);
         let s = t.mul_plain(&w).unwrap();
-        assert!(matches!(s.add_plain(&v), Err(crate::he::HeError::PlaintextOverflow(_))));
+        assert!(matches!(s.add_plain(&v), Err(crate::he::HeError::PlaintextOverflow { .. })));
         let v = v.mapv(|a| a / 4.0);
         let d = ctx.decrypt(&s.add_plain(&v).unwrap()).unwrap();
         for i in 0..3 {
@@ -710,7 +593,7 @@ mod tests {
         for _ in 0..10 {
             match s.add(&s) {
                 Ok(n) => s = n,
-                Err(crate::he::HeError::PlaintextOverflow(_)) => {
+                Err(crate::he::HeError::PlaintextOverflow { .. }) => {
                     refused = true;
                     break;
                 }
@@ -733,7 +616,7 @@ mod tests {
                 assert!((d[[i, j]] - (x[[i, j]] + v[[j]])).abs() < 1e-8);
             }
         }
-        let sq = ctx.square(&t).unwrap();
+        let sq = ctx.square(t.clone()).unwrap();
         let d = ctx.decrypt(&sq.add_plain(&v).unwrap()).unwrap();
         for i in 0..2 {
             for j in 0..2 {

@@ -3,9 +3,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::he::kernel::Prepared;
-use crate::he::tensor::prepare_weights;
-use crate::he::{AffineMap, CipherTensor, HeError, Result};
+use super::affine_map::AffineMap;
+use crate::he::{CipherTensor, HeError, Multiplier, Result};
 
 /// The shape of an affine layer; the map's terms are derived from it and the input shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,14 +129,11 @@ impl Geometry {
 
 /// An affine layer: geometry, weights, bias, and caches of its maps and encoded weights.
 pub struct Affine {
-    /// The layer's shape.
-    pub geometry: Geometry,
-    /// Weights, row-major in torch's layout (AvgPool2d: `[1.0]`).
-    pub weights: Vec<f64>,
-    /// Bias per output channel / feature (empty for none).
-    pub bias: Vec<f64>,
+    geometry: Geometry,
+    weights: Vec<f64>,
+    bias: Vec<f64>,
     maps: Mutex<HashMap<Vec<usize>, Arc<AffineMap>>>,
-    prepared: Mutex<HashMap<([u8; 16], usize), Arc<Vec<Prepared>>>>,
+    prepared: Mutex<HashMap<([u8; 16], usize), Arc<Vec<Multiplier>>>>,
 }
 
 impl Affine {
@@ -185,6 +181,49 @@ impl Affine {
             return Err(HeError::Value(format!("{}: expected {outs} biases, got {}", geometry.name(), bias.len())));
         }
         Ok(Affine { geometry, weights, bias, maps: Mutex::new(HashMap::new()), prepared: Mutex::new(HashMap::new()) })
+    }
+
+    /// The layer's shape.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Weights, row-major in torch's layout (AvgPool2d: `[1.0]`).
+    pub fn weights(&self) -> &[f64] {
+        &self.weights
+    }
+
+    /// Bias per output channel / feature (empty for none).
+    pub fn bias(&self) -> &[f64] {
+        &self.bias
+    }
+
+    /// The map of the output with the largest Σ|w| over its inputs, all of
+    /// which are one probe value: the worst case of a layer's plaintext
+    /// growth and noise (copies of one value add up coherently), without
+    /// padding. Its input is `[terms]`, its output one element.
+    pub fn probe_map(&self) -> AffineMap {
+        let (rows, divisor): (Vec<Vec<u32>>, f64) = match self.geometry {
+            Geometry::Conv2d { out_channels, .. } | Geometry::Conv1d { out_channels, .. } => {
+                let per = self.weights.len() / out_channels.max(1);
+                ((0..out_channels).map(|o| (o * per..(o + 1) * per).map(|w| w as u32).collect()).collect(), 1.0)
+            }
+            Geometry::Linear { in_features, out_features } => {
+                ((0..out_features).map(|o| (o * in_features..(o + 1) * in_features).map(|w| w as u32).collect()).collect(), 1.0)
+            }
+            Geometry::AvgPool2d { kernel: (kh, kw), .. } => (vec![vec![0; kh * kw]], (kh * kw) as f64),
+        };
+        let weight_sum = |r: &Vec<u32>| r.iter().map(|&w| self.weights[w as usize].abs()).sum::<f64>();
+        let worst = (0..rows.len()).max_by(|&a, &b| weight_sum(&rows[a]).total_cmp(&weight_sum(&rows[b]))).unwrap_or(0);
+        let row = rows.into_iter().nth(worst).unwrap_or_default();
+        AffineMap {
+            in_shape: vec![row.len()],
+            out_shape: vec![1],
+            terms: vec![row.iter().enumerate().map(|(i, &w)| (i as u32, w)).collect()],
+            weights: self.weights.clone(),
+            divisor,
+            bias: self.bias.get(worst).map(|&b| vec![b]).unwrap_or_default(),
+        }
     }
 
     fn build_map(&self, in_shape: &[usize]) -> Result<AffineMap> {
@@ -303,15 +342,33 @@ impl Affine {
 
     /// Runs the layer.
     pub fn forward(&self, x: &CipherTensor) -> Result<CipherTensor> {
-        let in_shape = x.data.shape()[x.image_axes_start()..].to_vec();
-        let map = self.map_for(&in_shape)?;
+        let map = self.map_for(x.image_shape())?;
+        self.apply(&map, x)
+    }
+
+    /// [`Affine::probe_map`] on copies of `probe`, a tensor of one element.
+    pub fn probe(&self, probe: &CipherTensor) -> Result<CipherTensor> {
+        let map = self.probe_map();
+        let element = probe.data().iter().next().ok_or_else(|| HeError::Value("the probe is empty".into()))?;
+        let mut shape = if probe.image_axes_start() == 1 { vec![1] } else { vec![] };
+        shape.extend_from_slice(&map.in_shape);
+        let copies = ndarray::ArrayD::from_elem(ndarray::IxDyn(&shape), element.clone());
+        // The probe map shares the layer's weights: their cached encoding serves.
+        let out = self.apply(&map, &probe.with_data(copies, probe.scale(), probe.growth().clone()))?;
+        let single = out.data().iter().next().cloned().ok_or_else(|| HeError::Value("the probe map has no output".into()))?;
+        Ok(out.with_data(ndarray::ArrayD::from_elem(probe.data().raw_dim(), single), out.scale(), out.growth().clone()))
+    }
+
+    /// `map` (one of this layer's, all of which share its weights) on `x`,
+    /// with the weights encoded for `x`'s parameters and level once and cached.
+    fn apply(&self, map: &AffineMap, x: &CipherTensor) -> Result<CipherTensor> {
         let level = x.level()?;
-        let key = (x.params.fingerprint, level);
+        let key = (x.params().fingerprint(), level);
         let cached = self.prepared.lock().map_err(|_| HeError::Backend("layer cache poisoned".into()))?.get(&key).cloned();
         let prepared = match cached {
             Some(p) => p,
             None => {
-                let p = Arc::new(prepare_weights(&x.params, &map, level)?);
+                let p = Arc::new(map.prepare_weights(x.params(), level)?);
                 let mut cache = self.prepared.lock().map_err(|_| HeError::Backend("layer cache poisoned".into()))?;
                 // Bounded: a layer serves few parameter sets at a time.
                 if cache.len() >= 8 {
@@ -321,6 +378,6 @@ impl Affine {
                 p
             }
         };
-        x.apply_affine(&map, &prepared, self.geometry.name())
+        map.apply(x, &prepared, self.geometry.name())
     }
 }

@@ -1,13 +1,20 @@
-//! Encrypted CNN layers as pure Rust over [`CipherTensor`]. Convolutions,
-//! linear layers and pooling are affine maps (a weighted sum per output
-//! element); activations are ciphertext products. Weights are encoded once
-//! per (layer, parameters, level) and reused for every call.
+//! Encrypted layers as pure Rust over [`CipherTensor`]. Convolutions, linear
+//! layers and pooling are affine maps (a weighted sum per output element,
+//! computed by one lazy-reduction kernel); activations are ciphertext
+//! products. Weights are encoded once per (layer, parameters, level) and
+//! reused for every call and every key.
 
+mod activation;
 mod affine;
+mod affine_map;
+mod kernel;
 
+pub use activation::{polynomial, square};
 pub use affine::{Affine, Geometry};
+pub use affine_map::AffineMap;
+pub use kernel::weighted_sum;
 
-use crate::he::{CipherTensor, HeContext, HeError, Result};
+use crate::he::{CipherTensor, HeContext, Result};
 
 /// One encrypted layer.
 pub enum Layer {
@@ -27,7 +34,7 @@ impl Layer {
     /// The torch-like name of the layer.
     pub fn name(&self) -> String {
         match self {
-            Layer::Affine(a) => a.geometry.name().to_string(),
+            Layer::Affine(a) => a.geometry().name().to_string(),
             Layer::Square => "Square".into(),
             Layer::Polynomial(_) => "Polynomial".into(),
             Layer::Flatten => "Flatten".into(),
@@ -40,33 +47,54 @@ impl Layer {
         matches!(self, Layer::Square | Layer::Polynomial(_))
     }
 
-    /// Runs the layer on `x` with the keys of `ctx`.
+    /// Runs the layer on `x` with the keys of `ctx`; `x` is left as it is.
     pub fn forward(&self, ctx: &HeContext, x: &CipherTensor) -> Result<CipherTensor> {
         ctx.check(x)?;
         match self {
             Layer::Affine(a) => a.forward(x),
-            Layer::Square => ctx.square(x),
-            Layer::Polynomial(c) => ctx.polynomial(x, c),
+            Layer::Square => square(ctx, x.clone()),
+            Layer::Polynomial(c) => polynomial(ctx, x, c),
             Layer::Flatten => {
-                let start = x.image_axes_start();
-                let n: usize = x.data.shape()[start..].iter().product();
+                let n: usize = x.image_shape().iter().product();
                 x.reshape_images(&[n])
             }
             Layer::Rencryption => ctx.rencrypt(x),
         }
     }
-}
 
-/// Output shape of one image for an input shape, without running anything.
-pub fn output_shape(layer: &Layer, in_shape: &[usize]) -> Result<Vec<usize>> {
-    match layer {
-        Layer::Affine(a) => a.geometry.output_shape(in_shape),
-        Layer::Flatten => Ok(vec![in_shape.iter().product()]),
-        _ => Ok(in_shape.to_vec()),
+    /// Runs the layer on an intermediate result nobody needs afterwards: a
+    /// square frees its input as it goes (half the peak memory).
+    pub fn forward_owned(&self, ctx: &HeContext, x: CipherTensor) -> Result<CipherTensor> {
+        match self {
+            Layer::Square => {
+                ctx.check(&x)?;
+                square(ctx, x)
+            }
+            _ => self.forward(ctx, &x),
+        }
     }
-}
 
-/// Error for a layer that cannot run encrypted.
-pub fn unsupported(what: &str, alternative: &str) -> HeError {
-    HeError::Value(format!("{what} cannot run on encrypted data; use {alternative}"))
+    /// The layer's worst output element for inputs that are all `probe` (a
+    /// tensor of one element): what [`crate::model::Model::predict`] runs to
+    /// foresee noise and plaintext growth at a fraction of a pass's cost.
+    pub fn probe(&self, ctx: &HeContext, probe: &CipherTensor) -> Result<CipherTensor> {
+        match self {
+            Layer::Affine(a) => {
+                ctx.check(probe)?;
+                a.probe(probe)
+            }
+            // Flattening moves values without changing them.
+            Layer::Flatten => Ok(probe.clone()),
+            _ => self.forward(ctx, probe),
+        }
+    }
+
+    /// Output shape of one image for an input shape, without running anything.
+    pub fn output_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
+        match self {
+            Layer::Affine(a) => a.geometry().output_shape(in_shape),
+            Layer::Flatten => Ok(vec![in_shape.iter().product()]),
+            _ => Ok(in_shape.to_vec()),
+        }
+    }
 }

@@ -11,7 +11,7 @@ use super::errors::{to_py, HEError, ParameterError};
 use super::pool::run;
 use super::tensor::{tensor_arg, wrap_tensor};
 use crate::he::serialize::{context_from_bytes, public_context_to_bytes, secret_key_to_bytes};
-use crate::he::{Encoding, HeContext, ParametersRequest};
+use crate::he::{CipherTensor, Encoding, HeContext, ParametersRequest};
 
 /// Live contexts by key id, so that unpickled tensors find the context they belong to.
 static LIVE: Mutex<Option<HashMap<[u8; 16], Py<PyWeakrefReference>>>> = Mutex::new(None);
@@ -149,9 +149,8 @@ impl PyContext {
     /// Generates the secret, public and relinearization keys.
     fn keygen(slf: &Bound<'_, PyContext>) -> PyResult<()> {
         let me = slf.get();
-        let params = me.get().params.clone();
-        let ctx = run(slf.py(), || {
-            let mut c = HeContext { params, keys: None };
+        let mut c = me.get().without_keys();
+        let ctx = run(slf.py(), move || {
             c.keygen()?;
             Ok(c)
         })?;
@@ -245,7 +244,7 @@ impl PyContext {
     fn square(slf: &Bound<'_, PyContext>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let t = tensor_arg(x)?;
         let ctx = slf.get().get();
-        let out = run(slf.py(), || ctx.square(&t))?;
+        let out = run(slf.py(), || ctx.square(CipherTensor::clone(&t)))?;
         wrap_tensor(slf.py(), out, slf.clone().unbind())
     }
 
@@ -261,7 +260,7 @@ impl PyContext {
     fn polynomial(slf: &Bound<'_, PyContext>, x: &Bound<'_, PyAny>, coefficients: Vec<f64>) -> PyResult<Py<PyAny>> {
         let t = tensor_arg(x)?;
         let ctx = slf.get().get();
-        let out = run(slf.py(), || ctx.polynomial(&t, &coefficients))?;
+        let out = run(slf.py(), || crate::layers::polynomial(&ctx, &t, &coefficients))?;
         wrap_tensor(slf.py(), out, slf.clone().unbind())
     }
 
@@ -290,32 +289,32 @@ impl PyContext {
     /// Polynomial degree.
     #[getter]
     fn m(&self) -> usize {
-        self.get().params.m
+        self.get().params().m()
     }
 
     /// Plaintext modulus (a list when several are combined by CRT).
     #[getter]
     fn p(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let ps = self.get().params.p.clone();
+        let ps = self.get().params().p().to_vec();
         Ok(if ps.len() == 1 { ps[0].into_pyobject(py)?.into_any().unbind() } else { ps.into_pyobject(py)?.into_any().unbind() })
     }
 
     /// Security level in bits.
     #[getter]
     fn sec(&self) -> u32 {
-        self.get().params.sec
+        self.get().params().sec()
     }
 
     /// "batch" or "fractional".
     #[getter]
     fn encoding(&self) -> &'static str {
-        self.get().params.encoding.name()
+        self.get().params().encoding().name()
     }
 
     /// Ciphertext moduli.
     #[getter]
     fn moduli(&self) -> Vec<u64> {
-        self.get().params.moduli.clone()
+        self.get().params().moduli().to_vec()
     }
 
     /// Hex id of the keys (None before keygen).
@@ -327,21 +326,21 @@ impl PyContext {
     /// Hex fingerprint of the parameters (including the NTT build).
     #[getter]
     fn fingerprint(&self) -> String {
-        self.get().params.fingerprint.iter().map(|b| format!("{b:02x}")).collect()
+        self.get().params().fingerprint().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// All parameters as a dict (what a server compares requests with).
     fn parameters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let ctx = self.get();
-        let par = &ctx.params;
+        let par = ctx.params();
         let d = PyDict::new(py);
-        d.set_item("m", par.m)?;
-        d.set_item("p", if par.p.len() == 1 { par.p[0].into_pyobject(py)?.into_any() } else { par.p.clone().into_pyobject(py)?.into_any() })?;
-        d.set_item("sec", par.sec)?;
-        d.set_item("encoding", par.encoding.name())?;
-        d.set_item("moduli", par.moduli.clone())?;
+        d.set_item("m", par.m())?;
+        d.set_item("p", if par.p().len() == 1 { par.p()[0].into_pyobject(py)?.into_any() } else { par.p().to_vec().into_pyobject(py)?.into_any() })?;
+        d.set_item("sec", par.sec())?;
+        d.set_item("encoding", par.encoding().name())?;
+        d.set_item("moduli", par.moduli().to_vec())?;
         d.set_item("log_q", par.log_q_at_level(0))?;
-        match par.encoding {
+        match par.encoding() {
             Encoding::Batch { scale_bits, weight_scale_bits } => {
                 d.set_item("scale_bits", scale_bits)?;
                 d.set_item("weight_scale_bits", weight_scale_bits)?;
@@ -368,8 +367,8 @@ impl PyContext {
 
     fn __repr__(&self) -> String {
         let c = self.get();
-        let keys = if c.has_secret_key() { "secret key" } else if c.keys.is_some() { "public keys only" } else { "no keys" };
-        format!("Context(m={}, p={:?}, sec={}, encoding={:?}, {keys})", c.params.m, c.params.p, c.params.sec, c.params.encoding.name())
+        let keys = if c.has_secret_key() { "secret key" } else if c.keys().is_ok() { "public keys only" } else { "no keys" };
+        format!("Context(m={}, p={:?}, sec={}, encoding={:?}, {keys})", c.params().m(), c.params().p(), c.params().sec(), c.params().encoding().name())
     }
 }
 

@@ -11,7 +11,7 @@ use super::errors::HEError;
 use super::pool::run;
 use super::tensor::{wrap_tensor, PyCipherTensor};
 use crate::he::HeContext;
-use crate::layers::{output_shape, Affine, Geometry, Layer};
+use crate::layers::{Affine, Geometry, Layer};
 
 /// An encrypted layer: call it on a CipherTensor.
 #[pyclass(name = "Layer", module = "pycrcnn._engine", frozen)]
@@ -48,6 +48,11 @@ fn affine(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>) -> PyRe
 }
 
 impl PyLayer {
+    /// The engine layer.
+    pub fn layer(&self) -> &Arc<Layer> {
+        &self.layer
+    }
+
     /// The input tensor, its Context and engine context; refuses tensors made
     /// under other parameters than the layer's.
     fn input<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyCipherTensor>, Py<PyContext>, Arc<HeContext>)> {
@@ -57,7 +62,7 @@ impl PyLayer {
             .clone();
         let ctx_obj = tensor.get().context_ref().clone_ref(py);
         let ctx = ctx_obj.bind(py).get().get();
-        if ctx.params.fingerprint != self.ctx.bind(py).get().get().params.fingerprint {
+        if ctx.params().fingerprint() != self.ctx.bind(py).get().get().params().fingerprint() {
             return Err(HEError::new_err("the tensor was encrypted under other parameters than the layer's context"));
         }
         Ok((tensor, ctx_obj, ctx))
@@ -179,12 +184,10 @@ impl PyLayer {
     /// Like calling the layer, but a Square consumes `x` (which is left
     /// empty): for intermediate results of a model, to halve peak memory.
     fn _call_consuming(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        if !matches!(*self.layer, Layer::Square) {
-            return self.__call__(py, x);
-        }
         let (tensor, ctx_obj, ctx) = self.input(py, x)?;
         let t = tensor.get().take();
-        let out = run(py, move || ctx.square_consuming(t))?;
+        let layer = self.layer.clone();
+        let out = run(py, move || layer.forward_owned(&ctx, t))?;
         wrap_tensor(py, out, ctx_obj)
     }
 
@@ -202,7 +205,7 @@ impl PyLayer {
 
     /// Output shape of one image for an input shape of one image.
     fn output_shape(&self, in_shape: Vec<usize>) -> PyResult<Vec<usize>> {
-        output_shape(&self.layer, &in_shape).map_err(super::errors::to_py)
+        self.layer.output_shape(&in_shape).map_err(super::errors::to_py)
     }
 
     /// The layer's parameters.
@@ -210,7 +213,7 @@ impl PyLayer {
         let d = PyDict::new(py);
         d.set_item("type", self.layer.name())?;
         match &*self.layer {
-            Layer::Affine(a) => match &a.geometry {
+            Layer::Affine(a) => match &a.geometry() {
                 Geometry::Conv2d { out_channels, in_channels, kernel, stride, padding, dilation, groups } => {
                     d.set_item("in_channels", in_channels)?;
                     d.set_item("out_channels", out_channels)?;
@@ -219,7 +222,7 @@ impl PyLayer {
                     d.set_item("padding", padding)?;
                     d.set_item("dilation", dilation)?;
                     d.set_item("groups", groups)?;
-                    d.set_item("bias", !a.bias.is_empty())?;
+                    d.set_item("bias", !a.bias().is_empty())?;
                 }
                 Geometry::Conv1d { out_channels, in_channels, kernel, stride, padding, dilation, groups } => {
                     d.set_item("in_channels", in_channels)?;
@@ -229,12 +232,12 @@ impl PyLayer {
                     d.set_item("padding", padding)?;
                     d.set_item("dilation", dilation)?;
                     d.set_item("groups", groups)?;
-                    d.set_item("bias", !a.bias.is_empty())?;
+                    d.set_item("bias", !a.bias().is_empty())?;
                 }
                 Geometry::Linear { in_features, out_features } => {
                     d.set_item("in_features", in_features)?;
                     d.set_item("out_features", out_features)?;
-                    d.set_item("bias", !a.bias.is_empty())?;
+                    d.set_item("bias", !a.bias().is_empty())?;
                 }
                 Geometry::AvgPool2d { kernel, stride, padding } => {
                     d.set_item("kernel_size", kernel)?;

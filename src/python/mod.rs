@@ -1,7 +1,9 @@
-//! PyO3 bindings: conversions and errors only; the math lives in `he` and `layers`.
+//! PyO3 bindings: conversions and errors only; the math lives in `he`,
+//! `layers` and `model`.
 
 pub mod context;
 pub mod errors;
 pub mod layers;
+pub mod model;
 pub mod pool;
 pub mod tensor;

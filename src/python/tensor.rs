@@ -37,14 +37,7 @@ impl PyCipherTensor {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let empty = CipherTensor {
-            data: ndarray::ArrayD::default(ndarray::IxDyn(&[0])),
-            batch: g.batch,
-            scale: g.scale,
-            growth: g.growth.clone(),
-            params: g.params.clone(),
-            key_id: g.key_id,
-        };
+        let empty = g.with_data(ndarray::ArrayD::default(ndarray::IxDyn(&[0])), g.scale(), g.growth().clone());
         let arc = std::mem::replace(&mut *g, Arc::new(empty));
         Arc::try_unwrap(arc).unwrap_or_else(|a| (*a).clone())
     }
@@ -60,7 +53,7 @@ impl PyCipherTensor {
 
 /// Wraps a tensor: a `PyCtxt` for a single fractional ciphertext, else a `CipherTensor`.
 pub fn wrap_tensor(py: Python<'_>, t: CipherTensor, ctx: Py<PyContext>) -> PyResult<Py<PyAny>> {
-    let single = t.batch.is_none() && t.data.ndim() == 0;
+    let single = t.batch().is_none() && t.data().ndim() == 0;
     let base = PyCipherTensor { inner: RwLock::new(Arc::new(t)), ctx };
     if single {
         Ok(Bound::new(py, PyClassInitializer::from(base).add_subclass(PyCtxt))?.into_any().unbind())
@@ -153,7 +146,7 @@ fn parse_key(key: &Bound<'_, PyAny>, shape: &[usize], batch: bool) -> PyResult<V
 
 fn index(t: &CipherTensor, keys: &[Key]) -> Result<CipherTensor, HeError> {
     let mut out = t.clone();
-    let skip = usize::from(t.batch.is_some());
+    let skip = usize::from(t.batch().is_some());
     for (axis, k) in keys.iter().enumerate().skip(skip) {
         if let Key::Slice(idx, full) = k {
             if !full {
@@ -236,13 +229,13 @@ impl PyCipherTensor {
     /// "batch" or "fractional".
     #[getter]
     fn encoding(&self) -> &'static str {
-        self.get().params.encoding.name()
+        self.get().params().encoding().name()
     }
 
     /// Fixed-point scale of the slots (batch); 1 for fractional.
     #[getter]
     fn scale(&self) -> f64 {
-        self.get().scale
+        self.get().scale()
     }
 
     /// Modulus level (0 = all moduli).
@@ -274,7 +267,7 @@ impl PyCipherTensor {
         if shape.is_empty() {
             return Err(index_error("a single ciphertext cannot be indexed"));
         }
-        let keys = parse_key(key, &shape, t.batch.is_some())?;
+        let keys = parse_key(key, &shape, t.batch().is_some())?;
         let out = index(&t, &keys).map_err(|e| index_error(e.to_string()))?;
         self.result(py, out)
     }
@@ -285,17 +278,10 @@ impl PyCipherTensor {
     fn to_numpy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let t = self.get();
         let np = py.import("numpy")?;
-        let phys = t.data.shape().to_vec();
-        let out = np.call_method1("empty", (t.data.len(), "object"))?;
-        for (i, e) in t.data.iter().enumerate() {
-            let single = CipherTensor {
-                data: ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), e.clone()),
-                batch: t.batch,
-                scale: t.scale,
-                growth: t.growth.clone(),
-                params: t.params.clone(),
-                key_id: t.key_id,
-            };
+        let phys = t.data().shape().to_vec();
+        let out = np.call_method1("empty", (t.data().len(), "object"))?;
+        for (i, e) in t.data().iter().enumerate() {
+            let single = t.with_data(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), e.clone()), t.scale(), t.growth().clone());
             out.set_item(i, self.result(py, single)?)?;
         }
         out.call_method1("reshape", (PyTuple::new(py, phys)?,))
@@ -423,8 +409,8 @@ impl PyCipherTensor {
         format!(
             "CipherTensor(shape={:?}, encoding={:?}, scale={}, ciphertexts={})",
             t.shape(),
-            t.params.encoding.name(),
-            t.scale,
+            t.params().encoding().name(),
+            t.scale(),
             t.n_ciphertexts()
         )
     }
@@ -455,7 +441,7 @@ impl PyCtxt {
         let base = slf.as_super();
         let engine = base.ctx.bind(py).get().get();
         let t = run(py, || tensor_from_bytes(&data, &engine))?;
-        if t.batch.is_some() || t.data.ndim() != 0 {
+        if t.batch().is_some() || t.data().ndim() != 0 {
             return Err(HEError::new_err("the file does not hold a single ciphertext"));
         }
         match base.inner.write() {
@@ -467,7 +453,7 @@ impl PyCtxt {
 
     fn __repr__(slf: PyRef<'_, Self>) -> String {
         let base = slf.as_super();
-        format!("PyCtxt(level={:?}, encoding={:?})", base.get().level().ok(), base.get().params.encoding.name())
+        format!("PyCtxt(level={:?}, encoding={:?})", base.get().level().ok(), base.get().params().encoding().name())
     }
 }
 

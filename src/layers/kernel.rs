@@ -1,48 +1,20 @@
 //! The one arithmetic kernel the layers share: a weighted sum of ciphertexts
-//! by plaintext multipliers with lazy modular reduction, computed on the raw
-//! NTT coefficients (fhe.rs's own `dot_product_scalar` takes fhe plaintexts,
-//! whose uncentred lift costs ~log2(t) noise bits per product).
+//! by plaintext [`Multiplier`]s with lazy modular reduction, computed on the
+//! raw NTT coefficients (fhe.rs's own `dot_product_scalar` takes fhe
+//! plaintexts, whose uncentred lift costs ~log2(t) noise bits per product).
 
 use std::sync::Arc;
 
 use fhe::bfv::{BfvParameters, Ciphertext};
-use fhe_math::rq::{traits::TryConvertFrom, Context, Poly, Representation};
+use fhe_math::rq::{traits::TryConvertFrom, Poly, Representation};
 use ndarray::Array2;
 
-use super::error::{HeError, Result};
-
-/// A multiplier ready for one ciphertext context (level).
-#[derive(Debug, Clone)]
-pub enum Prepared {
-    /// An integer, as residues modulo each ciphertext prime (Q − |w| for negative w).
-    Scalar(Vec<u64>),
-    /// A polynomial with centred coefficients, in NTT form, one row per prime.
-    Poly(Array2<u64>),
-}
-
-impl Prepared {
-    /// An integer multiplier for the context `ctx`.
-    pub fn scalar(w: i64, ctx: &Arc<Context>) -> Prepared {
-        Prepared::Scalar(ctx.moduli().iter().map(|&q| (w as i128).rem_euclid(q as i128) as u64).collect())
-    }
-
-    /// A polynomial multiplier (centred coefficients, length ≤ degree) for `ctx`.
-    pub fn poly(coeffs: &[i64], ctx: &Arc<Context>) -> Result<Prepared> {
-        let mut p = Poly::try_convert_from(coeffs, ctx, true, Representation::PowerBasis)?;
-        p.change_representation(Representation::Ntt);
-        Ok(Prepared::Poly(p.coefficients().to_owned()))
-    }
-
-    /// True for the integer 0 (a term that can be skipped).
-    pub fn is_zero(&self) -> bool {
-        matches!(self, Prepared::Scalar(r) if r.iter().all(|&x| x == 0))
-    }
-}
+use crate::he::{HeError, Multiplier, Result};
 
 /// Σ_k cts[k] · ws[k], reduced lazily. All ciphertexts must share parameters,
 /// level and size. Terms whose multiplier is the integer 0 are skipped unless
 /// all are (the result is then a valid encryption of 0).
-pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Prepared], par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParameters>) -> Result<Ciphertext> {
     if cts.is_empty() || cts.len() != ws.len() {
         return Err(HeError::Value(format!(
             "weighted sum needs as many ciphertexts as weights and at least one (got {} and {})",
@@ -62,11 +34,7 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Prepared], par: &Arc<BfvParamete
     let nmod = moduli.len();
     let degree = first[0].coefficients().shape()[1];
     for w in ws {
-        let ok = match w {
-            Prepared::Scalar(r) => r.len() == nmod,
-            Prepared::Poly(a) => a.shape() == [nmod, degree],
-        };
-        if !ok {
+        if !w.fits(nmod, degree) {
             return Err(HeError::Value("a multiplier was prepared for another ciphertext level".into()));
         }
     }
@@ -98,20 +66,9 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Prepared], par: &Arc<BfvParamete
         rows.push(r);
     }
     let mut parts = Vec::with_capacity(nparts);
-    // One integer multiplier (a tensor times a number): a copy multiplied in
-    // place by fhe-math's vectorized Shoup product, no accumulator.
+    // One multiplier: the exact product, no accumulator.
     if let [k] = terms[..] {
-        if let Prepared::Scalar(r) = ws[k] {
-            for part in 0..nparts {
-                let mut out = cts[k][part].coefficients().to_owned();
-                for (j, mut row) in out.outer_iter_mut().enumerate() {
-                    let row = row.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
-                    moduli[j].scalar_mul_vec(row, r[j]);
-                }
-                parts.push(Poly::try_convert_from(out, &ctx, true, Representation::Ntt)?);
-            }
-            return Ok(Ciphertext::new(parts, par)?);
-        }
+        return ws[k].apply(cts[k], par);
     }
     // The accumulator covers a chunk of coefficients so that it stays in L1
     // cache while every term streams through it once.
@@ -131,13 +88,13 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Prepared], par: &Arc<BfvParamete
                 for (t, &k) in terms.iter().enumerate() {
                     let xs = &rows[t][part * nmod + j][start..start + len];
                     match ws[k] {
-                        Prepared::Scalar(r) => {
+                        Multiplier::Scalar(r) => {
                             let w = r[j] as u128;
                             for (a, &xi) in acc.iter_mut().zip(xs) {
                                 *a += xi as u128 * w;
                             }
                         }
-                        Prepared::Poly(arr) => {
+                        Multiplier::Poly(arr) => {
                             let wr = arr.row(j);
                             let wsl = wr.to_slice().ok_or_else(|| HeError::Backend("non-contiguous multiplier".into()))?;
                             for ((a, &xi), &wi) in acc.iter_mut().zip(xs).zip(&wsl[start..start + len]) {
@@ -173,7 +130,7 @@ mod tests {
     use rand::Rng;
 
     /// Σ x_k · w_k computed coefficient by coefficient with a full reduction per product.
-    fn naive(cts: &[&Ciphertext], ws: &[&Prepared]) -> Vec<Array2<u64>> {
+    fn naive(cts: &[&Ciphertext], ws: &[&Multiplier]) -> Vec<Array2<u64>> {
         let ctx = cts[0][0].ctx();
         let moduli = ctx.moduli().to_vec();
         (0..cts[0].len())
@@ -185,8 +142,8 @@ mod tests {
                     for (j, &q) in moduli.iter().enumerate() {
                         for i in 0..shape.1 {
                             let wi = match w {
-                                Prepared::Scalar(r) => r[j],
-                                Prepared::Poly(a) => a[[j, i]],
+                                Multiplier::Scalar(r) => r[j],
+                                Multiplier::Poly(a) => a[[j, i]],
                             };
                             let prod = (x[[j, i]] as u128 * wi as u128 % q as u128) as u64;
                             out[[j, i]] = ((out[[j, i]] as u128 + prod as u128) % q as u128) as u64;
@@ -198,7 +155,7 @@ mod tests {
             .collect()
     }
 
-    fn assert_matches_naive(cts: &[&Ciphertext], ws: &[&Prepared], par: &Arc<BfvParameters>) -> Ciphertext {
+    fn assert_matches_naive(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParameters>) -> Ciphertext {
         let got = weighted_sum(cts, ws, par).unwrap();
         let want = naive(cts, ws);
         for (part, w) in want.iter().enumerate() {
@@ -210,16 +167,16 @@ mod tests {
     #[test]
     fn scalar_weighted_sum_matches_naive_and_decrypts() {
         let ctx = make(2048, vec![], BATCH, None);
-        let par = ctx.params.bfv[0].clone();
+        let par = ctx.params().bfv()[0].clone();
         let t = par.plaintext();
         let x = random(&[4, 5], -1.0, 1.0);
         let enc = ctx.encrypt(x.view()).unwrap();
-        let cts: Vec<&Ciphertext> = enc.data.iter().map(|e| &e[0]).collect();
+        let cts: Vec<&Ciphertext> = enc.data().iter().map(|e| &e[0]).collect();
         let mut rng = rand::rng();
         let wints: Vec<i64> = (0..cts.len()).map(|_| rng.random_range(-300..300)).collect();
         let c0 = cts[0][0].ctx().clone();
-        let prepared: Vec<Prepared> = wints.iter().map(|&w| Prepared::scalar(w, &c0)).collect();
-        let ws: Vec<&Prepared> = prepared.iter().collect();
+        let prepared: Vec<Multiplier> = wints.iter().map(|&w| Multiplier::scalar(w, &c0)).collect();
+        let ws: Vec<&Multiplier> = prepared.iter().collect();
         let got = assert_matches_naive(&cts, &ws, &par);
         // The single-scalar fast path (a tensor times a number) agrees too.
         for k in 0..3 {
@@ -239,7 +196,7 @@ mod tests {
         // And the same as fhe.rs's own ciphertext · plaintext products added up
         // (positive weights only: fhe.rs lifts plaintexts uncentred, so t − |w|
         // would cost ~log2(t) bits of noise per product and exhaust m=2048).
-        let pos: Vec<Prepared> = wints.iter().map(|&w| Prepared::scalar(w.abs(), &c0)).collect();
+        let pos: Vec<Multiplier> = wints.iter().map(|&w| Multiplier::scalar(w.abs(), &c0)).collect();
         let got = weighted_sum(&cts, &pos.iter().collect::<Vec<_>>(), &par).unwrap();
         let mut naive_ct: Option<Ciphertext> = None;
         for (ct, &w) in cts.iter().zip(&wints) {
@@ -256,20 +213,17 @@ mod tests {
     #[test]
     fn polynomial_weighted_sum_matches_naive() {
         let ctx = make(2048, vec![65537], FRAC, None);
-        let par = ctx.params.bfv[0].clone();
+        let par = ctx.params().bfv()[0].clone();
         let x = random(&[1, 25], -3.0, 3.0);
         let enc = ctx.encrypt(x.view()).unwrap();
-        let cts: Vec<&Ciphertext> = enc.data.iter().map(|e| &e[0]).collect();
+        let cts: Vec<&Ciphertext> = enc.data().iter().map(|e| &e[0]).collect();
         let ws_f = random(&[25], -1.0, 1.0);
         let c0 = cts[0][0].ctx().clone();
-        let prepared: Vec<Prepared> =
-            ws_f.iter().map(|&w| Prepared::poly(&fractional_encode(w, 2048, 2, 64, 32).unwrap(), &c0).unwrap()).collect();
-        let ws: Vec<&Prepared> = prepared.iter().collect();
+        let prepared: Vec<Multiplier> =
+            ws_f.iter().map(|&w| Multiplier::poly(&fractional_encode(w, 2048, 2, 64, 32).unwrap(), &c0).unwrap()).collect();
+        let ws: Vec<&Multiplier> = prepared.iter().collect();
         let got = assert_matches_naive(&cts, &ws, &par);
-        let t = crate::he::tensor::CipherTensor {
-            data: ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]),
-            ..enc.clone()
-        };
+        let t = enc.with_data(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]), enc.scale(), enc.growth().clone());
         let d = ctx.decrypt(&t).unwrap();
         let want: f64 = x.iter().zip(ws_f.iter()).map(|(a, b)| a * b).sum();
         assert!((d[[]] - want).abs() < 1e-7, "{} vs {want}", d[[]]);
@@ -280,53 +234,53 @@ mod tests {
         // 62-bit primes leave room for only 15 unreduced products in a u128:
         // 200 terms go through the reduction path many times.
         let ctx = make(4096, vec![], BATCH, Some(vec![62, 47]));
-        assert!(ctx.params.moduli.iter().any(|&q| q > 1 << 61));
-        let par = ctx.params.bfv[0].clone();
+        assert!(ctx.params().moduli().iter().any(|&q| q > 1 << 61));
+        let par = ctx.params().bfv()[0].clone();
         let x = random(&[3, 200], -1.0, 1.0);
         let enc = ctx.encrypt(x.view()).unwrap();
-        let cts: Vec<&Ciphertext> = enc.data.iter().map(|e| &e[0]).collect();
+        let cts: Vec<&Ciphertext> = enc.data().iter().map(|e| &e[0]).collect();
         let c0 = cts[0][0].ctx().clone();
         let mut rng = rand::rng();
         // Weights near ±q (residues of large negative and positive integers).
         let wints: Vec<i64> = (0..200).map(|k| if k % 2 == 0 { -rng.random_range(1..255) } else { rng.random_range(1..255) }).collect();
-        let prepared: Vec<Prepared> = wints.iter().map(|&w| Prepared::scalar(w, &c0)).collect();
-        let ws: Vec<&Prepared> = prepared.iter().collect();
+        let prepared: Vec<Multiplier> = wints.iter().map(|&w| Multiplier::scalar(w, &c0)).collect();
+        let ws: Vec<&Multiplier> = prepared.iter().collect();
         let got = assert_matches_naive(&cts, &ws, &par);
-        let out = crate::he::tensor::CipherTensor { data: ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]), ..enc.clone() };
+        let out = enc.with_data(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]), enc.scale(), enc.growth().clone());
         let d = ctx.decrypt(&out).unwrap();
         for img in 0..3 {
             let want: f64 = (0..200).map(|k| (x[[img, k]] * 65536.0).round() * wints[k] as f64).sum::<f64>() / 65536.0;
             assert!((d[[img]] - want).abs() < 1e-6, "{} vs {want}", d[[img]]);
         }
         // Polynomial multipliers take the same lazy path.
-        let polys: Vec<Prepared> = (0..200)
-            .map(|k| Prepared::poly(&[wints[k], 0, -1], &c0).unwrap())
+        let polys: Vec<Multiplier> = (0..200)
+            .map(|k| Multiplier::poly(&[wints[k], 0, -1], &c0).unwrap())
             .collect();
-        let ws: Vec<&Prepared> = polys.iter().collect();
+        let ws: Vec<&Multiplier> = polys.iter().collect();
         assert_matches_naive(&cts, &ws, &par);
     }
 
     #[test]
     fn zero_weights_and_bad_arguments() {
         let ctx = make(2048, vec![65537], FRAC, None);
-        let par = ctx.params.bfv[0].clone();
+        let par = ctx.params().bfv()[0].clone();
         let x = random(&[1, 2], -3.0, 3.0);
         let enc = ctx.encrypt(x.view()).unwrap();
-        let cts: Vec<&Ciphertext> = enc.data.iter().map(|e| &e[0]).collect();
+        let cts: Vec<&Ciphertext> = enc.data().iter().map(|e| &e[0]).collect();
         let c0 = cts[0][0].ctx().clone();
-        let zero = Prepared::scalar(0, &c0);
+        let zero = Multiplier::scalar(0, &c0);
         assert!(zero.is_zero());
         // All-zero weights still give a valid encryption of 0.
         let z = weighted_sum(&cts, &[&zero, &zero], &par).unwrap();
-        let t = crate::he::tensor::CipherTensor { data: ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![z]), ..enc.clone() };
+        let t = enc.with_data(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![z]), enc.scale(), enc.growth().clone());
         assert_eq!(ctx.decrypt(&t).unwrap()[[]], 0.0);
         assert!(weighted_sum(&[], &[], &par).is_err());
         assert!(weighted_sum(&cts, &[&zero], &par).is_err());
         // A multiplier prepared for another level is refused, not a panic.
         let lower = par.context_at_level(1).unwrap().clone();
-        let w = Prepared::scalar(3, &lower);
+        let w = Multiplier::scalar(3, &lower);
         assert!(weighted_sum(&cts[..1], &[&w], &par).is_err());
-        let w = Prepared::poly(&[1, 2, 3], &lower).unwrap();
+        let w = Multiplier::poly(&[1, 2, 3], &lower).unwrap();
         assert!(weighted_sum(&cts[..1], &[&w], &par).is_err());
     }
 }

@@ -1,0 +1,149 @@
+//! Activations as layers: the square and polynomials Σ c_k x^k, built from
+//! the core's ciphertext products and the lazy-reduction kernel.
+
+use fhe::bfv::Ciphertext;
+use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+
+use super::kernel::weighted_sum;
+use crate::he::encoding::fractional_encode;
+use crate::he::error::value_err;
+use crate::he::growth::{negacyclic_bound, Growth};
+use crate::he::tensor::{check_fits, shaped, Element};
+use crate::he::{CipherTensor, Encoding, HeContext, HeError, Multiplier, Result};
+
+/// x² element-wise. `x` is consumed: each input ciphertext is freed as soon
+/// as its square exists (an encrypted CNN's memory peaks at its first square).
+pub fn square(ctx: &HeContext, x: CipherTensor) -> Result<CipherTensor> {
+    ctx.square(x)
+}
+
+/// Σ_k coeffs[k] · x^k element-wise (coefficients lowest degree first).
+pub fn polynomial(ctx: &HeContext, x: &CipherTensor, coeffs: &[f64]) -> Result<CipherTensor> {
+    ctx.check(x)?;
+    let d = coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
+    if d == 0 {
+        return value_err("a polynomial activation needs degree ≥ 1 (a constant is not an activation)");
+    }
+    // Products switch down a level: every power joins the sum at the deepest one.
+    let mut powers = vec![x.clone()];
+    for _ in 1..d {
+        let next = ctx.multiply(powers.last().unwrap_or(x), x)?;
+        powers.push(next);
+    }
+    let level = powers.last().unwrap_or(x).level()?;
+    let powers = powers.iter().map(|p| p.switch_to_level(level)).collect::<Result<Vec<_>>>()?;
+    let params = ctx.params();
+    let ring = params.bfv()[0].context_at_level(level)?.clone();
+    let (mults, scale_out, growth): (Vec<Multiplier>, f64, Growth) = match params.encoding() {
+        Encoding::Batch { weight_scale_bits, .. } => {
+            // Every term is brought to scale s^d · 2^wsb with exact integer factors.
+            let s = x.scale();
+            let f = (weight_scale_bits as f64).exp2();
+            let mut ms = Vec::new();
+            let mut bound = 0.0;
+            for k in 1..=d {
+                let c = (coeffs[k] * f * s.powi((d - k) as i32)).round();
+                if c.abs() >= 2f64.powi(62) {
+                    return Err(HeError::PlaintextOverflow {
+                        message: format!("polynomial coefficient {} does not fit at scale {s}", coeffs[k]),
+                        bound: coeffs[k].abs(),
+                        limit: 2f64.powi(62) / (f * s.powi((d - k) as i32)),
+                    });
+                }
+                if let Growth::Integer(b) = powers[k - 1].growth() {
+                    bound += c.abs() * b;
+                }
+                ms.push(Multiplier::scalar(c as i64, &ring));
+            }
+            let scale_out = s.powi(d as i32) * f;
+            (ms, scale_out, Growth::Integer(bound))
+        }
+        Encoding::Fractional { base, int_digits, frac_digits } => {
+            let mut ms = Vec::new();
+            let mut g = vec![0.0; params.m()];
+            for k in 1..=d {
+                let c = fractional_encode(coeffs[k], params.m(), base, int_digits, frac_digits)?;
+                let cb: Vec<f64> = c.iter().map(|&v| v.abs() as f64).collect();
+                if let Growth::Poly(pg) = &powers[k - 1].growth() {
+                    for (a, b) in g.iter_mut().zip(negacyclic_bound(pg, &cb)) {
+                        *a += b;
+                    }
+                }
+                ms.push(Multiplier::poly(&c, &ring)?);
+            }
+            (ms, 1.0, Growth::Poly(g))
+        }
+    };
+    check_fits(params, &growth, scale_out, "polynomial")?;
+    let n = x.data().len();
+    let flats: Vec<Vec<&Element>> = powers.iter().map(|p| p.data().iter().collect()).collect();
+    let ncomp = params.p().len();
+    let out: Result<Vec<Element>> = (0..n)
+        .into_par_iter()
+        .map(|j| {
+            (0..ncomp)
+                .map(|k| {
+                    let cts: Vec<&Ciphertext> = flats.iter().map(|f| &f[j][k]).collect();
+                    let ws: Vec<&Multiplier> = mults.iter().collect();
+                    weighted_sum(&cts, &ws, &params.bfv()[k])
+                })
+                .collect()
+        })
+        .collect();
+    let data = shaped(x.data().shape(), out?)?;
+    let t = x.with_data(data, scale_out, growth);
+    if coeffs[0] != 0.0 {
+        t.add_plain(&ArrayD::from_elem(IxDyn(&[]), coeffs[0]))
+    } else {
+        Ok(t)
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::he::context::tests::{make, random, FRAC};
+
+    fn max_err(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
+        assert_eq!(a.shape(), b.shape());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn polynomials_mix_levels() {
+        // x and x² live at different levels once products switch down.
+        let ctx = make(4096, vec![953983721], FRAC, None);
+        let x = random(&[1, 3], -2.0, 2.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let y = polynomial(&ctx, &t, &[0.1, 0.5, 0.25]).unwrap();
+        assert!(max_err(&ctx.decrypt(&y).unwrap(), &x.mapv(|v| 0.1 + 0.5 * v + 0.25 * v * v)) < 1e-6);
+        let batch = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+        let ctx = make(8192, vec![], batch, None);
+        let x = random(&[4, 2], -2.0, 2.0);
+        let q = x.mapv(|v| (v * 256.0).round() / 256.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let y = polynomial(&ctx, &t, &[0.0, -1.0, 0.0, 0.5]).unwrap();
+        assert!(max_err(&ctx.decrypt(&y).unwrap(), &q.mapv(|v| -v + 0.5 * v.powi(3))) < 1e-9);
+        assert!(t.switch_to_level(1).unwrap().switch_to_level(0).is_err());
+    }
+
+    #[test]
+    fn square_consumes_and_matches() {
+        let batch = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+        let ctx = make(4096, vec![], batch, None);
+        let x = random(&[5, 3], -3.0, 3.0);
+        let q = x.mapv(|v| (v * 256.0).round() / 256.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let y = square(&ctx, t).unwrap();
+        assert_eq!(y.scale(), 65536.0);
+        assert_eq!(ctx.decrypt(&y).unwrap(), q.mapv(|v| v * v));
+        // Degree 0 is not an activation.
+        let t = ctx.encrypt(x.view()).unwrap();
+        assert!(polynomial(&ctx, &t, &[1.0]).is_err());
+        let frac = make(2048, vec![65537], FRAC, None);
+        let t = frac.encrypt(x.view()).unwrap();
+        assert!(max_err(&frac.decrypt(&square(&frac, t).unwrap()).unwrap(), &x.mapv(|v| v * v)) < 1e-6);
+    }
+}

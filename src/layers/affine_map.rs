@@ -1,0 +1,194 @@
+//! [`AffineMap`]: the shared form of convolutions, linear layers and pooling
+//! (a weighted sum per output element), how its weights become plaintext
+//! multipliers, the scale and value bound it leads to, and its evaluation
+//! over every image of a [`CipherTensor`] with the lazy-reduction kernel.
+
+use std::collections::HashMap;
+
+use fhe::bfv::Ciphertext;
+use fhe_math::rq::Poly;
+use rayon::prelude::*;
+
+use super::kernel::weighted_sum;
+use crate::he::encoding::fractional_encode;
+use crate::he::growth::{negacyclic_bound, Growth};
+use crate::he::tensor::{check_fits, shaped, Element};
+use crate::he::{CipherTensor, Encoding, HeError, HeParameters, Multiplier, Result};
+
+/// A linear map applied to every image independently.
+#[derive(Debug, Clone)]
+pub struct AffineMap {
+    /// Input shape of one image (without the batch axis).
+    pub in_shape: Vec<usize>,
+    /// Output shape of one image.
+    pub out_shape: Vec<usize>,
+    /// For every output element (row-major): (input flat index, weight index).
+    pub terms: Vec<Vec<(u32, u32)>>,
+    /// Weights; the real multiplier is `weights[i] / divisor`.
+    pub weights: Vec<f64>,
+    /// Exact divisor (average pooling's k²): batch tracks it in the scale
+    /// instead of rounding 1/k², and then `weights` must be integers.
+    pub divisor: f64,
+    /// Bias per output element (empty for none).
+    pub bias: Vec<f64>,
+}
+
+impl AffineMap {
+    /// Batch: the scale after the map for an input at `scale`, and the
+    /// factor its weights are scaled by (2^weight_scale_bits, or 1 for a
+    /// divided map, whose divisor joins the scale). Fractional: (1, 1).
+    pub fn output_scale(&self, params: &HeParameters, scale: f64) -> (f64, f64) {
+        match params.encoding() {
+            Encoding::Batch { .. } if self.divisor != 1.0 => (scale * self.divisor, 1.0),
+            Encoding::Batch { weight_scale_bits, .. } => {
+                let f = (weight_scale_bits as f64).exp2();
+                (scale * f, f)
+            }
+            Encoding::Fractional { .. } => (1.0, 1.0),
+        }
+    }
+
+    /// The bound on the outputs' plaintext magnitudes for inputs bounded by
+    /// `growth` (batch: integers at the scale; fractional: per coefficient).
+    pub fn output_growth(&self, params: &HeParameters, growth: &Growth, scale_out: f64, weight_factor: f64) -> Result<Growth> {
+        match (growth, params.encoding()) {
+            (Growth::Integer(b), Encoding::Batch { .. }) => {
+                let mut worst: f64 = 0.0;
+                for (o, terms) in self.terms.iter().enumerate() {
+                    let s: f64 = terms.iter().map(|&(_, w)| (self.weights[w as usize] * weight_factor).round().abs()).sum();
+                    let bias = self.bias.get(o).map(|&x| (x * scale_out).round().abs()).unwrap_or(0.0);
+                    worst = worst.max(s * b + bias);
+                }
+                Ok(Growth::Integer(worst))
+            }
+            (Growth::Poly(g), Encoding::Fractional { base, int_digits, frac_digits }) => {
+                let m = params.m();
+                let encode = |v: f64| fractional_encode(v, m, base, int_digits, frac_digits);
+                let enc: Vec<Vec<(usize, f64)>> = self
+                    .weights
+                    .iter()
+                    .map(|&w| encode(w / self.divisor).map(|c| c.iter().enumerate().filter(|(_, &x)| x != 0).map(|(i, &x)| (i, x.abs() as f64)).collect()))
+                    .collect::<Result<_>>()?;
+                let mut s = vec![0.0; m];
+                let mut per_out = vec![0.0; m];
+                for terms in &self.terms {
+                    per_out.iter_mut().for_each(|x| *x = 0.0);
+                    for &(_, w) in terms {
+                        for &(i, x) in &enc[w as usize] {
+                            per_out[i] += x;
+                        }
+                    }
+                    for (a, b) in s.iter_mut().zip(&per_out) {
+                        *a = f64::max(*a, *b);
+                    }
+                }
+                let mut out = negacyclic_bound(g, &s);
+                let mut bias_bound = vec![0.0; m];
+                for &b in &self.bias {
+                    for (a, c) in bias_bound.iter_mut().zip(encode(b)?) {
+                        *a = f64::max(*a, c.abs() as f64);
+                    }
+                }
+                for (a, b) in out.iter_mut().zip(bias_bound) {
+                    *a += b;
+                }
+                Ok(Growth::Poly(out))
+            }
+            _ => Err(HeError::Value("growth bound does not match the encoding".into())),
+        }
+    }
+
+    /// Encodes the weights as multipliers for ciphertexts at `level`.
+    pub fn prepare_weights(&self, params: &HeParameters, level: usize) -> Result<Vec<Multiplier>> {
+        let ctx = params.bfv()[0].context_at_level(level)?.clone();
+        self.weights
+            .par_iter()
+            .map(|&w| match params.encoding() {
+                // Batch: round(w · 2^weight_scale_bits), the scale grows by that
+                // factor; a divided map (pooling) keeps integer weights and puts the
+                // divisor into the scale instead.
+                Encoding::Batch { weight_scale_bits, .. } => {
+                    let x = if self.divisor != 1.0 {
+                        if w.fract() != 0.0 {
+                            return Err(HeError::Value("a divided map needs integer weights in the batch encoding".into()));
+                        }
+                        w
+                    } else {
+                        (w * (weight_scale_bits as f64).exp2()).round()
+                    };
+                    if !x.is_finite() || x.abs() >= 2f64.powi(62) {
+                        return Err(HeError::Value(format!("weight {w} is out of range")));
+                    }
+                    Ok(Multiplier::scalar(x as i64, &ctx))
+                }
+                // Fractional: the (centred) encoding of the real multiplier.
+                Encoding::Fractional { base, int_digits, frac_digits } => {
+                    Multiplier::poly(&fractional_encode(w / self.divisor, params.m(), base, int_digits, frac_digits)?, &ctx)
+                }
+            })
+            .collect()
+    }
+
+    /// Applies the map to every image of `x`. `prepared` comes from
+    /// [`AffineMap::prepare_weights`] at `x`'s level; `name` names the layer in errors.
+    pub fn apply(&self, x: &CipherTensor, prepared: &[Multiplier], name: &str) -> Result<CipherTensor> {
+        let start = x.image_axes_start();
+        let img_shape = &x.data().shape()[start..];
+        if img_shape != self.in_shape.as_slice() {
+            return Err(HeError::Value(format!("{name}: expects input of shape {:?} per image, got {:?}", self.in_shape, img_shape)));
+        }
+        if prepared.len() != self.weights.len() {
+            return Err(HeError::Value(format!("{name}: weights were prepared for another map")));
+        }
+        let params = x.params();
+        let level = x.level()?;
+        let (scale_out, weight_factor) = self.output_scale(params, x.scale());
+        let growth = self.output_growth(params, x.growth(), scale_out, weight_factor)?;
+        check_fits(params, &growth, scale_out, name)?;
+        let imgs = x.physical_images();
+        let in_per_img: usize = self.in_shape.iter().product::<usize>().max(1);
+        let out_per_img: usize = self.out_shape.iter().product::<usize>().max(1);
+        let flat: Vec<&Element> = x.data().iter().collect();
+        let ncomp = params.p().len();
+        let bfv = params.bfv();
+        let jobs: Vec<(usize, usize)> = (0..imgs).flat_map(|i| (0..out_per_img).map(move |o| (i, o))).collect();
+        let out: Result<Vec<Element>> = jobs
+            .par_iter()
+            .map(|&(img, o)| {
+                let terms = &self.terms[o];
+                let base = img * in_per_img;
+                (0..ncomp)
+                    .map(|k| {
+                        if terms.is_empty() {
+                            // No input reaches this output (all padding): 0 · x, a valid encryption of 0.
+                            let zero = Multiplier::scalar(0, flat[base][k][0].ctx());
+                            return zero.apply(&flat[base][k], &bfv[k]);
+                        }
+                        let (cts, ws): (Vec<&Ciphertext>, Vec<&Multiplier>) =
+                            terms.iter().map(|&(i, w)| (&flat[base + i as usize][k], &prepared[w as usize])).unzip();
+                        weighted_sum(&cts, &ws, &bfv[k])
+                    })
+                    .collect::<Result<Element>>()
+            })
+            .collect();
+        let mut out = out?;
+        if !self.bias.is_empty() {
+            // One encoded bias per distinct value (per output channel), reused at every position.
+            let mut encoded: HashMap<u64, Vec<Poly>> = HashMap::new();
+            for &b in &self.bias {
+                if let std::collections::hash_map::Entry::Vacant(slot) = encoded.entry(b.to_bits()) {
+                    slot.insert(x.constant_polys(&[b], scale_out, level)?);
+                }
+            }
+            out = out
+                .into_par_iter()
+                .enumerate()
+                .map(|(j, e)| x.add_polys(&e, &encoded[&self.bias[j % out_per_img].to_bits()]))
+                .collect::<Result<Vec<Element>>>()?;
+        }
+        let mut shape = if start == 1 { vec![imgs] } else { vec![] };
+        shape.extend_from_slice(&self.out_shape);
+        let data = shaped(&shape, out)?;
+        Ok(x.with_data(data, scale_out, growth))
+    }
+}
