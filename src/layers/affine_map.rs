@@ -192,3 +192,94 @@ impl AffineMap {
         Ok(x.with_data(data, scale_out, growth))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::he::context::tests::{make, random, FRAC};
+
+    const BATCH: Encoding = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+    use crate::layers::{Affine, Geometry};
+    use ndarray::{ArrayD, IxDyn};
+
+    /// The fixed-point reference of a batch affine map: integers at the input
+    /// scale times integer weights, plus the bias at the output scale.
+    fn reference(x: &ArrayD<f64>, map: &AffineMap, scale: f64, wf: f64) -> Vec<Vec<f64>> {
+        let n = x.shape()[0];
+        let xs = x.to_shape((n, map.in_shape.iter().product::<usize>())).unwrap();
+        (0..n)
+            .map(|i| {
+                map.terms
+                    .iter()
+                    .enumerate()
+                    .map(|(o, t)| {
+                        let s: f64 = t.iter().map(|&(j, w)| (xs[[i, j as usize]] * scale).round() * (map.weights[w as usize] * wf).round()).sum();
+                        (s + map.bias.get(o).map(|b| (b * scale * wf).round()).unwrap_or(0.0)) / (scale * wf)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batch_conv_is_exactly_its_fixed_point_reference() {
+        let ctx = make(2048, vec![], BATCH, None);
+        let g = Geometry::Conv2d { out_channels: 2, in_channels: 3, kernel: (2, 2), stride: (2, 1), padding: (1, 0), dilation: (1, 1), groups: 1 };
+        let w = random(&[2 * 3 * 2 * 2], -1.0, 1.0).into_raw_vec_and_offset().0;
+        let layer = Affine::new(g, w, Some(vec![0.25, -0.5])).unwrap();
+        let x = random(&[4, 3, 3, 4], -1.0, 1.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let map = layer.map_for(&[3, 3, 4]).unwrap();
+        let y = map.apply(&t, &map.prepare_weights(t.params(), t.level().unwrap()).unwrap(), "Conv2d").unwrap();
+        assert_eq!(y.shape(), vec![4, 2, 2, 3]);
+        assert_eq!(y.scale(), 256.0 * 256.0);
+        let d = ctx.decrypt(&y).unwrap();
+        let want = reference(&x, &map, 256.0, 256.0);
+        for (i, row) in want.iter().enumerate() {
+            let got: Vec<f64> = d.index_axis(ndarray::Axis(0), i).iter().cloned().collect();
+            assert_eq!(&got, row, "image {i}");
+        }
+        // Growth: the bound holds and a map whose outputs could wrap is refused.
+        match y.growth() {
+            Growth::Integer(b) => assert!(d.iter().all(|v| (v * y.scale()).abs() <= *b)),
+            g => panic!("{g:?}"),
+        }
+        let big = Affine::new(Geometry::Linear { in_features: 18, out_features: 1 }, vec![1e4; 18], None).unwrap();
+        let flat = t.reshape_images(&[36]).unwrap();
+        assert!(Affine::new(Geometry::Linear { in_features: 36, out_features: 1 }, vec![1e4; 36], None).unwrap().forward(&flat).is_err());
+        assert!(big.forward(&flat).is_err(), "a shape mismatch is an error, not a panic");
+    }
+
+    #[test]
+    fn pooling_keeps_the_divisor_in_the_scale_and_fractional_matches_floats() {
+        let ctx = make(2048, vec![], BATCH, None);
+        let pool = Affine::new(Geometry::AvgPool2d { kernel: (2, 2), stride: (2, 2), padding: (0, 0) }, vec![1.0], None).unwrap();
+        let x = random(&[2, 1, 4, 4], -1.0, 1.0);
+        let y = pool.forward(&ctx.encrypt(x.view()).unwrap()).unwrap();
+        assert_eq!(y.scale(), 256.0 * 4.0, "the divisor joins the scale, nothing is rounded");
+        let frac = make(2048, vec![65537], FRAC, None);
+        let lin = Affine::new(Geometry::Linear { in_features: 3, out_features: 2 }, vec![0.5, -1.0, 2.0, 0.25, 0.0, -0.75], Some(vec![1.0, -2.0])).unwrap();
+        let x = random(&[2, 3], -2.0, 2.0);
+        let d = frac.decrypt(&lin.forward(&frac.encrypt(x.view()).unwrap()).unwrap()).unwrap();
+        for i in 0..2 {
+            let want = [0.5 * x[[i, 0]] - x[[i, 1]] + 2.0 * x[[i, 2]] + 1.0, 0.25 * x[[i, 0]] - 0.75 * x[[i, 2]] - 2.0];
+            for o in 0..2 {
+                assert!((d[[i, o]] - want[o]).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn probe_takes_the_heaviest_output_row() {
+        let lin = Affine::new(Geometry::Linear { in_features: 3, out_features: 3 }, vec![0.1, 0.1, 0.1, -2.0, 1.0, 0.5, 0.3, 0.3, 0.3], Some(vec![0.0, 0.5, 9.0])).unwrap();
+        let m = lin.probe_map();
+        assert_eq!(m.in_shape, vec![3]);
+        assert_eq!(m.terms, vec![vec![(0, 3), (1, 4), (2, 5)]]);
+        assert_eq!(m.bias, vec![0.5]);
+        let ctx = make(2048, vec![], BATCH, None);
+        let probe = ctx.encrypt(ArrayD::from_elem(IxDyn(&[1]), 1.0).view()).unwrap();
+        let out = lin.probe(&probe).unwrap();
+        assert_eq!(out.shape(), vec![1]);
+        assert_eq!(ctx.decrypt(&out).unwrap()[[0]], -2.0 + 1.0 + 0.5 + 0.5);
+    }
+}

@@ -293,3 +293,101 @@ fn execute(
     }
     Ok((x, reports))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::he::context::tests::{make, random};
+    use crate::layers::{Affine, Geometry};
+
+    const BATCH: Encoding = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+
+    /// Linear 4→3, Square, Rencryption, Linear 3→2: two segments.
+    fn model() -> Model {
+        let lin = |i, o, w: f64| Arc::new(Layer::Affine(Affine::new(Geometry::Linear { in_features: i, out_features: o }, vec![w; i * o], None).unwrap()));
+        Model::new(vec![
+            Step::new(0, lin(4, 3, 0.5)),
+            Step::new(1, Arc::new(Layer::Square)),
+            Step::new(2, Arc::new(Layer::Rencryption)),
+            Step::new(2, lin(3, 2, -0.25)),
+        ])
+    }
+
+    #[test]
+    fn runs_every_layer_with_reports_and_callbacks() {
+        let ctx = make(4096, vec![], BATCH, None);
+        let m = model();
+        assert_eq!(m.segments(), vec![0..2, 3..4]);
+        assert_eq!(m.output_shape(&[4]).unwrap(), vec![2]);
+        let x = Arc::new(ctx.encrypt(random(&[5, 4], -1.0, 1.0).view()).unwrap());
+        let mut seen = Vec::new();
+        let opts = RunOptions { measure_noise: true, ..RunOptions::default() };
+        let (out, reports) = m
+            .run(&ctx, x.clone(), &opts, &mut |r, t| {
+                seen.push((r.position, r.name.clone(), t.shape()));
+                Ok(Flow::Continue)
+            })
+            .unwrap();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(seen[3].2, vec![5, 2]);
+        assert_eq!(reports.len(), 4);
+        assert!(reports.iter().all(|r| r.noise_budget.is_some_and(|b| b > 0)));
+        assert_eq!(out.shape(), vec![5, 2]);
+        // The input was not consumed; the values match a plaintext evaluation.
+        let xin = ctx.decrypt(&x).unwrap();
+        let d = ctx.decrypt(&out).unwrap();
+        for i in 0..5 {
+            let h: f64 = (xin.index_axis(ndarray::Axis(0), i).iter().map(|v| v * 0.5).sum::<f64>()).powi(2);
+            assert!((d[[i, 0]] - (-0.25 * 3.0 * h)).abs() < 0.05, "{} vs {}", d[[i, 0]], -0.75 * h);
+        }
+        // A server skips rencryptions and runs one segment.
+        let opts = RunOptions { range: Some(0..2), rencrypt: false, ..RunOptions::default() };
+        let (seg, reports) = m.run(&ctx, x.clone(), &opts, &mut |_, _| Ok(Flow::Continue)).unwrap();
+        assert_eq!((seg.shape(), reports.len()), (vec![5, 3], 2));
+    }
+
+    #[test]
+    fn cancelling_and_errors_name_the_layer() {
+        let ctx = make(4096, vec![], BATCH, None);
+        let x = Arc::new(ctx.encrypt(random(&[2, 4], -1.0, 1.0).view()).unwrap());
+        let err = model()
+            .run(&ctx, x.clone(), &RunOptions::default(), &mut |r, _| Ok(if r.position == 1 { Flow::Cancel } else { Flow::Continue }))
+            .unwrap_err();
+        assert!(matches!(err.root(), HeError::Cancelled));
+        assert!(err.to_string().starts_with("layer 1 (Square): "), "{err}");
+        // A layer that cannot run names itself; nothing panics.
+        let bad = Model::new(vec![Step::new(7, Arc::new(Layer::Affine(Affine::new(Geometry::Linear { in_features: 3, out_features: 1 }, vec![1.0; 3], None).unwrap())))]);
+        let err = bad.run(&ctx, x.clone(), &RunOptions::default(), &mut |_, _| Ok(Flow::Continue)).unwrap_err();
+        assert!(matches!(err, HeError::AtLayer { index: 7, .. }), "{err}");
+        assert!(model().run(&ctx, x, &RunOptions { range: Some(3..9), ..RunOptions::default() }, &mut |_, _| Ok(Flow::Continue)).is_err());
+    }
+
+    #[test]
+    fn predict_tracks_a_real_run_and_names_the_failing_layer() {
+        let ctx = make(4096, vec![], BATCH, None);
+        let (reports, failure) = model().predict(&ctx, 0.5, &mut |_, _| Ok(Flow::Continue)).unwrap();
+        assert!(failure.is_none(), "{:?}", failure.map(|f| f.1.to_string()));
+        assert_eq!(reports.len(), 4);
+        // Every row of Linear 4→3 is the heaviest: a real input of 0.5 everywhere is the worst case.
+        let x = Arc::new(ctx.encrypt(ArrayD::from_elem(IxDyn(&[1, 4]), 0.5).view()).unwrap());
+        let (_, real) = model().run(&ctx, x, &RunOptions { measure_noise: true, ..RunOptions::default() }, &mut |_, _| Ok(Flow::Continue)).unwrap();
+        for (p, r) in reports.iter().zip(&real) {
+            assert_eq!(p.growth.coeff_bound, r.growth.coeff_bound, "{}", p.name);
+            assert!((p.noise_budget.unwrap() - r.noise_budget.unwrap()).abs() <= 2, "{}", p.name);
+        }
+        // Squares at m=2048 with a large batch prime: the failing layer is named.
+        let small = make(2048, vec![], BATCH, None);
+        let squares = Model::new((0..4).map(|i| Step::new(i, Arc::new(Layer::Square))).collect());
+        let (_, failure) = squares.predict(&small, 1.0, &mut |_, _| Ok(Flow::Continue)).unwrap();
+        let (position, err) = failure.expect("four squares cannot fit m=2048");
+        assert!(err.to_string().starts_with(&format!("layer {position} (Square)")), "{position}: {err}");
+    }
+
+    #[test]
+    fn switching_is_safe_only_with_room_above_p() {
+        let ctx = make(4096, vec![], BATCH, None);
+        assert!(!switch_is_safe(ctx.params()), "the default moduli leave q0 barely above p");
+        let roomy = make(4096, vec![65537], BATCH, Some(vec![60, 49]));
+        assert!(switch_is_safe(roomy.params()));
+    }
+}
