@@ -4,4 +4,5 @@ pub mod context;
 pub mod errors;
 pub mod layers;
 pub mod pool;
+pub mod shapes;
 pub mod tensor;
