@@ -29,6 +29,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pool::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(pool::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(tensor::_tensor_from_pickle, m)?)?;
+    m.add_function(wrap_pyfunction!(python::shapes::layer_output_shape, m)?)?;
     m.add("HEError", py.get_type::<errors::HEError>())?;
     m.add("SecretKeyRequired", py.get_type::<errors::SecretKeyRequired>())?;
     m.add("NoiseBudgetExhausted", py.get_type::<errors::NoiseBudgetExhausted>())?;

@@ -41,14 +41,19 @@ __all__ = [
 ]
 
 
+#: the model-building names and the module each lives in, imported on first use
+_LAZY = {
+    "build_from_pytorch": "model", "build_from_spec": "model", "EncodedModel": "model",
+    "export_model": "spec", "load_model_spec": "spec", "ModelSpec": "spec", "LayerSpec": "spec",
+    "UnsupportedLayerError": "spec", "spec_from_torch": "torch_import", "load_torch_model": "models",
+}
+
+
 def __getattr__(name):
-    # The model-building names pull in the net builder lazily so that importing
-    # pycrcnn never imports torch.
-    if name in ("build_from_pytorch", "EncodedModel", "UnsupportedLayerError", "build_from_spec", "export_model",
-                "load_model_spec", "spec_from_torch", "ModelSpec", "LayerSpec"):
-        from . import net_builder
-        return getattr(net_builder, name)
-    if name == "load_torch_model":
-        from .models import load_torch_model
-        return load_torch_model
+    # On first use: importing pycrcnn loads the engine and the layers only, and
+    # torch is imported only where a torch model is read.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'pycrcnn' has no attribute {name!r}")

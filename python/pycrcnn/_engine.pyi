@@ -19,6 +19,9 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int: ...
 def _tensor_from_pickle(data: bytes, public_context: bytes) -> "CipherTensor": ...
+def layer_output_shape(layer_type: str, in_shape: Sequence[int], params: Dict[str, Any]) -> List[int]:
+    """Output shape of one image of a layer given by its type and torch-like
+    parameters (``LayerSpec.params``); HEError if the input does not fit."""
 
 _Path = Union[str, PathLike]
 

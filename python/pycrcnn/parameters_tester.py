@@ -66,7 +66,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._engine import Context, HEError, NoiseBudgetExhausted
-from .net_builder import LayerSpec, ModelSpec, build_from_spec, load_model_spec, spec_from_torch
+from .model import build_from_spec
+from .spec import LayerSpec, ModelSpec, load_model_spec
+from .torch_import import spec_from_torch
 
 __all__ = ["run_tests", "load_config", "plot_results", "main"]
 

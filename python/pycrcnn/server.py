@@ -10,7 +10,7 @@ Endpoints (the full description, with the wire format, is ``docs/openapi.yaml``)
 - ``GET /models`` (and ``GET /models/<name>``) -- every model in DIR: its
   layers (torch module indices, types, parameters), input shape, which index
   ranges can run encrypted, and its rencryption positions. ``.npz`` files
-  written by :func:`pycrcnn.net_builder.export_model` need no torch; ``.pt`` /
+  written by :func:`pycrcnn.spec.export_model` need no torch; ``.pt`` /
   ``.pth`` pickles need torch and are **trusted code**: only put model files
   you trust in DIR.
 - ``POST /compute`` -- runs a range of a model's layers on an encrypted
@@ -43,9 +43,8 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -62,13 +61,12 @@ from ._engine import (
     PlaintextOverflow,
     SecretKeyRequired,
 )
+from .registry import MODEL_SUFFIXES, LRU, EncodedModelCache, Registry, describe_model, plain, supported_ranges
+from .spec import UnsupportedLayerError
 
 __all__ = ["create_app", "main", "ApiError", "MODEL_SUFFIXES"]
 
 log = logging.getLogger("pycrcnn.server")
-
-#: model files served, in order of preference when two share a name
-MODEL_SUFFIXES = (".npz", ".pt", ".pth")
 
 #: ``encryption_parameters`` keys compared with the public context (aliases of the seed's names)
 _PARAM_ALIASES = {
@@ -95,231 +93,17 @@ class ApiError(Exception):
 
 
 def _json_response(payload: Dict[str, Any], status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
-    body = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=_json_default)
+    body = json.dumps(plain(payload), separators=(",", ":"), allow_nan=False)
     resp = Response(body, status=status, mimetype=protocol.JSON_CONTENT_TYPE)
     for k, v in (headers or {}).items():
         resp.headers[k] = v
     return resp
 
 
-def _json_default(o: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(o, np.integer):
-            return int(o)
-        if isinstance(o, np.floating):
-            return float(o)
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
-
 def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None, **extra: Any) -> Response:
     payload = {"error": message, "status": status}
     payload.update(extra)
     return _json_response(payload, status, headers)
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no inf/nan: None instead."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-# ---------------------------------------------------------------------------
-# bounded LRU cache
-
-
-class _LRU:
-    """A small thread-safe LRU mapping."""
-
-    def __init__(self, size: int):
-        self.size = max(0, int(size))
-        self._d: "OrderedDict[Any, Any]" = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            if key in self._d:
-                self._d.move_to_end(key)
-                self.hits += 1
-                return self._d[key]
-            self.misses += 1
-            return None
-
-    def put(self, key: Any, value: Any) -> None:
-        if self.size == 0:
-            return
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
-
-    def discard(self, pred: Callable[[Any], bool]) -> None:
-        with self._lock:
-            for k in [k for k in self._d if pred(k)]:
-                del self._d[k]
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def stats(self) -> Dict[str, int]:
-        return {"entries": len(self._d), "capacity": self.size, "hits": self.hits, "misses": self.misses}
-
-
-# ---------------------------------------------------------------------------
-# the models
-
-
-class _ModelEntry:
-    """One model file, loaded lazily (and again if the file changes)."""
-
-    def __init__(self, name: str, path: Path):
-        self.name = name
-        self.path = path
-        self.lock = threading.Lock()
-        self.spec: Any = None
-        self.error: Optional[str] = None
-        self.version: Optional[Tuple[int, int]] = None
-
-    @property
-    def format(self) -> str:
-        return "npz" if self.path.suffix == ".npz" else "torch"
-
-    def _stat(self) -> Optional[Tuple[int, int]]:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
-
-    def load(self) -> Tuple[Any, Optional[str]]:
-        """``(spec, None)`` or ``(None, error message)``; never raises."""
-        with self.lock:
-            stat = self._stat()
-            if self.version is not None and stat == self.version:
-                return self.spec, self.error
-            self.version = stat
-            self.spec, self.error = None, None
-            try:
-                from .net_builder import load_model_spec
-
-                spec = load_model_spec(self.path)
-                spec.name = self.name
-                self.spec = spec
-            except ImportError as exc:
-                self.error = f"cannot load {self.path.name}: {exc} (a .pt model needs torch: pip install 'pycrcnn[torch]')"
-            except Exception as exc:  # noqa: BLE001 - a bad model file is listed with its error, never a crash
-                self.error = f"cannot load {self.path.name}: {type(exc).__name__}: {exc}"
-            if self.error:
-                log.warning("model %s: %s", self.name, self.error)
-            return self.spec, self.error
-
-
-def _supported_ranges(spec: Any) -> List[List[int]]:
-    """Maximal ``[start, stop)`` torch-index ranges without unsupported modules."""
-    ranges: List[List[int]] = []
-    cur: Optional[List[int]] = None
-    for layer in spec.layers:
-        if layer.supported:
-            if cur is None:
-                cur = [layer.index, layer.end_index + 1]
-            else:
-                cur[1] = layer.end_index + 1
-        else:
-            if cur is not None:
-                ranges.append(cur)
-            cur = None
-    if cur is not None:
-        ranges.append(cur)
-    return ranges
-
-
-def _describe_model(entry: _ModelEntry) -> Dict[str, Any]:
-    spec, error = entry.load()
-    out: Dict[str, Any] = {"name": entry.name, "file": entry.path.name, "format": entry.format}
-    if error is not None:
-        out["error"] = error
-        return out
-    n_modules = spec.n_modules if spec.n_modules else (max(spec.indices) + 1 if spec.layers else 0)
-    out.update({
-        "input_shape": list(spec.input_shape) if spec.input_shape is not None else None,
-        "n_modules": n_modules,
-        "layers": [{"index": l.index, "type": l.type, "params": _plain(l.params)} for l in spec.layers],
-        "supported": _supported_ranges(spec),
-        "unsupported": [
-            {"index": l.index, "module": l.params.get("module"), "reason": l.params.get("reason"),
-             "alternative": l.params.get("alternative")} for l in spec.unsupported
-        ],
-        "rencrypt_positions": list(spec.rencrypt_positions),
-        "normalization": spec.normalization,
-        "accuracy": spec.accuracy,
-    })
-    desc = (spec.metadata or {}).get("description")
-    if desc:
-        out["description"] = desc
-    return out
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return _json_default(v) if not isinstance(v, (str, int, float, bool, type(None))) else _finite(v)
-
-
-class _Registry:
-    """The model files of a folder, by name (file stem); rescanned on demand."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._lock = threading.Lock()
-        self._entries: Dict[str, _ModelEntry] = {}
-        self._last_scan = 0.0
-        self.scan(force=True)
-
-    def scan(self, force: bool = False) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if not force and now - self._last_scan < 1.0:
-                return
-            self._last_scan = now
-            found: Dict[str, Path] = {}
-            try:
-                files = sorted(self.folder.iterdir())
-            except OSError as exc:
-                log.error("cannot list the models folder %s: %s", self.folder, exc)
-                files = []
-            for suffix in MODEL_SUFFIXES:
-                for f in files:
-                    if f.suffix == suffix and not f.name.startswith(".") and f.is_file():
-                        found.setdefault(f.stem, f)
-            entries = {}
-            for name, path in sorted(found.items()):
-                old = self._entries.get(name)
-                entries[name] = old if old is not None and old.path == path else _ModelEntry(name, path)
-            self._entries = entries
-
-    def names(self) -> List[str]:
-        self.scan()
-        return sorted(self._entries)
-
-    def get(self, name: str) -> Optional[_ModelEntry]:
-        entry = self._entries.get(name)
-        if entry is None:
-            self.scan()
-            entry = self._entries.get(name)
-        return entry
 
 
 # ---------------------------------------------------------------------------
@@ -432,12 +216,12 @@ class _State:
     def __init__(self, models_dir: Path, max_request_bytes: int, workers: int, weight_cache_size: int,
                  context_cache_size: int):
         self.models_dir = models_dir
-        self.registry = _Registry(models_dir)
+        self.registry = Registry(models_dir)
         self.max_request_bytes = max_request_bytes
         self.workers = workers
         self.slots = threading.BoundedSemaphore(workers)
-        self.weights = _LRU(weight_cache_size)
-        self.contexts = _LRU(context_cache_size)
+        self.weights = EncodedModelCache(weight_cache_size)
+        self.contexts = LRU(context_cache_size)
         self.busy_rejections = 0
         self.requests_served = 0
 
@@ -510,7 +294,7 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
 
     @app.get("/models")
     def models():
-        return _json_response({"models": [_describe_model(state.registry.get(n)) for n in state.registry.names()
+        return _json_response({"models": [describe_model(state.registry.get(n)) for n in state.registry.names()
                                           if state.registry.get(n) is not None]})
 
     @app.get("/models/<name>")
@@ -518,7 +302,7 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         entry = state.registry.get(name)
         if entry is None:
             raise ApiError(404, f"unknown model {name!r}; available: {', '.join(state.registry.names()) or 'none'}")
-        return _json_response(_describe_model(entry))
+        return _json_response(describe_model(entry))
 
     @app.get("/stats")
     def stats():
@@ -646,11 +430,9 @@ def _compute(state: _State) -> Response:
         selected = spec.select(range(start, stop))
         selected.check_supported()
     except HEError as exc:
-        from .net_builder import UnsupportedLayerError
-
         if isinstance(exc, UnsupportedLayerError):
             raise ApiError(422, f"layers {start}..{stop - 1} of {net!r} cannot run on encrypted data: {exc}",
-                           supported=_supported_ranges(spec)) from None
+                           supported=supported_ranges(spec)) from None
         raise ApiError(400, f"layers {start}..{stop - 1} of {net!r}: {exc}") from None
     switch = header.get("switch_to_last_level", "auto")
     if switch not in (True, False, "auto"):
@@ -678,19 +460,11 @@ def _compute(state: _State) -> Response:
     parse_seconds = time.perf_counter() - t_start
 
     # -- the encoded layers (cached) -------------------------------------------------
-    # Encoded weights depend on the parameters, not on the keys: one entry
-    # serves every client with the same parameters.
-    key = (net, entry.version, start, stop, ctx.fingerprint)
-    model = state.weights.get(key)
-    if model is None:
-        from .net_builder import build_from_spec
-
-        try:
-            model = build_from_spec(ctx, selected, rencrypt_positions=[])
-        except HEError as exc:
-            raise ApiError(422, f"layers {start}..{stop - 1} of {net!r} cannot be encoded for these parameters: "
-                                f"{exc}") from None
-        state.weights.put(key, model)
+    try:
+        model = state.weights.encoded(entry, selected, start, stop, ctx)
+    except HEError as exc:
+        raise ApiError(422, f"layers {start}..{stop - 1} of {net!r} cannot be encoded for these parameters: "
+                            f"{exc}") from None
 
     # -- run ---------------------------------------------------------------------------
     timings: List[Dict[str, Any]] = []
@@ -723,7 +497,7 @@ def _compute(state: _State) -> Response:
     t_ser = time.perf_counter()
     out = x.to_bytes()
     try:
-        growth = {k: _finite(v) for k, v in dict(x.growth_report()).items()}
+        growth = plain(dict(x.growth_report()))
     except Exception:  # noqa: BLE001 - informative only
         growth = None
     result: Dict[str, Any] = {

@@ -61,13 +61,16 @@ pub enum Geometry {
     },
 }
 
+/// Output length along one axis (None: the input is shorter than the
+/// kernel's span). Needs k, s, d ≥ 1 ([`Geometry::check`]).
 fn out_len(n: usize, k: usize, s: usize, p: usize, d: usize) -> Option<usize> {
     let span = d * (k - 1) + 1;
-    if n + 2 * p < span || s == 0 {
-        None
-    } else {
-        Some((n + 2 * p - span) / s + 1)
-    }
+    (n + 2 * p >= span).then(|| (n + 2 * p - span) / s + 1)
+}
+
+/// The shortest input along one axis that has an output.
+fn min_len(k: usize, p: usize, d: usize) -> usize {
+    (d * (k - 1) + 1).saturating_sub(2 * p).max(1)
 }
 
 impl Geometry {
@@ -81,8 +84,43 @@ impl Geometry {
         }
     }
 
+    /// Refuses geometries no input fits: zero kernels, strides or
+    /// dilations, groups that do not divide the channels.
+    pub fn check(&self) -> Result<()> {
+        let positive = |values: &[usize], what: &str| {
+            if values.contains(&0) {
+                Err(HeError::Value(format!("{}: {what} must be positive", self.name())))
+            } else {
+                Ok(())
+            }
+        };
+        let groups_divide = |groups: usize, in_channels: usize, out_channels: usize| {
+            if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+                Err(HeError::Value(format!(
+                    "{}: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}",
+                    self.name()
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        match *self {
+            Geometry::Conv2d { out_channels, in_channels, kernel, stride, dilation, groups, .. } => {
+                groups_divide(groups, in_channels, out_channels)?;
+                positive(&[kernel.0, kernel.1, stride.0, stride.1, dilation.0, dilation.1], "kernel, stride and dilation")
+            }
+            Geometry::Conv1d { out_channels, in_channels, kernel, stride, dilation, groups, .. } => {
+                groups_divide(groups, in_channels, out_channels)?;
+                positive(&[kernel, stride, dilation], "kernel, stride and dilation")
+            }
+            Geometry::Linear { .. } => Ok(()),
+            Geometry::AvgPool2d { kernel, stride, .. } => positive(&[kernel.0, kernel.1, stride.0, stride.1], "kernel and stride"),
+        }
+    }
+
     /// Output shape of one image.
     pub fn output_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
+        self.check()?;
         let bad = |want: &str| {
             Err(HeError::Value(format!("{}: expects input {want} per image, got {in_shape:?}", self.name())))
         };
@@ -96,7 +134,11 @@ impl Geometry {
                     out_len(in_shape[2], kernel.1, stride.1, padding.1, dilation.1),
                 ) {
                     (Some(h), Some(w)) => Ok(vec![out_channels, h, w]),
-                    _ => bad("larger than the kernel"),
+                    _ => bad(&format!(
+                        "[{in_channels}, H, W] with H ≥ {} and W ≥ {} (kernel {kernel:?}, padding {padding:?}, dilation {dilation:?})",
+                        min_len(kernel.0, padding.0, dilation.0),
+                        min_len(kernel.1, padding.1, dilation.1)
+                    )),
                 }
             }
             Geometry::Conv1d { out_channels, in_channels, kernel, stride, padding, dilation, .. } => {
@@ -105,7 +147,10 @@ impl Geometry {
                 }
                 match out_len(in_shape[1], kernel, stride, padding, dilation) {
                     Some(l) => Ok(vec![out_channels, l]),
-                    None => bad("longer than the kernel"),
+                    None => bad(&format!(
+                        "[{in_channels}, L] with L ≥ {} (kernel {kernel}, padding {padding}, dilation {dilation})",
+                        min_len(kernel, padding, dilation)
+                    )),
                 }
             }
             Geometry::Linear { in_features, out_features } => {
@@ -120,7 +165,11 @@ impl Geometry {
                 }
                 match (out_len(in_shape[1], kernel.0, stride.0, padding.0, 1), out_len(in_shape[2], kernel.1, stride.1, padding.1, 1)) {
                     (Some(h), Some(w)) => Ok(vec![in_shape[0], h, w]),
-                    _ => bad("larger than the kernel"),
+                    _ => bad(&format!(
+                        "[C, H, W] with H ≥ {} and W ≥ {} (kernel {kernel:?}, padding {padding:?})",
+                        min_len(kernel.0, padding.0, 1),
+                        min_len(kernel.1, padding.1, 1)
+                    )),
                 }
             }
         }
@@ -139,36 +188,16 @@ pub struct Affine {
 impl Affine {
     /// Validates the weights against the geometry.
     pub fn new(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>) -> Result<Affine> {
+        geometry.check()?;
         let (expected, outs) = match geometry {
-            Geometry::Conv2d { out_channels, in_channels, kernel, groups, stride, dilation, .. } => {
-                if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
-                    return Err(HeError::Value(format!(
-                        "Conv2d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
-                    )));
-                }
-                if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 || kernel.0 == 0 || kernel.1 == 0 {
-                    return Err(HeError::Value("Conv2d: kernel, stride and dilation must be positive".into()));
-                }
+            Geometry::Conv2d { out_channels, in_channels, kernel, groups, .. } => {
                 (out_channels * (in_channels / groups) * kernel.0 * kernel.1, out_channels)
             }
-            Geometry::Conv1d { out_channels, in_channels, kernel, groups, stride, dilation, .. } => {
-                if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
-                    return Err(HeError::Value(format!(
-                        "Conv1d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
-                    )));
-                }
-                if stride == 0 || dilation == 0 || kernel == 0 {
-                    return Err(HeError::Value("Conv1d: kernel, stride and dilation must be positive".into()));
-                }
+            Geometry::Conv1d { out_channels, in_channels, kernel, groups, .. } => {
                 (out_channels * (in_channels / groups) * kernel, out_channels)
             }
             Geometry::Linear { in_features, out_features } => (in_features * out_features, out_features),
-            Geometry::AvgPool2d { kernel, stride, .. } => {
-                if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 {
-                    return Err(HeError::Value("AvgPool2d: kernel and stride must be positive".into()));
-                }
-                (1, 0)
-            }
+            Geometry::AvgPool2d { .. } => (1, 0),
         };
         if weights.len() != expected {
             return Err(HeError::Value(format!("{}: expected {expected} weights, got {}", geometry.name(), weights.len())));
@@ -379,5 +408,43 @@ impl Affine {
             }
         };
         map.apply(x, &prepared, self.geometry.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv2d(in_channels: usize, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Geometry {
+        Geometry::Conv2d { out_channels: 4, in_channels, kernel, stride, padding, dilation: (1, 1), groups: 1 }
+    }
+
+    #[test]
+    fn output_shapes_follow_torch() {
+        assert_eq!(conv2d(1, (5, 5), (2, 2), (1, 1)).output_shape(&[1, 28, 28]).unwrap(), vec![4, 13, 13]);
+        let conv1d = Geometry::Conv1d { out_channels: 3, in_channels: 2, kernel: 3, stride: 1, padding: 0, dilation: 2, groups: 1 };
+        assert_eq!(conv1d.output_shape(&[2, 10]).unwrap(), vec![3, 6]);
+        let linear = Geometry::Linear { in_features: 192, out_features: 10 };
+        assert_eq!(linear.output_shape(&[12, 4, 4]).unwrap(), vec![10]);
+        let pool = Geometry::AvgPool2d { kernel: (2, 2), stride: (2, 2), padding: (0, 0) };
+        assert_eq!(pool.output_shape(&[4, 24, 24]).unwrap(), vec![4, 12, 12]);
+    }
+
+    #[test]
+    fn input_too_small_names_the_shortest_that_fits() {
+        let err = conv2d(1, (5, 3), (1, 1), (1, 0)).output_shape(&[1, 2, 2]).unwrap_err().to_string();
+        assert!(err.contains("H ≥ 3 and W ≥ 3"), "{err}");
+        let err = conv2d(1, (5, 5), (1, 1), (0, 0)).output_shape(&[2, 28, 28]).unwrap_err().to_string();
+        assert!(err.contains("expects input [1, H, W] per image, got [2, 28, 28]"), "{err}");
+    }
+
+    #[test]
+    fn degenerate_geometries_are_errors_not_panics() {
+        assert!(conv2d(1, (0, 5), (1, 1), (0, 0)).output_shape(&[1, 28, 28]).is_err());
+        assert!(conv2d(1, (5, 5), (0, 1), (0, 0)).output_shape(&[1, 28, 28]).is_err());
+        let pool = Geometry::AvgPool2d { kernel: (2, 2), stride: (0, 2), padding: (0, 0) };
+        assert!(pool.output_shape(&[1, 4, 4]).unwrap_err().to_string().contains("must be positive"));
+        let grouped = Geometry::Conv1d { out_channels: 3, in_channels: 2, kernel: 3, stride: 1, padding: 0, dilation: 1, groups: 2 };
+        assert!(grouped.output_shape(&[2, 10]).unwrap_err().to_string().contains("groups=2"));
     }
 }

@@ -6,4 +6,5 @@ pub mod errors;
 pub mod layers;
 pub mod model;
 pub mod pool;
+pub mod shapes;
 pub mod tensor;

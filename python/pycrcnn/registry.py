@@ -1,0 +1,242 @@
+"""The server's models and caches: the model files of a folder, loaded lazily
+and described for ``GET /models``, and the bounded caches of encoded weights
+and public contexts. Nothing here knows about HTTP (:mod:`pycrcnn.server`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ._engine import Context
+from .model import EncodedModel, build_from_spec
+from .spec import ModelSpec, load_model_spec
+
+__all__ = ["MODEL_SUFFIXES", "LRU", "EncodedModelCache", "ModelEntry", "Registry", "describe_model",
+           "supported_ranges", "plain"]
+
+log = logging.getLogger("pycrcnn.server")  # the server's log: these are its models
+
+#: model files served, in order of preference when two share a name
+MODEL_SUFFIXES = (".npz", ".pt", ".pth")
+
+
+# ---------------------------------------------------------------------------
+# bounded caches
+
+
+class LRU:
+    """A small thread-safe LRU mapping."""
+
+    def __init__(self, size: int):
+        self.size = max(0, int(size))
+        self._d: "OrderedDict[Any, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                self.hits += 1
+                return self._d[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def stats(self) -> Dict[str, int]:
+        return {"entries": len(self._d), "capacity": self.size, "hits": self.hits, "misses": self.misses}
+
+
+class EncodedModelCache(LRU):
+    """Encoded models by (model, file version, layer range, parameter fingerprint).
+
+    Encoded weights depend on the parameters, not on the keys: one entry
+    serves every client with the same parameters.
+    """
+
+    def encoded(self, entry: "ModelEntry", selected: ModelSpec, start: int, stop: int, ctx: Context) -> EncodedModel:
+        """The layers ``[start, stop)`` of ``entry`` (``selected``, its spec
+        restricted to them) encoded for ``ctx``; HEError if they cannot be."""
+        key = (entry.name, entry.version, start, stop, ctx.fingerprint)
+        model = self.get(key)
+        if model is None:
+            model = build_from_spec(ctx, selected, rencrypt_positions=[])
+            self.put(key, model)
+        return model
+
+
+# ---------------------------------------------------------------------------
+# the models
+
+
+class ModelEntry:
+    """One model file, loaded lazily (and again if the file changes)."""
+
+    def __init__(self, name: str, path: Path):
+        self.name = name
+        self.path = path
+        self.lock = threading.Lock()
+        self.spec: Any = None
+        self.error: Optional[str] = None
+        self.version: Optional[Tuple[int, int]] = None
+
+    @property
+    def format(self) -> str:
+        return "npz" if self.path.suffix == ".npz" else "torch"
+
+    def _stat(self) -> Optional[Tuple[int, int]]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def load(self) -> Tuple[Any, Optional[str]]:
+        """``(spec, None)`` or ``(None, error message)``; never raises."""
+        with self.lock:
+            stat = self._stat()
+            if self.version is not None and stat == self.version:
+                return self.spec, self.error
+            self.version = stat
+            self.spec, self.error = None, None
+            try:
+                spec = load_model_spec(self.path)
+                spec.name = self.name
+                self.spec = spec
+            except ImportError as exc:
+                self.error = f"cannot load {self.path.name}: {exc} (a .pt model needs torch: pip install 'pycrcnn[torch]')"
+            except Exception as exc:  # noqa: BLE001 - a bad model file is listed with its error, never a crash
+                self.error = f"cannot load {self.path.name}: {type(exc).__name__}: {exc}"
+            if self.error:
+                log.warning("model %s: %s", self.name, self.error)
+            return self.spec, self.error
+
+
+def supported_ranges(spec: ModelSpec) -> List[List[int]]:
+    """Maximal ``[start, stop)`` torch-index ranges without unsupported modules."""
+    ranges: List[List[int]] = []
+    cur: Optional[List[int]] = None
+    for layer in spec.layers:
+        if layer.supported:
+            if cur is None:
+                cur = [layer.index, layer.end_index + 1]
+            else:
+                cur[1] = layer.end_index + 1
+        else:
+            if cur is not None:
+                ranges.append(cur)
+            cur = None
+    if cur is not None:
+        ranges.append(cur)
+    return ranges
+
+
+def describe_model(entry: ModelEntry) -> Dict[str, Any]:
+    """A model as ``GET /models`` lists it (with its load error, if any)."""
+    spec, error = entry.load()
+    out: Dict[str, Any] = {"name": entry.name, "file": entry.path.name, "format": entry.format}
+    if error is not None:
+        out["error"] = error
+        return out
+    n_modules = spec.n_modules if spec.n_modules else (max(spec.indices) + 1 if spec.layers else 0)
+    out.update({
+        "input_shape": list(spec.input_shape) if spec.input_shape is not None else None,
+        "n_modules": n_modules,
+        "layers": [{"index": l.index, "type": l.type, "params": plain(l.params)} for l in spec.layers],
+        "supported": supported_ranges(spec),
+        "unsupported": [
+            {"index": l.index, "module": l.params.get("module"), "reason": l.params.get("reason"),
+             "alternative": l.params.get("alternative")} for l in spec.unsupported
+        ],
+        "rencrypt_positions": list(spec.rencrypt_positions),
+        "normalization": spec.normalization,
+        "accuracy": spec.accuracy,
+    })
+    desc = (spec.metadata or {}).get("description")
+    if desc:
+        out["description"] = desc
+    return out
+
+
+class Registry:
+    """The model files of a folder, by name (file stem); rescanned on demand."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._entries: Dict[str, ModelEntry] = {}
+        self._last_scan = 0.0
+        self.scan(force=True)
+
+    def scan(self, force: bool = False) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_scan < 1.0:
+                return
+            self._last_scan = now
+            found: Dict[str, Path] = {}
+            try:
+                files = sorted(self.folder.iterdir())
+            except OSError as exc:
+                log.error("cannot list the models folder %s: %s", self.folder, exc)
+                files = []
+            for suffix in MODEL_SUFFIXES:
+                for f in files:
+                    if f.suffix == suffix and not f.name.startswith(".") and f.is_file():
+                        found.setdefault(f.stem, f)
+            entries = {}
+            for name, path in sorted(found.items()):
+                old = self._entries.get(name)
+                entries[name] = old if old is not None and old.path == path else ModelEntry(name, path)
+            self._entries = entries
+
+    def names(self) -> List[str]:
+        self.scan()
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Optional[ModelEntry]:
+        entry = self._entries.get(name)
+        if entry is None:
+            self.scan()
+            entry = self._entries.get(name)
+        return entry
+
+
+# ---------------------------------------------------------------------------
+# JSON-plain values (model descriptions, and every answer of the server)
+
+
+def plain(v: Any) -> Any:
+    """``v`` as JSON can hold it: dicts with string keys, lists for tuples,
+    sets and arrays, Python numbers for numpy's, None for inf and nan (JSON
+    has neither), anything else as its string."""
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, np.ndarray)):
+        return [plain(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return v
+    return str(v)
