@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::{to_py, HEError};
-use crate::layers::{output_shape, Geometry, Layer};
+use crate::layers::{Geometry, Layer};
 
 /// The layer types whose output shape is known here.
 const TYPES: &str = "Conv2d, Conv1d, Linear, AvgPool2d, Flatten, Square, Polynomial";
@@ -87,5 +87,5 @@ pub fn layer_output_shape(layer_type: &str, in_shape: Vec<usize>, params: &Bound
         "Polynomial" => Layer::Polynomial(Vec::new()),
         other => return Err(HEError::new_err(format!("unknown layer type {other:?}; known: {TYPES}"))),
     };
-    output_shape(&layer, &in_shape).map_err(to_py)
+    layer.output_shape(&in_shape).map_err(to_py)
 }
