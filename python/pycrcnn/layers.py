@@ -43,10 +43,6 @@ class EncryptedLayer:
     def __call__(self, x: Any) -> CipherTensor:
         return self._layer(as_cipher_tensor(x))
 
-    def _consume(self, x: CipherTensor) -> CipherTensor:
-        """Runs the layer on an intermediate result the caller will not use again."""
-        return self(x)
-
     @property
     def name(self) -> str:
         return self._layer.name
@@ -121,12 +117,6 @@ class SquareLayer(EncryptedLayer):
     def __init__(self, HE: HEType):
         self.HE = HE
         self._layer = Layer.square(context_of(HE))
-
-    def _consume(self, x: CipherTensor) -> CipherTensor:
-        """Squares ``x`` freeing it as it goes (``x`` is left empty): a model's
-        intermediate results need not be kept, and the first square is where
-        an encrypted CNN's memory peaks."""
-        return self._layer._call_consuming(x)
 
 
 class PolynomialLayer(EncryptedLayer):

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._engine import CipherTensor, HEError
+from ._engine import CipherTensor, HEError, Model, NoiseBudgetExhausted, RunCancelled
 from .crypto import as_cipher_tensor
 from .he import Context, Pyfhel, context_of
 from .layers import (
@@ -69,51 +68,6 @@ def _encode_layer(HE: HEType, layer: LayerSpec):
     if t == "Polynomial":
         return PolynomialLayer(HE, p["coefficients"])
     raise layer.error()
-
-
-def _copies(probe: CipherTensor, image_shape: Sequence[int], fractional: bool) -> CipherTensor:
-    """A tensor of one image whose every element is the probe's ciphertext."""
-    element = probe.to_numpy().reshape(-1)[0]
-    arr = np.empty(int(np.prod(image_shape)), dtype=object)
-    for i in range(arr.size):
-        arr[i] = element
-    return CipherTensor(arr.reshape(((1,) if fractional else ()) + tuple(image_shape)))
-
-
-def _single(t: CipherTensor) -> CipherTensor:
-    """The one element of a one-element result, as a probe."""
-    return t.to_numpy().reshape(-1)[0]
-
-
-def _worst_row(w: np.ndarray) -> int:
-    return int(np.abs(w.reshape(w.shape[0], -1)).sum(axis=1).argmax())
-
-
-def _probe_layer(ctx: Context, layer: Any, probe: CipherTensor, fractional: bool) -> CipherTensor:
-    """``layer``'s worst output element computed from copies of ``probe``."""
-    spec = layer.spec
-    if spec is None:
-        return ctx.rencrypt(probe)
-    t, w, b = spec.type, spec.weight, spec.bias
-    if t in ("Conv2d", "Conv1d", "Linear"):
-        o = _worst_row(w)
-        bias = None if b is None else b[o:o + 1]
-        if t == "Linear":
-            enc, shape = LinearLayer(ctx, w[o:o + 1], bias), (w.shape[1],)
-        elif t == "Conv2d":
-            enc, shape = ConvolutionalLayer(ctx, w[o:o + 1], bias=bias), tuple(w.shape[1:])
-        else:
-            enc, shape = Conv1dLayer(ctx, w[o:o + 1], bias=bias), tuple(w.shape[1:])
-        return _single(enc(_copies(probe, shape, fractional)))
-    if t == "AvgPool2d":
-        k = spec.params["kernel_size"]
-        k = (k, k) if isinstance(k, int) else tuple(k)
-        return _single(AveragePoolLayer(ctx, k)(_copies(probe, (1,) + k, fractional)))
-    if t == "Square":
-        return ctx.square(probe)
-    if t == "Polynomial":
-        return ctx.polynomial(probe, [float(c) for c in spec.params["coefficients"]])
-    return probe  # Flatten: nothing happens to the values
 
 
 class EncodedModel(list):
@@ -165,9 +119,9 @@ class EncodedModel(list):
     def segments(self) -> List[Tuple[int, int]]:
         """``[start, stop)`` torch-index ranges between rencryption positions:
         what a server runs between two round trips to the client."""
-        idx = self.spec.indices
-        bounds = [min(idx)] + [p for p in self.rencrypt_positions if p > min(idx)] + [max(idx) + 1]
-        return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if a < b]
+        first, last = self.spec.indices[0], self.spec.indices[-1]
+        return [(self[a - 1].torch_index if a > 0 else first, self[b].torch_index if b < len(self) else last + 1)
+                for a, b in self.runner().segments()]
 
     def describe(self) -> List[Dict[str, Any]]:
         """One dict per element: ``index``, ``type``, ``params`` (and ``weight_shape``)."""
@@ -182,43 +136,59 @@ class EncodedModel(list):
         body = ",\n".join(f"  ({l.torch_index}) {l!r}" for l in self)
         return f"EncodedModel([\n{body}\n])"
 
-    # -- prediction ---------------------------------------------------------------
-    def plan(self, input_bound: float = 1.0) -> List[Dict[str, Any]]:
+    # -- running and predicting: everything goes through the Rust runner -----------
+    def runner(self) -> Model:
+        """The engine's :class:`~pycrcnn._engine.Model` over the layers as they
+        are now (built per call: cheap, and a list edited by hand stays in step)."""
+        steps = []
+        for layer in self:
+            engine_layer = getattr(layer, "_layer", None)
+            if engine_layer is None:
+                raise HEError(f"element {layer!r} of the model is not an encrypted layer of pycrcnn; "
+                              "a model runs pycrcnn layers only")
+            steps.append((int(layer.torch_index), engine_layer))
+        return Model(steps)
+
+    def predict(self, input_bound: float = 1.0, callback: Optional[Callable] = None) -> List[Dict[str, Any]]:
         """Predicts, before running, whether the model fits the parameters.
 
-        Runs each layer's worst output element on a *probe*: one ciphertext
-        of ``input_bound`` standing for every input, combined by the output
-        with the largest Σ|w| (so copies add up coherently: a conservative
-        estimate). Costs milliseconds to seconds instead of a full pass and
-        needs the secret key (the client chooses parameters). Returns one dict
-        per layer: ``index``, ``name``, ``noise_budget`` (predicted bits
-        left), ``growth`` (the engine's bound against p/2 or T/2) and ``ok``;
-        on the first layer that would fail, ``error`` says why, and nothing
-        after it is listed.
+        The engine runs each layer's worst output element on a *probe*: one
+        ciphertext of ``input_bound`` standing for every input, combined by the
+        output with the largest Σ|w| (so copies add up coherently: a
+        conservative estimate). Costs milliseconds to seconds instead of a full
+        pass and needs the secret key (the client chooses parameters). Returns
+        one dict per layer: ``index``, ``name``, ``noise_budget`` (predicted
+        bits left), ``growth`` (the engine's bound against p/2 or T/2),
+        ``seconds`` and ``ok``; on the first layer that would fail, ``error``
+        says why, and nothing after it is listed. ``callback(report, probe)``
+        sees every layer, as in :meth:`run`.
         """
         ctx = self.context
         if not ctx.has_secret_key:
-            raise HEError("plan() measures noise on probe ciphertexts and needs the secret key")
+            raise HEError("predict() measures noise on probe ciphertexts and needs the secret key")
         fractional = ctx.encoding == "fractional"
-        probe = ctx.encrypt(np.float64(input_bound) if fractional else np.array([float(input_bound)]))
-        plan: List[Dict[str, Any]] = []
-        for layer in self:
-            entry: Dict[str, Any] = {"index": layer.torch_index, "name": layer.name}
-            try:
-                probe = _probe_layer(ctx, layer, probe, fractional)
-                entry["noise_budget"] = int(ctx.noise_budget(probe))
-                entry["growth"] = dict(probe.growth_report())
-                entry["ok"] = entry["noise_budget"] > 0 and (fractional or entry["growth"]["fits"])
-                if entry["noise_budget"] <= 0:
-                    entry["error"] = "noise budget exhausted"
-            except HEError as exc:
-                entry.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-            plan.append(entry)
-            if not entry["ok"]:
-                break
-        return plan
+        reports, failure = self.runner().predict(ctx, float(input_bound), callback)
+        out: List[Dict[str, Any]] = []
+        for r in reports:
+            fits = fractional or r["growth"]["fits"]
+            out.append({"index": r["index"], "name": r["name"], "noise_budget": r["noise_budget"],
+                        "growth": r["growth"], "seconds": r["seconds"], "ok": r["noise_budget"] > 0 and fits})
+        if failure is not None:
+            position, exc = failure
+            message = "noise budget exhausted" if isinstance(exc, NoiseBudgetExhausted) else f"{type(exc).__name__}: {exc}"
+            if position < len(out):
+                out = out[:position + 1]
+                out[position].update(ok=False, error=message)
+            else:
+                layer = self[position]
+                out.append({"index": layer.torch_index, "name": layer.name, "ok": False, "error": message})
+        else:
+            for k, entry in enumerate(out):
+                if not entry["ok"]:
+                    del out[k + 1:]
+                    break
+        return out
 
-    # -- running --------------------------------------------------------------
     def _input(self, x: Any) -> CipherTensor:
         if isinstance(x, np.ndarray) and x.dtype != object:
             raise HEError("the model runs on encrypted data: encrypt the input first "
@@ -231,78 +201,84 @@ class EncodedModel(list):
                               f"got {list(t.shape)}")
         return t
 
-    def _run(self, x: CipherTensor, layers: List[Any], debug: bool, progress: bool) -> CipherTensor:
-        report: List[Dict[str, Any]] = []
-        self.last_report = report
-        fractional = x.encoding == "fractional"
-        ctx = x.context  # the keys the data was encrypted under (a layer serves any key)
+    def run(self, x: Any, start: Optional[int] = None, stop: Optional[int] = None, *, rencrypt: bool = True,
+            debug: bool = False, progress: bool = False, callback: Optional[Callable] = None,
+            switch_result: str = "never") -> Tuple[CipherTensor, List[Dict[str, Any]]]:
+        """Runs the layers whose torch index is in ``[start, stop)`` (default:
+        all) through the engine's runner and returns ``(output, reports)``.
+
+        ``reports`` has one dict per layer: ``index``, ``name``, ``seconds``,
+        ``shape``, ``level``, ``growth`` and, with ``debug``, ``noise_budget``;
+        a layer that fails adds ``error`` and ``error_type`` before the
+        exception (which names the layer: ``exc.layer``, ``exc.layer_name``)
+        propagates. ``callback(report, tensor)`` is called after every layer;
+        returning ``False`` stops the run with :class:`pycrcnn.RunCancelled`.
+        ``rencrypt=False`` skips rencryption layers (a server's segments).
+        ``switch_result`` ("never", "always", "auto") switches the result down to
+        the last modulus. Unlike :meth:`__call__` it stores nothing on the
+        model, so one model can serve concurrent runs.
+        """
+        indices = [layer.torch_index for layer in self]
+        lo = indices[0] if start is None else start
+        hi = indices[-1] + 1 if stop is None else stop
+        positions = [k for k, i in enumerate(indices) if lo <= i < hi and (rencrypt or self[k].spec is not None)]
+        if not any(self[k].spec is not None for k in positions):
+            raise HEError(f"no layer with a torch index in [{lo}, {hi}); this model has {self.spec.indices}")
+        t = as_cipher_tensor(x) if lo > self.spec.indices[0] else self._input(x)
+        fractional = t.encoding == "fractional"
+        reports: List[Dict[str, Any]] = []
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(layers), desc=self.spec.name, unit="layer", leave=False)
+            bar = tqdm(total=len(positions), desc=self.spec.name, unit="layer", leave=False)
+
+        def on_layer(report: Dict[str, Any], tensor: CipherTensor) -> Any:
+            reports.append(report)
+            if debug:
+                _print_debug(report, fractional)
+            if bar is not None:
+                bar.set_postfix_str(f"{report['index']}:{report['name']}")
+                bar.update(1)
+            return True if callback is None else callback(report, tensor)
+
         try:
-            owned = False  # the caller's tensor is never consumed, our intermediates may be
-            for layer in layers:
-                name = layer.name
-                t0 = time.perf_counter()
-                try:
-                    x = layer._consume(x) if owned else layer(x)
-                    owned = True
-                except HEError as exc:
-                    report.append({"index": layer.torch_index, "name": name, "error": str(exc),
-                                   "error_type": type(exc).__name__})
-                    raise _annotated(exc, layer) from exc
-                seconds = time.perf_counter() - t0
-                entry: Dict[str, Any] = {"index": layer.torch_index, "name": name, "seconds": seconds,
-                                         "shape": list(x.shape)}
-                try:
-                    entry["growth"] = dict(x.growth_report())
-                except Exception:  # noqa: BLE001 - informative only
-                    pass
-                if debug:
-                    if ctx.has_secret_key:
-                        entry["noise_budget"] = int(ctx.noise_budget(x))
-                    _print_debug(entry, fractional)
-                report.append(entry)
-                if bar is not None:
-                    bar.set_postfix_str(f"{layer.torch_index}:{name}")
-                    bar.update(1)
+            out, _ = self.runner().run(t, positions[0], positions[-1] + 1, rencrypt=rencrypt, measure_noise=debug,
+                                       switch_result=switch_result, callback=on_layer)
+        except HEError as exc:
+            if getattr(exc, "layer_name", None) is not None and not isinstance(exc, RunCancelled):
+                reports.append({"index": exc.layer, "name": exc.layer_name, "error": str(exc),
+                                "error_type": type(exc).__name__})
+            exc.reports = reports
+            raise
         finally:
             if bar is not None:
                 bar.close()
-        return x
+        return out, reports
 
-    def __call__(self, x: Any, debug: bool = False, progress: bool = False) -> CipherTensor:
-        """Runs every layer (rencryptions included: they need the secret key)."""
-        return self._run(self._input(x), list(self), debug, progress)
+    def __call__(self, x: Any, debug: bool = False, progress: bool = False,
+                 callback: Optional[Callable] = None) -> CipherTensor:
+        """Runs every layer (rencryptions included: they need the secret key);
+        the per-layer reports are kept in ``last_report``."""
+        return self.run_range(x, None, None, debug=debug, progress=progress, rencrypt=True, callback=callback)
 
-    def run_range(self, x: Any, start: int, stop: int, debug: bool = False, progress: bool = False,
-                  rencrypt: bool = False) -> CipherTensor:
+    def run_range(self, x: Any, start: Optional[int], stop: Optional[int], debug: bool = False,
+                  progress: bool = False, rencrypt: bool = False, callback: Optional[Callable] = None) -> CipherTensor:
         """Runs the layers whose torch index is in ``[start, stop)``.
 
         Rencryption layers are skipped unless ``rencrypt=True``: between two
         :meth:`segments` the key holder rencrypts (on a server, that is the round
         trip to the client), so a server calls ``run_range`` once per segment.
+        The per-layer reports are kept in ``last_report`` (use :meth:`run` where
+        several runs share the model).
         """
-        chosen = [l for l in self if start <= l.torch_index < stop and (rencrypt or l.spec is not None)]
-        if not any(l.spec is not None for l in chosen):
-            raise HEError(f"no layer with a torch index in [{start}, {stop}); this model has {self.spec.indices}")
-        t = as_cipher_tensor(x) if start > self.spec.indices[0] else self._input(x)
-        return self._run(t, chosen, debug, progress)
-
-
-def _annotated(exc: Exception, layer: Any) -> Exception:
-    """The same exception type with the layer named first."""
-    msg = f"layer {layer.torch_index} ({layer.name}): {exc}"
-    try:
-        new = type(exc)(msg)
-    except Exception:  # noqa: BLE001
-        return exc
-    for attr in ("index", "module", "alternative"):
-        if hasattr(exc, attr):
-            setattr(new, attr, getattr(exc, attr))
-    return new
+        try:
+            out, self.last_report = self.run(x, start, stop, rencrypt=rencrypt, debug=debug, progress=progress,
+                                             callback=callback)
+        except HEError as exc:
+            self.last_report = getattr(exc, "reports", [])
+            raise
+        return out
 
 
 def _print_debug(entry: Dict[str, Any], fractional: bool) -> None:

@@ -379,7 +379,8 @@ impl Affine {
     pub fn probe(&self, probe: &CipherTensor) -> Result<CipherTensor> {
         let map = self.probe_map();
         let element = probe.data().iter().next().ok_or_else(|| HeError::Value("the probe is empty".into()))?;
-        let mut shape = if probe.image_axes_start() == 1 { vec![1] } else { vec![] };
+        // Fractional tensors hold their images along axis 0; batch ones in the slots.
+        let mut shape = if probe.batch().is_none() { vec![1] } else { vec![] };
         shape.extend_from_slice(&map.in_shape);
         let copies = ndarray::ArrayD::from_elem(ndarray::IxDyn(&shape), element.clone());
         // The probe map shares the layer's weights: their cached encoding serves.

@@ -181,16 +181,6 @@ impl PyLayer {
         wrap_tensor(py, out, ctx_obj)
     }
 
-    /// Like calling the layer, but a Square consumes `x` (which is left
-    /// empty): for intermediate results of a model, to halve peak memory.
-    fn _call_consuming(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let (tensor, ctx_obj, ctx) = self.input(py, x)?;
-        let t = tensor.get().take();
-        let layer = self.layer.clone();
-        let out = run(py, move || layer.forward_owned(&ctx, t))?;
-        wrap_tensor(py, out, ctx_obj)
-    }
-
     /// torch-like name.
     #[getter]
     fn name(&self) -> String {
