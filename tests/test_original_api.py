@@ -139,6 +139,14 @@ def test_crypto_any_shape_and_kind(HE):
     # element by element like the seed: decryptFrac of one element of the tensor
     t = encrypt_matrix(HE, x4)
     assert HE.decryptFrac(t[1][0][1][2]) == pytest.approx(x4[1, 0, 1, 2], abs=EXACT)
+    # element-wise Pyfhel arithmetic can leave ciphertexts at different modulus levels
+    objs = t.to_numpy()
+    HE.square(objs[0, 0, 0, 0])
+    want = x4.copy()
+    want[0, 0, 0, 0] **= 2
+    assert np.max(np.abs(decrypt_matrix(HE, objs) - want)) <= EXACT
+    with pytest.raises(HEError):
+        decrypt_matrix(HE, np.array([objs[0, 0, 0, 0], 1.5], dtype=object))
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ an object array of ``PyPtxt`` (encode) or a float64 ndarray (decrypt, decode).
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -62,7 +62,28 @@ def as_cipher_tensor(x: Any) -> CipherTensor:
 
 def decrypt_matrix(HE: HEType, matrix: Any) -> np.ndarray:
     """Decrypts to a float64 array of the logical shape."""
-    return np.asarray(context_of(HE).decrypt(as_cipher_tensor(matrix)), dtype=np.float64)
+    ctx = context_of(HE)
+    try:
+        t = as_cipher_tensor(matrix)
+    except HEError:
+        out = each_ciphertext(matrix, lambda c: float(ctx.decrypt(c)), np.float64)
+        if out is None:
+            raise
+        return out
+    return np.asarray(ctx.decrypt(t), dtype=np.float64)
+
+
+def each_ciphertext(matrix: Any, f: Any, dtype: Any) -> Optional[np.ndarray]:
+    """``f`` of every ciphertext of an object array whose ciphertexts cannot form
+    one tensor (they sit at different modulus levels, as element-wise Pyfhel
+    arithmetic can leave them); None if it holds anything but single ciphertexts."""
+    arr = np.asarray(matrix, dtype=object)
+    if arr.size == 0 or not all(isinstance(c, CipherTensor) and c.ndim == 0 for c in arr.flat):
+        return None
+    out = np.empty(arr.shape, dtype=dtype)
+    for idx, c in np.ndenumerate(arr):
+        out[idx] = f(c)
+    return out
 
 
 def encode_matrix(HE: HEType, matrix: Any) -> np.ndarray:
