@@ -434,3 +434,31 @@ def test_local_execution_finds_shipped_models_by_net_name(tmp_path, monkeypatch)
         local_execution(x, _params(net="MNIST"))
     with pytest.raises(HEError, match="encryption_parameters"):
         local_execution(x, {"net": "tiny_mlp"})
+
+
+# ---------------------------------------------------------------------------
+# a script written the original's way, real MNIST digits, a shipped model
+
+
+def test_original_style_script_classifies_mnist_digits():
+    """tests/original_style/classify_mnist.py: the original classes built from
+    a torch model's modules, ``for layer in encoded_net``, four real test digits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pycrcnn.models import INFO, shipped_model_path
+
+    script = Path(__file__).resolve().parent / "original_style" / "classify_mnist.py"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(pycrcnn.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(script), str(shipped_model_path("tiny_cnn")), "4"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["labels"] == [7, 2, 1, 0]  # the first MNIST test digits
+    assert result["encrypted_argmax"] == result["plain_argmax"] == result["labels"]
+    # float32 torch against 32 fractional digits, logits of size ~10: agreement to ~1e-5
+    assert result["max_error"] < 1e-4, result
+    assert INFO["tiny_cnn"]["test_accuracy"] > 0.9
