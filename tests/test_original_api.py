@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import pycrcnn
-import pycrcnn.layers
 from pycrcnn import CipherTensor, Context, HEError, PyCtxt, PyPtxt, Pyfhel, SecretKeyRequired
 
 EXACT = 1e-9

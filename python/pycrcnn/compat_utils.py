@@ -1,8 +1,9 @@
 """The original PyCrCNN's parameter-testing helpers: :func:`get_max_error`,
 :func:`get_min_noise`, :func:`test_net`.
 
-They are what ``pycrcnn.parameters_tester.utils.utils`` held in the seed; that
-module path re-exports them from here.
+They are what the seed's ``pycrcnn.parameters_tester.utils.utils`` held;
+that module path is to re-export them from here (one import line) once the
+parameter tester is a package.
 """
 from __future__ import annotations
 

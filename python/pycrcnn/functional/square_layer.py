@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._compat import cipher_array, like_input
+from .._compat import cipher_array
 from .._engine import CipherTensor
 from ..layers import SquareLayer
 
