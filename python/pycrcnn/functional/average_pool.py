@@ -26,7 +26,7 @@ class AveragePoolLayer(_EngineAveragePoolLayer):
     """
 
     def __init__(self, HE: Any, kernel_size: Any, stride: Any = (1, 1), padding: Any = (0, 0)):
-        super().__init__(HE, kernel_size, stride=(1, 1) if stride is None else stride, padding=padding)
+        super().__init__(HE, kernel_size, stride=stride, padding=padding)
 
 
 def _avg(HE: Any, image: Any, kernel_size: Any, stride: Any) -> Any:

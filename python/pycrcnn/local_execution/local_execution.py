@@ -57,13 +57,15 @@ def find_model(parameters: Mapping[str, Any]) -> Any:
     if local.is_file():
         return local
     net = parameters.get("net")
-    from ..models import INFO, MODELS_DIR, list_shipped_models
+    from ..models import list_shipped_models, shipped_model_path
 
     if net:
         for name in list_shipped_models():
             if name.lower() == str(net).lower():
-                npz = MODELS_DIR / f"{name}.npz"
-                return npz if npz.is_file() else MODELS_DIR / INFO[name]["file"]
+                try:
+                    return shipped_model_path(name, "npz")  # no torch needed
+                except FileNotFoundError:
+                    return shipped_model_path(name)
     raise FileNotFoundError(
         f"no model: parameters have no 'model' (an nn.Sequential or a model file), there is no ./model.pt in "
         f"{os.getcwd()}, and {net!r} is not a shipped model (shipped: {', '.join(list_shipped_models())})")
