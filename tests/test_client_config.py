@@ -57,3 +57,19 @@ def test_cli_takes_the_original_config_as_it_is(tmp_path, capsys):
     cfg.write_text(json.dumps(dict(ORIGINAL_CONFIG, encoding="rot13")))
     assert main(["--config", str(cfg), "--mnist", "1"]) == 2
     assert "unknown encoding" in capsys.readouterr().err
+
+
+def test_client_finds_original_net_names_case_insensitively(monkeypatch):
+    from pycrcnn.client import Client
+
+    client = Client("http://127.0.0.1:9")
+    listing = {"models": [{"name": "mnist", "n_modules": 4}, {"name": "Tiny", "n_modules": 2},
+                          {"name": "tiny", "n_modules": 3}]}
+    monkeypatch.setattr(client, "_get", lambda path: listing)
+    assert client.model("MNIST")["name"] == "mnist"  # the original configs' spelling of mnist.pt
+    assert client.model("mnist")["name"] == "mnist"
+    assert client.model("Tiny")["n_modules"] == 2  # an exact match wins
+    with pytest.raises(KeyError, match="TINY"):
+        client.model("TINY")  # two models differ only in case: no guessing
+    with pytest.raises(KeyError, match="lenet"):
+        client.model("lenet")

@@ -161,14 +161,22 @@ class Client:
         return list(self._models.values())
 
     def model(self, net: str, refresh: bool = False) -> Dict[str, Any]:
-        """The ``/models`` entry of ``net`` (KeyError if the server has none)."""
+        """The ``/models`` entry of ``net`` (KeyError if the server has none).
+
+        Names match exactly, else case-insensitively when that picks one model:
+        the original configs name nets as ``"MNIST"`` for ``mnist.pt``. The
+        entry's ``name`` is the server's spelling.
+        """
         self.models(refresh=refresh)
         assert self._models is not None
-        if net not in self._models and not refresh:
+        if net in self._models:
+            return self._models[net]
+        same = [name for name in self._models if name.lower() == str(net).lower()]
+        if len(same) == 1:
+            return self._models[same[0]]
+        if not refresh:
             return self.model(net, refresh=True)
-        if net not in self._models:
-            raise KeyError(f"the server has no model {net!r}; it has: {', '.join(sorted(self._models)) or 'none'}")
-        return self._models[net]
+        raise KeyError(f"the server has no model {net!r}; it has: {', '.join(sorted(self._models)) or 'none'}")
 
     def build_request(self, ctx: Context, tensor: CipherTensor, net: str, layers: Optional[Sequence[int]] = None,
                       binary: bool = True, switch_to_last_level: Any = "auto") -> Tuple[bytes, str]:
@@ -279,6 +287,7 @@ class Client:
         """
         x = _as_inputs(images)
         info = self.model(net)
+        net = info.get("name", net)  # the server's spelling of the name
         if "error" in info:
             raise ServerError(500, f"model {net!r} is not available on the server: {info['error']}")
         n_modules = int(info.get("n_modules") or 0)
