@@ -15,7 +15,8 @@ Models (all ``nn.Sequential`` of torch.nn modules + ``pycrcnn.nn.Square``):
 MNIST is read with ``pycrcnn.datasets.load_mnist`` (``--data`` or
 ``PYCRCNN_DATA`` / ``PYCRCNN_SHARED``); nothing is downloaded.  Inputs are
 ``pycrcnn.datasets.normalize`` (pixels / 255), as in the original PyCrCNN.
-Each model is saved with ``torch.save(model)`` to ``<out>/<name>.pt``, and
+Each model is saved with ``torch.save(model)`` to ``<out>/<name>.pt`` and
+exported torch-free to ``<out>/<name>.npz`` (``scripts/export_models.py``), and
 ``<out>/models.json`` records its test accuracy on the 10,000 test digits.
 
 Usage:  python scripts/train_lenet1.py [--epochs 3] [--only NAME ...]
@@ -224,6 +225,10 @@ def main(argv=None) -> int:
         }
         print(f"{name}: test accuracy {acc:.4f} (first 1000: {acc1k:.4f}), {size} bytes, {seconds:.0f}s")
         meta_path.write_text(json.dumps(dict(sorted(meta.items())), indent=2) + "\n")
+    # the torch-free .npz beside every .pt (scripts/export_models.py, next to this script)
+    from export_models import export
+
+    export(names, args.out)
     return 0
 
 

@@ -26,6 +26,12 @@ Command line (the original PyCrCNN's ``parameters.json``)::
     python -m pycrcnn.client --config parameters.json --mnist 16
     python -m pycrcnn.client --config parameters.json --images digits.npy --labels labels.npy
 
+A config runs as it is: without an ``encoding`` key (the original's files have
+none) its ``encryption_parameters`` mean the seed's fractional encoding, one
+value per ciphertext (``{"m": 2048, "p": 13513511, "sec": 128, "base": 2}``);
+``"encoding": "batch"`` (in the config or its parameters) or ``--encoding
+batch`` selects the batch encoding, which classifies a whole batch in one pass.
+
 Errors of the server come back as :class:`ServerError` with the HTTP status
 and the server's message.
 """
@@ -44,7 +50,7 @@ import requests
 from . import protocol
 from ._engine import CipherTensor, Context
 
-__all__ = ["Client", "ServerError", "main", "request_parameters"]
+__all__ = ["Client", "ServerError", "main", "request_parameters", "config_encoding", "context_from_config"]
 
 DEFAULT_TIMEOUT = (10.0, 3600.0)
 
@@ -155,14 +161,22 @@ class Client:
         return list(self._models.values())
 
     def model(self, net: str, refresh: bool = False) -> Dict[str, Any]:
-        """The ``/models`` entry of ``net`` (KeyError if the server has none)."""
+        """The ``/models`` entry of ``net`` (KeyError if the server has none).
+
+        Names match exactly, else case-insensitively when that picks one model:
+        the original configs name nets as ``"MNIST"`` for ``mnist.pt``. The
+        entry's ``name`` is the server's spelling.
+        """
         self.models(refresh=refresh)
         assert self._models is not None
-        if net not in self._models and not refresh:
+        if net in self._models:
+            return self._models[net]
+        same = [name for name in self._models if name.lower() == str(net).lower()]
+        if len(same) == 1:
+            return self._models[same[0]]
+        if not refresh:
             return self.model(net, refresh=True)
-        if net not in self._models:
-            raise KeyError(f"the server has no model {net!r}; it has: {', '.join(sorted(self._models)) or 'none'}")
-        return self._models[net]
+        raise KeyError(f"the server has no model {net!r}; it has: {', '.join(sorted(self._models)) or 'none'}")
 
     def build_request(self, ctx: Context, tensor: CipherTensor, net: str, layers: Optional[Sequence[int]] = None,
                       binary: bool = True, switch_to_last_level: Any = "auto") -> Tuple[bytes, str]:
@@ -273,6 +287,7 @@ class Client:
         """
         x = _as_inputs(images)
         info = self.model(net)
+        net = info.get("name", net)  # the server's spelling of the name
         if "error" in info:
             raise ServerError(500, f"model {net!r} is not available on the server: {info['error']}")
         n_modules = int(info.get("n_modules") or 0)
@@ -338,6 +353,37 @@ def _as_inputs(images: Any) -> np.ndarray:
 # command line
 
 
+#: the encoding of a config that names none: the seed's (its parameters.json files have no "encoding")
+DEFAULT_CONFIG_ENCODING = "fractional"
+
+
+def _config_parameters(config: Dict[str, Any]) -> Dict[str, Any]:
+    params_list = config.get("encryption_parameters") or [{}]
+    params = params_list[0] if isinstance(params_list, list) else params_list
+    if not isinstance(params, dict):
+        raise ValueError(f"'encryption_parameters' must be a list of objects (or one object), got {params_list!r}")
+    return params
+
+
+def config_encoding(config: Dict[str, Any], override: Optional[str] = None) -> str:
+    """The encoding a client config asks for: ``override`` (``--encoding``), else
+    ``encryption_parameters[0]["encoding"]``, else the config's ``encoding``,
+    else ``"fractional"`` -- the seed's, which the original configs (no
+    ``encoding`` key) were written for."""
+    encoding = override or _config_parameters(config).get("encoding") or config.get("encoding") \
+        or DEFAULT_CONFIG_ENCODING
+    if encoding not in ("fractional", "batch"):
+        raise ValueError(f"unknown encoding {encoding!r}: 'fractional' (the seed's) or 'batch'")
+    return encoding
+
+
+def context_from_config(config: Dict[str, Any], encoding: Optional[str] = None) -> Context:
+    """The (keyless) :class:`Context` a client config describes: the original
+    ``parameters.json`` (``encryption_parameters: [{m, p, sec, base}]``) gives
+    the seed's fractional encoding; call ``keygen()`` on the result."""
+    return _context_from_config(_config_parameters(config), config_encoding(config, encoding))
+
+
 def _context_from_config(params: Dict[str, Any], encoding: str) -> Context:
     kw: Dict[str, Any] = {"m": int(params.get("m", 4096)), "sec": int(params.get("sec", 128)), "encoding": encoding}
     if params.get("p") is not None:
@@ -386,7 +432,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--labels", help="a .npy file of labels for --images")
     parser.add_argument("--encoding", choices=["batch", "fractional"], default=None,
                         help="batch: all images in one pass (SIMD slots); fractional: the seed's encoding, one value "
-                             "per ciphertext (default: the config's 'encoding', else batch)")
+                             "per ciphertext (default: the config's 'encoding', else fractional, as the original "
+                             "configs mean)")
     parser.add_argument("--address", help="override the config's address")
     parser.add_argument("--net", help="override the config's net")
     parser.add_argument("--rencrypt", help="comma-separated rencryption positions (default: the model's)")
@@ -399,9 +446,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"pycrcnn-client: cannot read {args.config}: {exc}", file=sys.stderr)
         return 2
-    params_list = config.get("encryption_parameters") or [{}]
-    params = params_list[0] if isinstance(params_list, list) else params_list
-    encoding = args.encoding or params.get("encoding") or config.get("encoding") or "batch"
+    try:
+        params = _config_parameters(config)
+        encoding = config_encoding(config, args.encoding)
+    except ValueError as exc:
+        print(f"pycrcnn-client: {args.config}: {exc}", file=sys.stderr)
+        return 2
     address = args.address or config.get("address") or "http://127.0.0.1:5000"
     net = args.net or config.get("net")
     if not net:

@@ -3,6 +3,12 @@
 Each class holds an engine layer (Rust): the weights are encoded once, on
 first use, and reused for every call. ``x`` is a :class:`CipherTensor` or the
 seed's numpy object array of PyCtxt; the result is a CipherTensor.
+
+As in the seed, ``layer.weights`` and ``layer.bias`` are object arrays of
+encoded values (``PyPtxt``: ``HE.decodeFrac`` and ``decode_matrix`` read them
+back); the float64 arrays the engine was given are ``layer.weight_values``
+and ``layer.bias_values``. Weights may be given as numpy arrays, nested lists,
+torch tensors or object arrays of ``PyPtxt``.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._engine import CipherTensor, Layer
-from .crypto import as_cipher_tensor
+from .crypto import as_cipher_tensor, as_numbers, encode_matrix
 from .he import Context, Pyfhel, context_of
 
 __all__ = ["EncryptedLayer", "ConvolutionalLayer", "Conv1dLayer", "LinearLayer", "AveragePoolLayer",
@@ -28,11 +34,7 @@ def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
 
 
 def _array(x: Any) -> Optional[np.ndarray]:
-    if x is None:
-        return None
-    if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+    return None if x is None else as_numbers(x)
 
 
 class EncryptedLayer:
@@ -64,40 +66,79 @@ class EncryptedLayer:
         return f"{type(self).__name__}({args})"
 
 
-class ConvolutionalLayer(EncryptedLayer):
+class _WeightedLayer(EncryptedLayer):
+    """A layer with weights and an optional bias: ``weight_values`` /
+    ``bias_values`` (float64, what the engine encodes) and the seed's
+    ``weights`` / ``bias`` (object arrays of ``PyPtxt``, made on first access)."""
+
+    weight_values: np.ndarray
+    bias_values: Optional[np.ndarray]
+
+    def _set_values(self, weights: Any, bias: Any) -> None:
+        self.weight_values = _array(weights)
+        self.bias_values = _array(bias)
+        self._encoded: dict = {}
+
+    def _encoded_values(self, what: str) -> Optional[np.ndarray]:
+        values = getattr(self, f"{what}_values")
+        if values is None:
+            return None
+        if what not in self._encoded:
+            self._encoded[what] = encode_matrix(self.HE, values)
+        return self._encoded[what]
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The weights as the seed held them: an object array of encoded values (PyPtxt)."""
+        return self._encoded_values("weight")
+
+    @weights.setter
+    def weights(self, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__}.weights cannot be replaced: the engine layer holds the weights "
+                             "it was built with; build a new layer with the new weights")
+
+    @property
+    def bias(self) -> Optional[np.ndarray]:
+        """The bias as the seed held it: an object array of encoded values (PyPtxt), or None."""
+        return self._encoded_values("bias")
+
+    @bias.setter
+    def bias(self, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__}.bias cannot be replaced: the engine layer holds the bias "
+                             "it was built with; build a new layer with the new bias")
+
+
+class ConvolutionalLayer(_WeightedLayer):
     """torch.nn.Conv2d on encrypted images: weights [out, in/groups, kh, kw]."""
 
     def __init__(self, HE: HEType, weights: Any, stride=(1, 1), padding=(0, 0), bias: Any = None,
                  dilation=(1, 1), groups: int = 1):
         self.HE = HE
-        self.weights = _array(weights)
-        self.bias = _array(bias)
+        self._set_values(weights, bias)
         self.stride, self.padding, self.dilation, self.groups = _pair(stride), _pair(padding), _pair(dilation), int(groups)
-        self._layer = Layer.conv2d(context_of(HE), self.weights, self.bias, self.stride, self.padding,
+        self._layer = Layer.conv2d(context_of(HE), self.weight_values, self.bias_values, self.stride, self.padding,
                                    self.dilation, self.groups)
 
 
-class Conv1dLayer(EncryptedLayer):
+class Conv1dLayer(_WeightedLayer):
     """torch.nn.Conv1d on encrypted signals [N, C, L]: weights [out, in/groups, k]."""
 
     def __init__(self, HE: HEType, weights: Any, stride: int = 1, padding: int = 0, bias: Any = None,
                  dilation: int = 1, groups: int = 1):
         self.HE = HE
-        self.weights = _array(weights)
-        self.bias = _array(bias)
+        self._set_values(weights, bias)
         self.stride, self.padding, self.dilation, self.groups = int(stride), int(padding), int(dilation), int(groups)
-        self._layer = Layer.conv1d(context_of(HE), self.weights, self.bias, self.stride, self.padding,
+        self._layer = Layer.conv1d(context_of(HE), self.weight_values, self.bias_values, self.stride, self.padding,
                                    self.dilation, self.groups)
 
 
-class LinearLayer(EncryptedLayer):
+class LinearLayer(_WeightedLayer):
     """torch.nn.Linear: weights [out, in]; each image is flattened first."""
 
     def __init__(self, HE: HEType, weights: Any, bias: Any = None):
         self.HE = HE
-        self.weights = _array(weights)
-        self.bias = _array(bias)
-        self._layer = Layer.linear(context_of(HE), self.weights, self.bias)
+        self._set_values(weights, bias)
+        self._layer = Layer.linear(context_of(HE), self.weight_values, self.bias_values)
 
 
 class AveragePoolLayer(EncryptedLayer):
