@@ -473,13 +473,13 @@ def test_switch_to_last_level_only_when_safe(server_models_dir):
     """Default moduli leave no room at the last level (the result would not
     decrypt): the server keeps the level. With a large first prime it switches
     and the (smaller) result still decrypts."""
-    from pycrcnn.server import _switch_is_safe, create_app
+    from pycrcnn.server import create_app
 
-    assert not _switch_is_safe(Context(m=4096).parameters())
-    assert not _switch_is_safe(Context(m=2048, scale_bits=6, weight_scale_bits=6).parameters())
+    assert not Context(m=4096).switch_is_safe
+    assert not Context(m=2048, scale_bits=6, weight_scale_bits=6).switch_is_safe
     ctx = Context(m=4096, p=8257537, moduli_sizes=[54, 30, 25], encoding="batch", scale_bits=5, weight_scale_bits=5)
     ctx.keygen()
-    assert _switch_is_safe(ctx.parameters())
+    assert ctx.switch_is_safe
     images, _ = digits(4)
     x = ctx.encrypt(datasets.normalize(images))
     app = create_app(server_models_dir)

@@ -13,6 +13,7 @@ from ._engine import (
     ParameterError,
     PlaintextOverflow,
     PyCtxt,
+    RunCancelled,
     SecretKeyRequired,
     get_num_threads,
     set_num_threads,
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AveragePoolLayer", "CipherTensor", "Context", "Conv1dLayer", "ConvolutionalLayer", "EncodedModel",
     "FlattenLayer", "FormatError", "HEError", "LinearLayer", "NoiseBudgetExhausted", "ParameterError",
-    "PlaintextOverflow", "PolynomialLayer", "PyCtxt", "PyPtxt", "Pyfhel", "RencryptionLayer",
+    "PlaintextOverflow", "PolynomialLayer", "PyCtxt", "PyPtxt", "Pyfhel", "RencryptionLayer", "RunCancelled",
     "SecretKeyRequired", "SquareLayer", "build_from_pytorch", "decode_matrix", "decrypt_matrix",
     "encode_matrix", "encrypt_matrix", "get_num_threads", "load_torch_model", "set_num_threads",
 ]

@@ -7,12 +7,24 @@ import numpy.typing as npt
 
 NTT_FEATURES: str
 
-class HEError(ValueError): ...
+class HEError(ValueError):
+    """Raised by a layer of a model run: ``layer`` is its index and
+    ``layer_name`` its name (both None elsewhere)."""
+    layer: Optional[int]
+    layer_name: Optional[str]
+
 class SecretKeyRequired(HEError): ...
-class NoiseBudgetExhausted(HEError): ...
-class PlaintextOverflow(HEError): ...
+
+class NoiseBudgetExhausted(HEError):
+    budget: int
+
+class PlaintextOverflow(HEError):
+    bound: float
+    limit: float
+
 class ParameterError(HEError): ...
 class FormatError(HEError): ...
+class RunCancelled(HEError): ...
 
 def set_num_threads(n: int) -> None:
     """Threads the engine uses (0 = all cores)."""
@@ -73,6 +85,9 @@ class Context:
     def encoding(self) -> str: ...
     @property
     def moduli(self) -> List[int]: ...
+    @property
+    def switch_is_safe(self) -> bool:
+        """Whether a result switched to the last modulus stays decryptable."""
     @property
     def key_id(self) -> Optional[str]: ...
     @property
@@ -149,10 +164,29 @@ class Layer:
     @staticmethod
     def rencryption(ctx: Any) -> "Layer": ...
     def __call__(self, x: CipherTensor) -> CipherTensor: ...
-    def _call_consuming(self, x: CipherTensor) -> CipherTensor: ...
     @property
     def name(self) -> str: ...
     @property
     def multiplies_ciphertexts(self) -> bool: ...
     def output_shape(self, in_shape: Sequence[int]) -> List[int]: ...
     def describe(self) -> Dict[str, Any]: ...
+
+Report = Dict[str, Any]
+Callback = Any  # (report: Report, tensor: CipherTensor) -> Optional[bool]; False cancels
+
+class Model:
+    """An ordered list of encrypted layers run as a whole by the engine's runner."""
+
+    def __init__(self, layers: Sequence[Tuple[int, Layer]]) -> None: ...
+    def __len__(self) -> int: ...
+    def segments(self) -> List[Tuple[int, int]]:
+        """[start, stop) position ranges between rencryption layers."""
+    def output_shape(self, in_shape: Sequence[int]) -> List[int]: ...
+    def run(self, x: CipherTensor, start: Optional[int] = None, stop: Optional[int] = None, rencrypt: bool = True,
+            measure_noise: bool = False, switch_result: str = "never",
+            callback: Optional[Callback] = None) -> Tuple[CipherTensor, List[Report]]:
+        """Runs positions start..stop; reports: position, index, name, seconds, shape, level, growth
+        (and noise_budget when measured)."""
+    def predict(self, ctx: Context, input_bound: float = 1.0,
+                callback: Optional[Callback] = None) -> Tuple[List[Report], Optional[Tuple[int, HEError]]]:
+        """Per-layer prediction on probe ciphertexts; the first failure as (position, exception)."""

@@ -202,13 +202,15 @@ class EncodedModel(list):
         return t
 
     def run(self, x: Any, start: Optional[int] = None, stop: Optional[int] = None, *, rencrypt: bool = True,
-            debug: bool = False, progress: bool = False, callback: Optional[Callable] = None,
-            switch_result: str = "never") -> Tuple[CipherTensor, List[Dict[str, Any]]]:
+            debug: bool = False, measure_noise: bool = False, progress: bool = False,
+            callback: Optional[Callable] = None, switch_result: str = "never") -> Tuple[CipherTensor, List[Dict[str, Any]]]:
         """Runs the layers whose torch index is in ``[start, stop)`` (default:
         all) through the engine's runner and returns ``(output, reports)``.
 
-        ``reports`` has one dict per layer: ``index``, ``name``, ``seconds``,
-        ``shape``, ``level``, ``growth`` and, with ``debug``, ``noise_budget``;
+        ``reports`` has one dict per layer: ``position`` (in this list),
+        ``index``, ``name``, ``seconds``, ``shape``, ``level``, ``growth`` and,
+        with ``measure_noise`` or ``debug`` (which also prints each report) and
+        the secret key, ``noise_budget``;
         a layer that fails adds ``error`` and ``error_type`` before the
         exception (which names the layer: ``exc.layer``, ``exc.layer_name``)
         propagates. ``callback(report, tensor)`` is called after every layer;
@@ -243,7 +245,8 @@ class EncodedModel(list):
             return True if callback is None else callback(report, tensor)
 
         try:
-            out, _ = self.runner().run(t, positions[0], positions[-1] + 1, rencrypt=rencrypt, measure_noise=debug,
+            out, _ = self.runner().run(t, positions[0], positions[-1] + 1, rencrypt=rencrypt,
+                                       measure_noise=debug or measure_noise,
                                        switch_result=switch_result, callback=on_layer)
         except HEError as exc:
             if getattr(exc, "layer_name", None) is not None and not isinstance(exc, RunCancelled):

@@ -214,10 +214,16 @@ class Registry:
         return sorted(self._entries)
 
     def get(self, name: str) -> Optional[ModelEntry]:
+        """The model called ``name``; else the one model whose name matches it
+        case-insensitively (the original configs ask for "MNIST" where the file
+        is ``mnist.pt``); ``None`` when there is none, or several."""
         entry = self._entries.get(name)
         if entry is None:
             self.scan()
             entry = self._entries.get(name)
+        if entry is None:
+            folded = [e for n, e in self._entries.items() if n.casefold() == name.casefold()]
+            entry = folded[0] if len(folded) == 1 else None
         return entry
 
 

@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -187,25 +186,6 @@ def _parse_layers(layers: Any, spec: Any, name: str) -> Tuple[int, int]:
         raise ApiError(400, f"layers {layers!r}: the indices must be consecutive (a range of the network), "
                             f"e.g. {list(range(idx[0], idx[-1] + 1))}")
     return idx[0], idx[-1] + 1
-
-
-def _switch_is_safe(params: Dict[str, Any]) -> bool:
-    """Whether switching a result down to the last modulus keeps it decryptable.
-
-    The server cannot measure noise (it has no secret key), but it knows the
-    floor: after a switch to the single remaining prime q0 the rounding noise
-    is about sqrt(m)·2^4, which must stay well below q0/(2p). With the engine's
-    default moduli (q0 barely above p) that never holds, and the result is
-    returned at its current level instead.
-    """
-    moduli = params.get("moduli") or []
-    if len(moduli) < 2:
-        return False
-    p = params["p"]
-    p_max = max(p) if isinstance(p, list) else p
-    q_last = moduli[0]
-    margin = math.log2(q_last) - math.log2(2 * p_max) - (0.5 * math.log2(params["m"]) + 4)
-    return margin >= 12
 
 
 # ---------------------------------------------------------------------------
@@ -466,34 +446,21 @@ def _compute(state: _State) -> Response:
         raise ApiError(422, f"layers {start}..{stop - 1} of {net!r} cannot be encoded for these parameters: "
                             f"{exc}") from None
 
-    # -- run ---------------------------------------------------------------------------
-    timings: List[Dict[str, Any]] = []
+    # -- run: the engine's runner, rencryptions left to the client -------------------
+    switch_result = {True: "always", False: "never", "auto": "auto"}[switch]
     t_run = time.perf_counter()
-    for layer in model:
-        if getattr(layer, "spec", 1) is None:  # a rencryption layer: the client's job
-            continue
-        index, name = getattr(layer, "torch_index", None), layer.name
-        t0 = time.perf_counter()
-        try:
-            x = layer(x)
-        except (PlaintextOverflow, NoiseBudgetExhausted, ParameterError) as exc:
-            raise ApiError(422, f"layer {index} ({name}): {type(exc).__name__}: {exc}", layer=index) from None
-        except SecretKeyRequired as exc:
-            raise ApiError(422, f"layer {index} ({name}) needs the secret key: {exc}", layer=index) from None
-        except HEError as exc:
-            raise ApiError(400, f"layer {index} ({name}): {exc}", layer=index) from None
-        timings.append({"index": index, "type": name, "seconds": time.perf_counter() - t0,
-                        "shape": list(x.shape)})
+    try:
+        x, reports = model.run(x, start, stop, rencrypt=False, switch_result=switch_result)
+    except (PlaintextOverflow, NoiseBudgetExhausted, ParameterError) as exc:
+        raise ApiError(422, f"{type(exc).__name__}: {exc}", layer=getattr(exc, "layer", None)) from None
+    except SecretKeyRequired as exc:
+        raise ApiError(422, f"the model needs the secret key: {exc}", layer=getattr(exc, "layer", None)) from None
+    except HEError as exc:
+        raise ApiError(400, str(exc), layer=getattr(exc, "layer", None)) from None
     compute_seconds = time.perf_counter() - t_run
-
+    timings = [{"index": r["index"], "type": r["name"], "seconds": r["seconds"], "shape": r["shape"]} for r in reports]
     params = ctx.parameters()
-    switched = False
-    if switch is True or (switch == "auto" and _switch_is_safe(params)):
-        try:
-            x = x.switch_to_last_level()
-            switched = True
-        except HEError as exc:
-            raise ApiError(422, f"cannot switch the result to the last modulus: {exc}") from None
+    switched = switch is True or (switch == "auto" and ctx.switch_is_safe)
     t_ser = time.perf_counter()
     out = x.to_bytes()
     try:

@@ -311,6 +311,13 @@ impl PyContext {
         self.get().params().encoding().name()
     }
 
+    /// Whether a result switched down to the last modulus stays decryptable
+    /// (the engine's rule; what `switch_result="auto"` of a model run follows).
+    #[getter]
+    fn switch_is_safe(&self) -> bool {
+        crate::model::switch_is_safe(self.get().params())
+    }
+
     /// Ciphertext moduli.
     #[getter]
     fn moduli(&self) -> Vec<u64> {

@@ -1,4 +1,4 @@
-"""pycrcnn.compat_utils: the original parameter tester's get_max_error,
+"""pycrcnn.parameters_tester.utils.utils: the original parameter tester's get_max_error,
 get_min_noise and test_net, on the original's kinds of inputs."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 import pycrcnn.nn
 from pycrcnn import Pyfhel
-from pycrcnn.compat_utils import get_max_error, get_min_noise, test_net as run_test_net
+from pycrcnn.parameters_tester.utils.utils import get_max_error, get_min_noise, test_net as run_test_net
 from pycrcnn.crypto.crypto import encrypt_matrix
 from pycrcnn.layers import ConvolutionalLayer, FlattenLayer, LinearLayer, RencryptionLayer, SquareLayer
 from pycrcnn.net_builder import build_from_pytorch

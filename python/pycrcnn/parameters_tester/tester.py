@@ -65,10 +65,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._engine import Context, HEError, NoiseBudgetExhausted
-from .model import build_from_spec
-from .spec import LayerSpec, ModelSpec, load_model_spec
-from .torch_import import spec_from_torch
+from .._engine import Context, HEError, NoiseBudgetExhausted
+from ..model import build_from_spec
+from ..spec import LayerSpec, ModelSpec, load_model_spec
+from ..torch_import import spec_from_torch
 
 __all__ = ["run_tests", "load_config", "plot_results", "main"]
 
@@ -109,7 +109,7 @@ def _resolve_model(model: Any) -> Tuple[ModelSpec, Any, str]:
     if isinstance(model, (str, os.PathLike)):
         p = Path(model)
         if not p.exists():
-            from .models import INFO, shipped_model_path
+            from ..models import INFO, shipped_model_path
 
             if str(model) in INFO:
                 p = shipped_model_path(str(model))
@@ -117,7 +117,7 @@ def _resolve_model(model: Any) -> Tuple[ModelSpec, Any, str]:
                 raise FileNotFoundError(f"model {str(model)!r}: no such file, and not a shipped model "
                                         f"({', '.join(sorted(INFO))})")
         if p.suffix in (".pt", ".pth"):
-            from .models import load_torch_model
+            from ..models import load_torch_model
 
             net = load_torch_model(p)
             return spec_from_torch(p), net, str(p)
@@ -144,7 +144,7 @@ def _parameter_sets(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def _load_inputs(spec: ModelSpec, n: int, data: Optional[str], dataset: str) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
     """(inputs float64 [n, ...], labels or None, description)."""
-    from . import datasets
+    from .. import datasets
 
     shape = spec.input_shape
     if shape is None:
@@ -286,20 +286,15 @@ def _test_one(pset: Dict[str, Any], spec: ModelSpec, ref: _Reference, x_plain: n
                    "avg_error": 0.0, "seconds": 0.0, **_growth(enc)})
     plain = x_plain
     dec = None
-    for layer in model:
-        name = layer.name
-        index = layer.torch_index
-        t0 = time.perf_counter()
-        try:
-            enc = layer(enc)
-        except NoiseBudgetExhausted as exc:  # a rencryption that cannot decrypt
-            return fail("noise_budget_exhausted", exc, index, name)
-        except Exception as exc:  # noqa: BLE001
-            return fail("error", exc, index, name)
-        seconds = time.perf_counter() - t0
-        if layer.spec is not None:
-            plain = ref.step(layer.spec, plain)
-        entry: Dict[str, Any] = {"index": index, "layer_name": name, "seconds": seconds, **_growth(enc)}
+
+    def on_layer(report: Dict[str, Any], out: Any) -> None:
+        nonlocal plain, dec
+        index, name = report["index"], report["name"]
+        spec = model[report["position"]].spec
+        if spec is not None:  # None: a rencryption, which changes no value
+            plain = ref.step(spec, plain)
+        entry: Dict[str, Any] = {"index": index, "layer_name": name, "seconds": report["seconds"],
+                                 **_growth(out)}
         if not entry["fits"]:
             if result["coefficients_fit"]:
                 result["first_wrap_layer"] = {"index": index, "layer_name": name}
@@ -308,25 +303,30 @@ def _test_one(pset: Dict[str, Any], spec: ModelSpec, ref: _Reference, x_plain: n
                 f"layer {index} ({name}): coefficient bound {entry['coeff_bound']:.4g} exceeds p/2 = "
                 f"{entry['limit']:.4g}; wrapped coefficients may cause decoding errors up to "
                 f"{entry['wrap_error_bound']:.4g}")
+        layers.append(entry)
         if debug:
-            entry["min_noise"] = int(ctx.noise_budget(enc))
-            try:
-                dec = np.asarray(ctx.decrypt(enc), dtype=np.float64)
-            except NoiseBudgetExhausted as exc:
-                layers.append(entry)
-                return fail("noise_budget_exhausted", exc, index, name)
+            entry["min_noise"] = report["noise_budget"]
+            dec = np.asarray(ctx.decrypt(out), dtype=np.float64)  # NoiseBudgetExhausted stops the run
             entry.update(_errors(dec, plain))
-            measured = _measured_coefficients(ctx, enc)
+            measured = _measured_coefficients(ctx, out)
             if measured:
                 entry.update(measured)
                 if measured["measured_wrap_risk"] > 0 and result.get("measured_wrap_layer") is None:
                     result["measured_wrap_layer"] = {"index": index, "layer_name": name}
         else:
-            entry["min_noise"] = _sample_noise(ctx, enc)
+            entry["min_noise"] = _sample_noise(ctx, out)
             entry["noise_sampled"] = True
-        layers.append(entry)
-        say(f"{index}: {name} {seconds:.2f} s, noise {entry['min_noise']} bits"
+        say(f"{index}: {name} {report['seconds']:.2f} s, noise {entry['min_noise']} bits"
             + (f", max error {entry['max_error']:.3g}" if "max_error" in entry else ""))
+
+    # One pass through the engine's runner; the callback compares each layer with the plain reference.
+    try:
+        enc, _ = model.run(enc, measure_noise=debug, callback=on_layer)
+    except NoiseBudgetExhausted as exc:  # a rencryption or a debug decryption that cannot decrypt
+        return fail("noise_budget_exhausted", exc, getattr(exc, "layer", None) or layers[-1]["index"],
+                    getattr(exc, "layer_name", None) or layers[-1]["layer_name"])
+    except Exception as exc:  # noqa: BLE001
+        return fail("error", exc, getattr(exc, "layer", None), getattr(exc, "layer_name", None) or "run")
     if not debug:
         try:
             dec = np.asarray(ctx.decrypt(enc), dtype=np.float64)
@@ -571,6 +571,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"results written to {args.out}" + (f", plot to {args.plot}" if args.plot else ""))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

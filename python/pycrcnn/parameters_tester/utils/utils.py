@@ -1,9 +1,7 @@
 """The original PyCrCNN's parameter-testing helpers: :func:`get_max_error`,
 :func:`get_min_noise`, :func:`test_net`.
 
-They are what the seed's ``pycrcnn.parameters_tester.utils.utils`` held;
-that module path is to re-export them from here (one import line) once the
-parameter tester is a package.
+The seed's module path, ``pycrcnn.parameters_tester.utils.utils``, over the engine.
 """
 from __future__ import annotations
 
@@ -11,11 +9,11 @@ from typing import Any, List, Tuple
 
 import numpy as np
 
-from ._engine import HEError
-from .crypto import as_cipher_tensor, as_numbers, decrypt_matrix, encrypt_matrix
-from .crypto.crypto import each_ciphertext
-from .he import context_of
-from .layers import FlattenLayer, RencryptionLayer
+from ..._engine import HEError
+from ...crypto import as_cipher_tensor, as_numbers, decrypt_matrix, encrypt_matrix
+from ...crypto.crypto import each_ciphertext
+from ...he import context_of
+from ...layers import FlattenLayer, RencryptionLayer
 
 __all__ = ["get_max_error", "get_min_noise", "test_net"]
 

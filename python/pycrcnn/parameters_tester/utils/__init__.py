@@ -1,0 +1,1 @@
+"""The original PyCrCNN's ``parameters_tester.utils`` package."""
