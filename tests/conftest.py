@@ -52,13 +52,15 @@ def server_models_dir(tmp_path_factory, shared_dir) -> Path:
     return folder
 
 
-def _start_server(models_dir: Path, log_path: Path, *extra: str, timeout: float = 60.0):
-    """Starts ``python -m pycrcnn.server`` on a free port; returns ``(process, base_url)``."""
+def _start_server(models_dir: Path, log_path: Path, *extra: str, timeout: float = 60.0,
+                  launcher: tuple = ("-m", "pycrcnn.server")):
+    """Starts ``python -m pycrcnn.server`` (or ``python *launcher``) on a free
+    port; returns ``(process, base_url)``."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pycrcnn.server", "--models", str(models_dir), "--host", "127.0.0.1",
+        [sys.executable, *launcher, "--models", str(models_dir), "--host", "127.0.0.1",
          "--port", "0", *extra],
         stdout=subprocess.PIPE, stderr=log, env=env, cwd=str(REPO))
     log.close()
