@@ -110,7 +110,8 @@ def server(server_models_dir, tmp_path_factory):
     """Base URL (``http://127.0.0.1:PORT``) of a real ``python -m pycrcnn.server``
     process serving :func:`server_models_dir` with 2 workers."""
     log_path = tmp_path_factory.mktemp("server_log") / "server.log"
-    proc, url = _start_server(server_models_dir, log_path, "--workers", "2", "--quiet")
+    proc, url = _start_server(server_models_dir, log_path, "--workers", "2", "--quiet",
+                              "--context-dir", str(log_path.parent / "contexts"))
     try:
         yield url
     finally:
