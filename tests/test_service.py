@@ -358,3 +358,44 @@ def test_context_store_is_bounded_and_validates(server_models_dir, tmp_path):
                                        bytes(ctxs[0].public_context()), x.to_bytes())
         resp = tc.post("/compute", data=body, content_type=protocol.BINARY_CONTENT_TYPE)
         assert resp.status_code == 400 and "not both" in resp.get_json()["error"]
+
+
+def test_plain_gunicorn_serves_create_app(server_models_dir, tmp_path):
+    """``gunicorn 'pycrcnn.server:create_app()'`` as the README shows it, with
+    the models and the context store from the environment."""
+    import re
+    import select
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYCRCNN_MODELS=str(server_models_dir), PYCRCNN_CONTEXT_DIR=str(tmp_path / "ctx"))
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "2",
+                             "-b", "127.0.0.1:0", "pycrcnn.server:create_app()"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    try:
+        log, url = b"", None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                log += os.read(proc.stderr.fileno(), 4096)
+                match = re.search(rb"Listening at: (http://127\.0\.0\.1:\d+)", log)
+                url = match.group(1).decode() if match else None
+        assert url, log.decode(errors="replace")
+        client = Client(url)
+        while True:
+            try:
+                client.info()
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        images, _ = digits(4)
+        ctx = Context(m=2048, encoding="batch", scale_bits=6, weight_scale_bits=6)
+        ctx.keygen()
+        logits, report = client.classify(ctx, images, "tiny_mlp")
+        np.testing.assert_array_equal(logits.argmax(1), float_logits("tiny_mlp", images).argmax(1))
+        assert len(list((tmp_path / "ctx").glob("*.ctx"))) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()

@@ -56,4 +56,5 @@ def _worker_abort(worker: Any) -> None:
 
 
 def _child_exit(server: Any, worker: Any) -> None:
-    server.log.info("worker %s exited; the master starts a replacement", worker.pid)
+    # unless the server is stopping, the master starts a replacement
+    server.log.info("worker %s exited", worker.pid)
