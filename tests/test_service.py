@@ -63,6 +63,19 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def computing_worker(workers, idle, thread, timeout=60.0):
+    """The worker that burns CPU (> 0.3 s since ``idle``, its CPU seconds)
+    while ``thread``'s request is in flight; None if the request ended first."""
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        grown = {pid: cpu_seconds(pid) - idle[pid] for pid in workers}
+        pid, seconds = max(grown.items(), key=lambda kv: kv[1])
+        if seconds > 0.3:
+            return pid
+    return None
+
+
 def wait_for_workers(master_pid, n, timeout=60.0, exclude=()):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,14 +205,7 @@ def test_worker_killed_mid_request(gunicorn_server):
     idle = {pid: cpu_seconds(pid) for pid in before}
     t = threading.Thread(target=run)
     t.start()
-    busy = None  # the worker computing the request: the one burning CPU
-    deadline = time.monotonic() + 60
-    while busy is None and t.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-        grown = {pid: cpu_seconds(pid) - idle[pid] for pid in before}
-        pid, seconds = max(grown.items(), key=lambda kv: kv[1])
-        if seconds > 0.3:
-            busy = pid
+    busy = computing_worker(before, idle, t)
     if busy is not None:
         os.kill(busy, signal.SIGKILL)
     t.join(timeout=300)
@@ -217,6 +223,30 @@ def test_worker_killed_mid_request(gunicorn_server):
     # the same request, with the client's default retry: correct
     out, report = Client(url).compute(ctx, x, "tiny_cnn")
     np.testing.assert_array_equal(ctx.decrypt(out).argmax(1), ref)
+
+
+def test_graceful_restart_finishes_the_request(gunicorn_server):
+    """SIGHUP to the master while a worker computes: new workers start, the
+    old one finishes its request, and the client gets the correct answer."""
+    proc, url, _ = gunicorn_server
+    before = wait_for_workers(proc.pid, 2)
+    images, _ = digits(4)
+    ctx = cnn_context()
+    x = ctx.encrypt(datasets.normalize(images))
+    client = Client(url, retries=0)
+    client.upload_context(ctx)
+    outcome = {}
+    idle = {pid: cpu_seconds(pid) for pid in before}
+    t = threading.Thread(target=lambda: outcome.setdefault("r", client.compute(ctx, x, "tiny_cnn")))
+    t.start()
+    busy = computing_worker(before, idle, t)
+    os.kill(proc.pid, signal.SIGHUP)
+    t.join(timeout=300)
+    out, report = outcome["r"]  # no error: the old worker finished its request
+    np.testing.assert_array_equal(ctx.decrypt(out).argmax(1), float_logits("tiny_cnn", images).argmax(1))
+    assert busy is None or report["worker_pid"] == busy
+    after = wait_for_workers(proc.pid, 2, exclude=before)
+    assert not set(after) & set(before)
 
 
 # ---------------------------------------------------------------------------

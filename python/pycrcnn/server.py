@@ -27,11 +27,11 @@ Endpoints (the full description, with the wire format, is ``docs/openapi.yaml``)
   Request data is never unpickled.
 
 Status codes: 400 malformed request / data / parameters / shapes, 404 unknown
-model, 405 wrong method, 413 body over the limit (judged from
-``Content-Length`` before reading), 422 the layers cannot run encrypted or the
-parameters are too small for them (plaintext overflow, noise budget), 503 all
-workers busy (retry after ``Retry-After`` seconds), 500 a bug. Every error is a
-JSON object ``{"error": "...", "status": N}``.
+model or ``context_id``, 405 wrong method, 413 body over the limit (judged
+from ``Content-Length`` before reading), 422 the layers cannot run encrypted
+or the parameters are too small for them (plaintext overflow, noise budget),
+503 this process is busy (retry after ``Retry-After`` seconds), 500 a bug.
+Every error is a JSON object ``{"error": "...", "status": N}``.
 
 Each process bounds its memory: encoded weights (per model, layer range and
 parameter fingerprint) and parsed public contexts (by SHA-256) are kept in
