@@ -398,9 +398,13 @@ def test_plain_gunicorn_serves_create_app(server_models_dir, tmp_path):
     import subprocess
     import sys
 
+    import gunicorn
+
     env = dict(os.environ, PYCRCNN_MODELS=str(server_models_dir), PYCRCNN_CONTEXT_DIR=str(tmp_path / "ctx"))
+    # gunicorn >= 25 opens a control socket at one path per user, which another server may hold
+    no_control = ["--no-control-socket"] if gunicorn.version_info >= (25,) else []
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "2",
-                             "-b", "127.0.0.1:0", "pycrcnn.server:create_app()"],
+                             *no_control, "-b", "127.0.0.1:0", "pycrcnn.server:create_app()"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
     try:
         log, url = b"", None

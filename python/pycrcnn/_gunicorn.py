@@ -25,7 +25,8 @@ class PycrcnnApplication(BaseApplication):
 
     def load_config(self) -> None:
         for key, value in self.options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
+                self.cfg.set(key, value)
         self.cfg.set("when_ready", self._when_ready)
         self.cfg.set("post_fork", self._post_fork)
         self.cfg.set("worker_abort", _worker_abort)

@@ -149,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "loglevel": "warning" if args.quiet else "info",
         "accesslog": None if args.quiet else "-",
         "proc_name": "pycrcnn-server",
+        # gunicorn >= 25 opens a control socket at one path per user: two servers would share it
+        "control_socket_disable": True,
     }
     from ._gunicorn import PycrcnnApplication
 
