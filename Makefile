@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.deps-installed
 export PYCRCNN_SHARED ?= $(abspath ../shared)
 
-.PHONY: all venv build test test-rust test-python contract demo bench clean
+.PHONY: all venv build wheel test test-rust test-python test-wheel contract demo bench clean
 
 all: build
 
@@ -15,7 +15,7 @@ all: build
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "maturin>=1.7,<2" numpy flask requests tqdm torch \
+	$(PIP) install --quiet "maturin>=1.7,<2" numpy flask requests tqdm gunicorn torch \
 		pytest hypothesis nbclient nbformat ipykernel matplotlib
 	touch $(STAMP)
 
@@ -26,6 +26,18 @@ build: $(STAMP)
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first"; exit 1; }
 	$(VENV)/bin/maturin develop --release --quiet
 
+# An abi3 wheel in dist/. Same profile and features as `build`, so cargo reuses
+# target/ and only links again.
+wheel: $(STAMP)
+	rm -f dist/pycrcnn-*.whl
+	$(VENV)/bin/maturin build --release --out dist --quiet
+
+# The wheel installed into a fresh venv without cargo on the PATH: tests/test_wheel.py
+# (test-python runs it too; PYCRCNN_TEST_WHEEL=1 makes a missing wheel a failure).
+test-wheel: export PYCRCNN_TEST_WHEEL = 1
+test-wheel: wheel
+	$(PY) -m pytest -q -ra tests/test_wheel.py
+
 test-rust:
 	cargo test --lib --release
 
@@ -35,7 +47,8 @@ test-python: build
 contract: build
 	$(PY) $(PYCRCNN_SHARED)/checks/contract_check.py
 
-test: build test-rust test-python contract
+test: export PYCRCNN_TEST_WHEEL = 1
+test: build test-rust wheel test-python contract
 
 demo: build
 	$(PY) scripts/demo.py

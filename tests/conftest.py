@@ -110,9 +110,11 @@ def _stop_server(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def server(server_models_dir, tmp_path_factory):
     """Base URL (``http://127.0.0.1:PORT``) of a real ``python -m pycrcnn.server``
-    process serving :func:`server_models_dir` with 2 workers."""
+    (gunicorn) serving :func:`server_models_dir` with 2 worker processes."""
     log_path = tmp_path_factory.mktemp("server_log") / "server.log"
-    proc, url = _start_server(server_models_dir, log_path, "--workers", "2", "--quiet")
+    # each worker may use every core: most tests send one request at a time
+    proc, url = _start_server(server_models_dir, log_path, "--workers", "2", "--threads", str(os.cpu_count() or 1),
+                              "--quiet", "--context-dir", str(log_path.parent / "contexts"))
     try:
         yield url
     finally:

@@ -424,7 +424,7 @@ def test_body_limit_413(server_models_dir, mlp_ctx, mlp_data):
 def test_busy_503_then_ok(server_models_dir, mlp_ctx, mlp_data):
     from pycrcnn.server import create_app
 
-    app = create_app(server_models_dir, workers=1)
+    app = create_app(server_models_dir, max_concurrent=1)
     state = app.extensions["pycrcnn"]
     body, ctype = Client("http://unused").build_request(mlp_ctx, mlp_data[1], "tiny_mlp")
     with app.test_client() as tc:
@@ -541,5 +541,5 @@ def test_openapi_matches_the_app(server_models_dir):
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert f"\n    {method.lower()}:\n" in doc
     for token in (protocol.REQUEST_MAGIC.decode(), protocol.RESPONSE_MAGIC.decode(), protocol.BINARY_CONTENT_TYPE,
-                  "u32", "u64", "big-endian", "Retry-After"):
+                  "u32", "u64", "big-endian", "Retry-After", "context_id", "application/octet-stream"):
         assert token in doc, token

@@ -12,9 +12,13 @@ Library::
     logits, report = client.classify(ctx, images, "lenet1_square")
     print(logits.argmax(1), labels, report["server_seconds"])
 
-:meth:`Client.compute` sends ``ctx.public_context()`` (parameters, public and
-relinearization keys -- never the secret key) and one encrypted tensor, and
-returns the result tensor parsed with ``ctx``. :meth:`Client.classify`
+:meth:`Client.compute` uploads ``ctx.public_context()`` (parameters, public and
+relinearization keys -- never the secret key) once per session with ``POST
+/contexts`` and then names it by its ``context_id`` (the SHA-256 of its
+bytes) in every request, beside one encrypted tensor; it returns the result
+tensor parsed with ``ctx``. When the server no longer has the context (a
+restart, or evicted from its bounded store) it answers 404 and the client
+uploads it again, once, transparently. :meth:`Client.classify`
 encrypts, runs the model -- with a **rencryption round trip** at each of the
 model's rencryption positions: the server runs the layers up to the position,
 the client decrypts and encrypts afresh (``ctx.rencrypt``: a full noise budget
@@ -33,11 +37,16 @@ value per ciphertext (``{"m": 2048, "p": 13513511, "sec": 128, "base": 2}``);
 batch`` selects the batch encoding, which classifies a whole batch in one pass.
 
 Errors of the server come back as :class:`ServerError` with the HTTP status
-and the server's message.
+and the server's message; a server that cannot be reached, or whose worker
+died mid-request, as :class:`ServerUnavailable` (a ``ConnectionError``). Both
+say whether trying again may succeed (``retryable``); :meth:`Client.compute`
+itself retries busy answers (503) and a broken connection (``retries``): a
+request is a pure function of its inputs, so sending it again is safe.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -50,7 +59,8 @@ import requests
 from . import protocol
 from ._engine import CipherTensor, Context
 
-__all__ = ["Client", "ServerError", "main", "request_parameters", "config_encoding", "context_from_config"]
+__all__ = ["Client", "ServerError", "ServerUnavailable", "main", "request_parameters", "config_encoding",
+           "context_from_config"]
 
 DEFAULT_TIMEOUT = (10.0, 3600.0)
 
@@ -65,6 +75,22 @@ class ServerError(RuntimeError):
         self.message = message
         self.payload = payload or {}
         self.url = url
+
+    @property
+    def retryable(self) -> bool:
+        """True when the same request may succeed later: busy (503), a gateway
+        error (502, 504), or a public context the server no longer has (404
+        with ``context_id``: upload it again)."""
+        return self.status in (502, 503, 504) or (self.status == 404 and "context_id" in self.payload)
+
+
+class ServerUnavailable(ConnectionError):
+    """The server could not be reached, or the connection broke before a whole
+    answer arrived (e.g. its worker process was killed mid-request). Nothing
+    was received, so nothing wrong can have been decrypted; the request can be
+    sent again."""
+
+    retryable = True
 
 
 def request_parameters(ctx: Context) -> Dict[str, Any]:
@@ -87,11 +113,14 @@ class Client:
             Encrypted layers are slow: the default read timeout is an hour.
         busy_timeout: how long :meth:`compute` keeps retrying while the server
             answers 503 (all workers busy), in seconds.
+        retries: how many times :meth:`compute` sends a request again after
+            the connection broke (a worker that died mid-request is replaced
+            by the server's master).
         session: a ``requests.Session`` to use (default: a new one).
     """
 
     def __init__(self, address: str, timeout: Any = DEFAULT_TIMEOUT, busy_timeout: float = 600.0,
-                 session: Optional[requests.Session] = None):
+                 retries: int = 1, session: Optional[requests.Session] = None):
         address = address.strip().rstrip("/")
         if address.endswith("/compute"):
             address = address[: -len("/compute")]
@@ -100,10 +129,13 @@ class Client:
         self.address = address
         self.timeout = timeout
         self.busy_timeout = float(busy_timeout)
+        self.retries = max(0, int(retries))
         self.session = session or requests.Session()
         self._models: Optional[Dict[str, Dict[str, Any]]] = None
         self._info: Optional[Dict[str, Any]] = None
         self._public: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
+        #: context ids uploaded to this server in this session
+        self._uploaded: set = set()
 
     # -- plumbing -----------------------------------------------------------------
     def _url(self, path: str) -> str:
@@ -129,7 +161,7 @@ class Client:
         try:
             resp = self.session.get(self._url(path), timeout=self.timeout)
         except requests.RequestException as exc:
-            raise ConnectionError(f"cannot reach the pycrcnn server at {self.address}: {exc}") from exc
+            raise ServerUnavailable(f"cannot reach the pycrcnn server at {self.address}: {exc}") from exc
         self._raise_for(resp)
         return resp.json()
 
@@ -146,7 +178,72 @@ class Client:
                 pass
         return blob
 
+    def _check_size(self, n: int, path: str) -> None:
+        """413 here, before sending, for what the server would refuse."""
+        if self._info is None:
+            try:
+                self.info()
+            except (ConnectionError, ServerError, ValueError):
+                self._info = {}
+        limit = (self._info or {}).get("max_request_bytes")
+        if limit is not None and n > limit:
+            raise ServerError(413, f"the request is {n} bytes, the server accepts at most {limit} bytes "
+                                   "(server option --max-request-mb); send fewer images per request",
+                              url=self._url(path))
+
+    def _post(self, path: str, body: bytes, ctype: str) -> Tuple[requests.Response, int, int, int, float]:
+        """POSTs ``body``, retrying busy answers (503, for up to ``busy_timeout``
+        seconds) and broken connections (``retries`` times). Returns
+        ``(response, bytes sent, busy retries, connection retries, seconds of the last exchange)``;
+        raises :class:`ServerUnavailable` when the connection broke on every try."""
+        deadline = time.monotonic() + self.busy_timeout
+        busy = broken = 0
+        sent = 0
+        delay = 0.2
+        while True:
+            t0 = time.perf_counter()
+            sent += len(body)
+            try:
+                resp = self.session.post(self._url(path), data=body, headers={"Content-Type": ctype},
+                                         timeout=self.timeout)
+                resp.content  # the whole answer, or the exception of a connection that broke
+            except requests.RequestException as exc:
+                if broken < self.retries:
+                    broken += 1
+                    time.sleep(0.5 * broken)
+                    continue
+                raise ServerUnavailable(f"POST {self._url(path)} failed ({broken} retries): {exc}") from exc
+            elapsed = time.perf_counter() - t0
+            if resp.status_code == 503 and time.monotonic() < deadline:
+                busy += 1
+                try:
+                    wait = float(resp.headers.get("Retry-After", delay))
+                except ValueError:
+                    wait = delay
+                time.sleep(min(max(wait * 0.5, delay), 5.0) * (0.75 + 0.5 * np.random.random()))
+                delay = min(delay * 1.5, 5.0)
+                continue
+            return resp, sent, busy, broken, elapsed
+
+    def context_id(self, ctx: Context) -> str:
+        """The id the server gives ``ctx.public_context()``: its SHA-256."""
+        return hashlib.sha256(self._public_context(ctx)).hexdigest()
+
     # -- endpoints ------------------------------------------------------------------
+    def upload_context(self, ctx: Context) -> Tuple[str, int]:
+        """``POST /contexts``: uploads ``ctx.public_context()`` (never the
+        secret key); returns ``(context_id, bytes sent)``."""
+        blob = self._public_context(ctx)
+        self._check_size(len(blob), "/contexts")
+        resp, sent, _, _, _ = self._post("/contexts", blob, "application/octet-stream")
+        self._raise_for(resp)
+        context_id = resp.json()["context_id"]
+        if context_id != hashlib.sha256(blob).hexdigest():
+            raise ServerError(resp.status_code, f"the server named the public context {context_id!r}, "
+                                                "not the SHA-256 of its bytes", url=resp.url)
+        self._uploaded.add(context_id)
+        return context_id, sent
+
     def info(self) -> Dict[str, Any]:
         """``GET /``: status, version, body limit."""
         self._info = self._get("/")
@@ -179,20 +276,26 @@ class Client:
         raise KeyError(f"the server has no model {net!r}; it has: {', '.join(sorted(self._models)) or 'none'}")
 
     def build_request(self, ctx: Context, tensor: CipherTensor, net: str, layers: Optional[Sequence[int]] = None,
-                      binary: bool = True, switch_to_last_level: Any = "auto") -> Tuple[bytes, str]:
-        """``(body, content_type)`` of a ``/compute`` request: what :meth:`compute`
-        sends. The body holds ``ctx.public_context()``, never the secret key."""
+                      binary: bool = True, switch_to_last_level: Any = "auto",
+                      context_id: Optional[str] = None) -> Tuple[bytes, str]:
+        """``(body, content_type)`` of a ``/compute`` request. With
+        ``context_id`` (what :meth:`compute` sends) the public context is named
+        by its id (the binary frame's public-context blob is empty); without,
+        the body holds ``ctx.public_context()`` whole. Never the secret key."""
         header: Dict[str, Any] = {
             "encryption_parameters": [request_parameters(ctx)],
             "net": net,
             "layers": None if layers is None else [int(i) for i in layers],
             "switch_to_last_level": switch_to_last_level,
         }
-        pub = self._public_context(ctx)
+        pub = b"" if context_id is not None else self._public_context(ctx)
+        if context_id is not None:
+            header["context_id"] = context_id
         data = tensor.to_bytes()
         if binary:
             return protocol.encode_request(header, pub, data), protocol.BINARY_CONTENT_TYPE
-        header["public_context"] = protocol.b64encode(pub)
+        if pub:
+            header["public_context"] = protocol.b64encode(pub)
         header["data"] = protocol.b64encode(data)
         return json.dumps(header).encode("utf-8"), protocol.JSON_CONTENT_TYPE
 
@@ -202,46 +305,31 @@ class Client:
         ``net`` on ``tensor`` on the server.
 
         Returns ``(result, report)``: the result parsed with ``ctx`` and a dict
-        with ``upload_bytes``, ``download_bytes``, ``request_seconds`` (wall
-        time of the HTTP exchange), ``server_seconds`` (the server's compute
-        time), ``timings`` (per layer), ``busy_retries`` and the response's
-        other fields (shape, level, switched_to_last_level, parameters, ...).
-        Raises :class:`ServerError` for an error answer; 503 (busy) answers are
-        retried for up to ``busy_timeout`` seconds.
+        with ``upload_bytes`` (every byte this call sent: the request, any
+        public-context upload, any retries), ``context_upload_bytes`` (the
+        part that uploaded the public context: 0 once the server has it),
+        ``download_bytes``, ``request_seconds`` (wall time of the HTTP
+        exchange), ``server_seconds`` (the server's compute time), ``timings``
+        (per layer), ``busy_retries``, ``connection_retries`` and the
+        response's other fields (shape, level, switched_to_last_level,
+        parameters, ...). Raises :class:`ServerError` for an error answer and
+        :class:`ServerUnavailable` when the connection broke ``retries + 1``
+        times; 503 (busy) answers are retried for up to ``busy_timeout`` seconds.
         """
-        body, ctype = self.build_request(ctx, tensor, net, layers, binary, switch_to_last_level)
-        if self._info is None:
-            try:
-                self.info()
-            except (ConnectionError, ServerError, ValueError):
-                self._info = {}
-        limit = (self._info or {}).get("max_request_bytes")
-        if limit is not None and len(body) > limit:
-            raise ServerError(413, f"the request is {len(body)} bytes, the server accepts at most {limit} bytes "
-                                   "(server option --max-request-mb); send fewer images per request",
-                              url=self._url("/compute"))
-        deadline = time.monotonic() + self.busy_timeout
-        retries = 0
-        delay = 0.2
-        while True:
-            t0 = time.perf_counter()
-            try:
-                resp = self.session.post(self._url("/compute"), data=body, headers={"Content-Type": ctype},
-                                         timeout=self.timeout)
-            except requests.RequestException as exc:
-                raise ConnectionError(f"POST {self._url('/compute')} failed: {exc}") from exc
-            elapsed = time.perf_counter() - t0
-            if resp.status_code == 503 and time.monotonic() < deadline:
-                retries += 1
-                try:
-                    wait = float(resp.headers.get("Retry-After", delay))
-                except ValueError:
-                    wait = delay
-                time.sleep(min(max(wait * 0.5, delay), 5.0) * (0.75 + 0.5 * np.random.random()))
-                delay = min(delay * 1.5, 5.0)
-                continue
-            self._raise_for(resp)
-            break
+        context_id = self.context_id(ctx)
+        body, ctype = self.build_request(ctx, tensor, net, layers, binary, switch_to_last_level, context_id)
+        self._check_size(len(body), "/compute")
+        context_bytes = 0
+        if context_id not in self._uploaded:
+            context_bytes += self.upload_context(ctx)[1]
+        resp, sent, busy, broken, elapsed = self._post("/compute", body, ctype)
+        if resp.status_code == 404 and _names_context(resp, context_id):
+            # the server lost the context (restart, eviction): upload it again, once
+            self._uploaded.discard(context_id)
+            context_bytes += self.upload_context(ctx)[1]
+            resp, sent2, busy2, broken2, elapsed = self._post("/compute", body, ctype)
+            sent, busy, broken = sent + sent2, busy + busy2, broken + broken2
+        self._raise_for(resp)
         content = resp.content
         if resp.headers.get("Content-Type", "").split(";")[0].strip() == protocol.BINARY_CONTENT_TYPE:
             try:
@@ -254,10 +342,12 @@ class Client:
         result = CipherTensor.from_bytes(data, ctx)
         report = dict(header)
         report.update({
-            "upload_bytes": len(body),
+            "upload_bytes": sent + context_bytes,
+            "context_upload_bytes": context_bytes,
             "download_bytes": len(content),
             "request_seconds": elapsed,
-            "busy_retries": retries,
+            "busy_retries": busy,
+            "connection_retries": broken,
         })
         return result, report
 
@@ -281,7 +371,7 @@ class Client:
         Returns:
             ``(outputs, report)``: the decrypted outputs (float64 ``[N, ...]``)
             and ``encryption_seconds``, ``rencryption_seconds``,
-            ``upload_bytes``, ``server_seconds``, ``request_seconds``,
+            ``upload_bytes``, ``context_upload_bytes``, ``server_seconds``, ``request_seconds``,
             ``download_bytes``, ``decryption_seconds``, ``round_trips``,
             ``segments`` and ``requests`` (each request's report).
         """
@@ -305,7 +395,7 @@ class Client:
         report: Dict[str, Any] = {
             "net": net, "images": int(x.shape[0]), "encoding": ctx.encoding, "segments": segments,
             "encryption_seconds": 0.0, "rencryption_seconds": 0.0, "decryption_seconds": 0.0,
-            "upload_bytes": 0, "download_bytes": 0, "server_seconds": 0.0, "request_seconds": 0.0,
+            "upload_bytes": 0, "context_upload_bytes": 0, "download_bytes": 0, "server_seconds": 0.0, "request_seconds": 0.0,
             "round_trips": 0, "requests": [],
         }
         # the batch encoding holds up to m images per ciphertext: larger inputs go in chunks
@@ -319,6 +409,7 @@ class Client:
                 t, r = self.compute(ctx, t, net, list(range(a, b)), binary=binary)
                 report["round_trips"] += 1
                 report["upload_bytes"] += r["upload_bytes"]
+                report["context_upload_bytes"] += r["context_upload_bytes"]
                 report["download_bytes"] += r["download_bytes"]
                 report["server_seconds"] += r.get("server_seconds", 0.0)
                 report["request_seconds"] += r["request_seconds"]
@@ -331,6 +422,15 @@ class Client:
             outputs.append(np.asarray(ctx.decrypt(t)))
             report["decryption_seconds"] += time.perf_counter() - t0
         return np.concatenate(outputs, axis=0), report
+
+
+def _names_context(resp: requests.Response, context_id: str) -> bool:
+    """True for the server's "unknown context_id" answer (not an unknown net)."""
+    try:
+        payload = resp.json()
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("context_id") == context_id
 
 
 def _as_inputs(images: Any) -> np.ndarray:
@@ -498,7 +598,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if labels is not None:
         acc = float(np.mean(preds == np.asarray(labels)[: len(preds)]))
         print(f"accuracy: {acc * 100:.1f} % ({int(round(acc * len(preds)))}/{len(preds)})")
-    print(f"encryption: {report['encryption_seconds']:.2f} s; upload: {report['upload_bytes'] / 1e6:.1f} MB; "
+    print(f"encryption: {report['encryption_seconds']:.2f} s; upload: {report['upload_bytes'] / 1e6:.1f} MB "
+          f"(public context {report['context_upload_bytes'] / 1e6:.1f} MB); "
           f"server: {report['server_seconds']:.2f} s (request {report['request_seconds']:.2f} s); "
           f"download: {report['download_bytes'] / 1e6:.2f} MB; decryption: {report['decryption_seconds']:.2f} s; "
           f"round trips: {report['round_trips']}"

@@ -1,11 +1,18 @@
 """The server's models and caches: the model files of a folder, loaded lazily
-and described for ``GET /models``, and the bounded caches of encoded weights
-and public contexts. Nothing here knows about HTTP (:mod:`pycrcnn.server`).
+and described for ``GET /models``, the bounded caches of encoded weights and
+parsed public contexts, and the on-disk store of uploaded public contexts that
+every worker process reads. Nothing here knows about HTTP (:mod:`pycrcnn.server`).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import logging
 import math
+import os
+import re
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -18,8 +25,8 @@ from ._engine import Context
 from .model import EncodedModel, build_from_spec
 from .spec import ModelSpec, load_model_spec
 
-__all__ = ["MODEL_SUFFIXES", "LRU", "EncodedModelCache", "ModelEntry", "Registry", "describe_model",
-           "supported_ranges", "plain"]
+__all__ = ["MODEL_SUFFIXES", "LRU", "EncodedModelCache", "ContextStore", "ModelEntry", "Registry",
+           "describe_model", "supported_ranges", "plain"]
 
 log = logging.getLogger("pycrcnn.server")  # the server's log: these are its models
 
@@ -82,6 +89,137 @@ class EncodedModelCache(LRU):
             model = build_from_spec(ctx, selected, rencrypt_positions=[])
             self.put(key, model)
         return model
+
+
+# ---------------------------------------------------------------------------
+# uploaded public contexts, shared by the worker processes
+
+
+class ContextStore:
+    """Public contexts by the SHA-256 of their bytes, one file each in a
+    directory on local disk that every worker process of a server reads.
+
+    Bounded in bytes: after each upload the least recently used files (by
+    modification time, which :meth:`get` refreshes) are deleted until the
+    total fits. Files are written to a temporary name and renamed, so a reader
+    sees a whole blob or none; eviction runs under an ``flock`` so that two
+    workers do not evict past each other. A blob is validated (parsed as a
+    public context) by the caller before :meth:`put`; here it is bytes.
+    """
+
+    #: an id is the lowercase hex SHA-256 of the blob
+    ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+    _SUFFIX = ".ctx"
+
+    def __init__(self, folder: os.PathLike, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError(f"the context store needs a positive size, got {max_bytes} bytes")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self._lock_path = self.folder / ".lock"
+
+    @staticmethod
+    def default_folder() -> Path:
+        """``$PYCRCNN_CONTEXT_DIR``, else ``pycrcnn-contexts-<uid>`` in the
+        temporary directory: the same for every worker of a host, so that
+        ``gunicorn 'pycrcnn.server:create_app()'`` workers share it."""
+        env = os.environ.get("PYCRCNN_CONTEXT_DIR")
+        if env:
+            return Path(env)
+        return Path(tempfile.gettempdir()) / f"pycrcnn-contexts-{os.getuid()}"
+
+    @staticmethod
+    def id_of(blob: bytes) -> str:
+        return hashlib.sha256(blob).hexdigest()
+
+    def _path(self, context_id: str) -> Path:
+        return self.folder / (context_id + self._SUFFIX)
+
+    def put(self, blob: bytes) -> str:
+        """Stores ``blob`` (if not there already) and returns its id.
+        ValueError when one blob is larger than the whole store."""
+        if len(blob) > self.max_bytes:
+            raise ValueError(f"a public context of {len(blob)} bytes does not fit the context store of "
+                             f"{self.max_bytes} bytes (server option --context-store-mb)")
+        context_id = self.id_of(blob)
+        path = self._path(context_id)
+        if path.exists():
+            self._touch(path)
+            return context_id
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".upload-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self._evict(keep=path)
+        return context_id
+
+    def get(self, context_id: str) -> Optional[bytes]:
+        """The blob of ``context_id``, or None when it is unknown (never
+        uploaded, evicted, or not an id)."""
+        if not isinstance(context_id, str) or not self.ID_PATTERN.match(context_id):
+            return None
+        path = self._path(context_id)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if self.id_of(blob) != context_id:  # a damaged file: drop it, the client uploads again
+            self._unlink(path)
+            return None
+        self._touch(path)
+        return blob
+
+    def stats(self) -> Dict[str, int]:
+        files = self._files()
+        return {"entries": len(files), "bytes": sum(size for _, size, _ in files), "capacity_bytes": self.max_bytes}
+
+    # -- helpers ----------------------------------------------------------------------
+    def _files(self) -> List[Tuple[float, int, Path]]:
+        out = []
+        for path in self.folder.glob("*" + self._SUFFIX):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, path))
+        return out
+
+    def _evict(self, keep: Path) -> None:
+        with open(self._lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            files = sorted(self._files())  # oldest first
+            total = sum(size for _, size, _ in files)
+            for _, size, path in files:
+                if total <= self.max_bytes:
+                    break
+                if path == keep:
+                    continue
+                self._unlink(path)
+                total -= size
+                log.info("context store: evicted %s (%d bytes)", path.stem[:12], size)
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("context store: cannot delete %s: %s", path, exc)
 
 
 # ---------------------------------------------------------------------------

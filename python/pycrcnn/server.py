@@ -1,7 +1,8 @@
 """The pycrcnn inference server: encrypted CNN layers as a service.
 
-Run it with ``python -m pycrcnn.server --models DIR`` (or ``pycrcnn-server``),
-or under a WSGI server, e.g. ``gunicorn 'pycrcnn.server:create_app("models")'``.
+Run it with ``python -m pycrcnn.server --models DIR`` (or ``pycrcnn-server``):
+gunicorn worker processes (:mod:`pycrcnn.serve`); or under any WSGI server,
+e.g. ``gunicorn -k gthread --threads 4 'pycrcnn.server:create_app()'``.
 
 Endpoints (the full description, with the wire format, is ``docs/openapi.yaml``):
 
@@ -13,28 +14,33 @@ Endpoints (the full description, with the wire format, is ``docs/openapi.yaml``)
   written by :func:`pycrcnn.spec.export_model` need no torch; ``.pt`` /
   ``.pth`` pickles need torch and are **trusted code**: only put model files
   you trust in DIR.
+- ``POST /contexts`` -- stores a *public* context (the raw bytes of
+  ``Context.public_context()``; the server never receives or makes a secret
+  key: a blob holding one is refused) and answers its ``context_id``, the
+  SHA-256 of the bytes. Contexts live in a directory every worker reads,
+  bounded in bytes, least recently used evicted first.
 - ``POST /compute`` -- runs a range of a model's layers on an encrypted
-  tensor. The request carries the client's *public* context (the server never
-  receives or makes a secret key: a blob holding one is refused) and the
-  tensor, as JSON with base64 fields or as a binary frame
-  (:mod:`pycrcnn.protocol`). Request data is never unpickled.
+  tensor. The request names the client's public context by ``context_id``
+  (or carries it whole) and carries the tensor, as JSON with base64 fields or
+  as a binary frame (:mod:`pycrcnn.protocol`). An unknown or evicted
+  ``context_id`` is a 404 whose answer holds ``context_id``: upload it again.
+  Request data is never unpickled.
 
 Status codes: 400 malformed request / data / parameters / shapes, 404 unknown
-model, 405 wrong method, 413 body over the limit (judged from
-``Content-Length`` before reading), 422 the layers cannot run encrypted or the
-parameters are too small for them (plaintext overflow, noise budget), 503 all
-workers busy (retry after ``Retry-After`` seconds), 500 a bug. Every error is a
-JSON object ``{"error": "...", "status": N}``.
+model or ``context_id``, 405 wrong method, 413 body over the limit (judged
+from ``Content-Length`` before reading), 422 the layers cannot run encrypted
+or the parameters are too small for them (plaintext overflow, noise budget),
+503 this process is busy (retry after ``Retry-After`` seconds), 500 a bug.
+Every error is a JSON object ``{"error": "...", "status": N}``.
 
-Weights are encoded once per (model, layer range, parameter fingerprint, key)
-and kept in a bounded LRU cache; public contexts are cached by their SHA-256.
-The engine releases the GIL while it computes, so a threaded server runs
-``workers`` requests in parallel; more concurrent requests get 503 at once
-instead of queueing.
+Each process bounds its memory: encoded weights (per model, layer range and
+parameter fingerprint) and parsed public contexts (by SHA-256) are kept in
+LRU caches of bounded size, and at most ``max_concurrent`` requests compute at
+once; one more gets 503 at once instead of queueing (the engine releases the
+GIL while it computes, so the process still answers).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -60,7 +66,8 @@ from ._engine import (
     PlaintextOverflow,
     SecretKeyRequired,
 )
-from .registry import MODEL_SUFFIXES, LRU, EncodedModelCache, Registry, describe_model, plain, supported_ranges
+from .registry import (MODEL_SUFFIXES, LRU, ContextStore, EncodedModelCache, Registry, describe_model, plain,
+                       supported_ranges)
 from .spec import UnsupportedLayerError
 
 __all__ = ["create_app", "main", "ApiError", "MODEL_SUFFIXES"]
@@ -77,8 +84,11 @@ _PARAM_ALIASES = {
 }
 
 #: header fields of a request (anything else is ignored and reported back)
-_REQUEST_FIELDS = ("encryption_parameters", "net", "layers", "public_context", "data", "switch_to_last_level",
-                   "address", "max_threads")
+_REQUEST_FIELDS = ("encryption_parameters", "net", "layers", "public_context", "context_id", "data",
+                   "switch_to_last_level", "address", "max_threads")
+
+#: the endpoints, as a 404 lists them
+_ENDPOINTS = ["GET /", "GET /models", "GET /models/<name>", "GET /stats", "POST /contexts", "POST /compute"]
 
 
 class ApiError(Exception):
@@ -193,42 +203,52 @@ def _parse_layers(layers: Any, spec: Any, name: str) -> Tuple[int, int]:
 
 
 class _State:
-    def __init__(self, models_dir: Path, max_request_bytes: int, workers: int, weight_cache_size: int,
-                 context_cache_size: int):
+    def __init__(self, models_dir: Path, max_request_bytes: int, max_concurrent: int, weight_cache_size: int,
+                 context_cache_size: int, store: ContextStore):
         self.models_dir = models_dir
         self.registry = Registry(models_dir)
         self.max_request_bytes = max_request_bytes
-        self.workers = workers
-        self.slots = threading.BoundedSemaphore(workers)
+        self.max_concurrent = max_concurrent
+        self.slots = threading.BoundedSemaphore(max_concurrent)
         self.weights = EncodedModelCache(weight_cache_size)
         self.contexts = LRU(context_cache_size)
+        self.store = store
         self.busy_rejections = 0
         self.requests_served = 0
 
 
-def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float = 512, workers: int = 2,
-               weight_cache_size: int = 8, context_cache_size: int = 16) -> Flask:
-    """The Flask application (usable under any WSGI server).
+def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float = 512, max_concurrent: int = 1,
+               weight_cache_size: int = 8, context_cache_size: int = 16, context_dir: Optional[os.PathLike] = None,
+               context_store_mb: float = 1024) -> Flask:
+    """The Flask application of one process (usable under any WSGI server).
 
     Args:
         models_dir: folder of ``.npz`` / ``.pt`` / ``.pth`` models (default:
             ``$PYCRCNN_MODELS``, else the models shipped with pycrcnn).
         max_request_mb: body limit in MB (2^20 bytes); larger bodies get 413.
-        workers: requests computed at the same time; more get 503.
-        weight_cache_size: encoded models kept (per model, layer range, parameters and key).
-        context_cache_size: parsed public contexts kept (by SHA-256 of their bytes).
+        max_concurrent: requests this process computes at the same time; one
+            more gets 503 at once.
+        weight_cache_size: encoded models kept (per model, layer range and parameters).
+        context_cache_size: parsed public contexts kept in this process (by SHA-256 of their bytes).
+        context_dir: the directory of uploaded public contexts, shared by the
+            processes of a server (default: :meth:`ContextStore.default_folder`).
+        context_store_mb: its bound in MB; least recently used contexts are evicted.
     """
     if models_dir is None:
         models_dir = os.environ.get("PYCRCNN_MODELS") or _shipped_models_dir()
     folder = Path(models_dir).expanduser().resolve()
     if not folder.is_dir():
         raise FileNotFoundError(f"models folder not found: {folder}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
     if not max_request_mb or max_request_mb <= 0:
         raise ValueError(f"max_request_mb must be > 0, got {max_request_mb}")
+    if not context_store_mb or context_store_mb <= 0:
+        raise ValueError(f"context_store_mb must be > 0, got {context_store_mb}")
     max_bytes = int(max_request_mb * (1 << 20))
-    state = _State(folder, max_bytes, int(workers), int(weight_cache_size), int(context_cache_size))
+    store = ContextStore(context_dir if context_dir is not None else ContextStore.default_folder(),
+                         int(context_store_mb * (1 << 20)))
+    state = _State(folder, max_bytes, int(max_concurrent), int(weight_cache_size), int(context_cache_size), store)
 
     app = Flask("pycrcnn.server")
     app.config["MAX_CONTENT_LENGTH"] = max_bytes
@@ -246,8 +266,8 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
             return _error(413, f"request body larger than the limit of {state.max_request_bytes} bytes "
                                f"({state.max_request_bytes / (1 << 20):g} MB; server option --max-request-mb)")
         if exc.code == 404:
-            return _error(404, f"no such endpoint: {request.method} {request.path}; endpoints: GET /, GET /models, "
-                               "GET /models/<name>, POST /compute")
+            return _error(404, f"no such endpoint: {request.method} {request.path}; endpoints: "
+                               + ", ".join(_ENDPOINTS))
         if exc.code == 405:
             allowed = exc.valid_methods if hasattr(exc, "valid_methods") and exc.valid_methods else None
             headers = {"Allow": ", ".join(allowed)} if allowed else None
@@ -267,8 +287,9 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
             "status": "Server Works!",
             "version": __version__,
             "max_request_bytes": state.max_request_bytes,
-            "workers": state.workers,
-            "endpoints": ["GET /", "GET /models", "GET /models/<name>", "POST /compute"],
+            "max_concurrent": state.max_concurrent,
+            "pid": os.getpid(),
+            "endpoints": _ENDPOINTS,
             "content_types": [protocol.JSON_CONTENT_TYPE, protocol.BINARY_CONTENT_TYPE],
         })
 
@@ -291,20 +312,35 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
             "busy_rejections": state.busy_rejections,
             "weight_cache": state.weights.stats(),
             "context_cache": state.contexts.stats(),
+            "context_store": state.store.stats(),
+            "pid": os.getpid(),
         })
+
+    @app.post("/contexts")
+    def upload_context():
+        length = request.content_length
+        if length is not None and length > state.max_request_bytes:
+            return _too_large(state, length)
+        blob = request.get_data(cache=False)
+        context_id = ContextStore.id_of(blob)
+        if state.contexts.get(context_id) is None:
+            _parse_public_context(state, blob, context_id)  # 400 unless a valid public context
+        try:
+            state.store.put(blob)
+        except ValueError as exc:
+            raise ApiError(413, str(exc)) from None
+        return _json_response({"context_id": context_id, "bytes": len(blob)}, 201)
 
     @app.post("/compute")
     def compute():
         length = request.content_length
         if length is not None and length > state.max_request_bytes:
-            # judged from the header: nothing is read
-            return _error(413, f"request body of {length} bytes is larger than the limit of "
-                               f"{state.max_request_bytes} bytes ({state.max_request_bytes / (1 << 20):g} MB; "
-                               f"server option --max-request-mb)")
+            return _too_large(state, length)  # judged from the header: nothing is read
         if not state.slots.acquire(blocking=False):
             state.busy_rejections += 1
             _drain(request)
-            return _error(503, f"all {state.workers} workers are busy; retry later", {"Retry-After": "1"})
+            return _error(503, f"this server process computes {state.max_concurrent} request(s) at a time and "
+                               "is busy; retry later", {"Retry-After": "1"})
         try:
             resp = _compute(state)
             state.requests_served += 1
@@ -319,6 +355,12 @@ def _shipped_models_dir() -> Path:
     from .models import MODELS_DIR
 
     return MODELS_DIR
+
+
+def _too_large(state: _State, length: int) -> Response:
+    return _error(413, f"request body of {length} bytes is larger than the limit of "
+                       f"{state.max_request_bytes} bytes ({state.max_request_bytes / (1 << 20):g} MB; "
+                       f"server option --max-request-mb)")
 
 
 def _drain(req: Any) -> None:
@@ -358,12 +400,10 @@ def _read_request(state: _State) -> Tuple[Dict[str, Any], bytes, bytes, bool]:
             raise ApiError(400, f"the JSON body must be an object, got {type(header).__name__}")
         if isinstance(header.get("data"), (list, dict)):
             raise ApiError(400, protocol.SEED_REQUEST_HINT)
-        for field in ("public_context", "data"):
-            if field not in header:
-                raise ApiError(400, f"missing field {field!r} (base64 of "
-                                    f"{'Context.public_context()' if field == 'public_context' else 'CipherTensor.to_bytes()'})")
+        if "data" not in header:
+            raise ApiError(400, "missing field 'data' (base64 of CipherTensor.to_bytes())")
         try:
-            pub = protocol.b64decode(header.pop("public_context"), "public_context")
+            pub = protocol.b64decode(header.pop("public_context", ""), "public_context")
             data = protocol.b64decode(header.pop("data"), "data")
         except protocol.ProtocolError as exc:
             raise ApiError(400, str(exc)) from None
@@ -373,21 +413,45 @@ def _read_request(state: _State) -> Tuple[Dict[str, Any], bytes, bytes, bool]:
     return header, pub, data, binary
 
 
-def _public_context(state: _State, pub: bytes) -> Context:
+def _public_context(state: _State, header: Dict[str, Any], pub: bytes) -> Context:
+    """The request's public context: sent whole (``pub``), or named by
+    ``context_id`` (this process's cache, else the shared store: 404 if the
+    store has none)."""
+    context_id = header.get("context_id")
+    if pub and context_id is not None:
+        raise ApiError(400, "send either public_context or context_id, not both")
     if not pub:
-        raise ApiError(400, "public_context is empty: send ctx.public_context()")
+        if context_id is None:
+            raise ApiError(400, "missing public context: upload ctx.public_context() with POST /contexts and send "
+                                "its context_id, or send it whole as public_context")
+        if not isinstance(context_id, str) or not ContextStore.ID_PATTERN.match(context_id):
+            raise ApiError(400, f"context_id must be the 64 hex digits POST /contexts answered, got {context_id!r}")
+        ctx = state.contexts.get(context_id)
+        if ctx is not None:
+            return ctx
+        blob = state.store.get(context_id)
+        if blob is None:
+            raise ApiError(404, f"unknown context_id {context_id}: this server has no such public context (never "
+                                "uploaded, or evicted from its bounded store); upload it with POST /contexts and retry",
+                           context_id=context_id)
+        return _parse_public_context(state, blob, context_id)
     digest = hashlib.sha256(pub).hexdigest()
-    ctx = state.contexts.get(digest)
-    if ctx is None:
-        try:
-            ctx = Context.from_public(pub)
-        except FormatError as exc:
-            raise ApiError(400, f"public_context rejected: {exc}") from None
-        except HEError as exc:
-            raise ApiError(400, f"public_context rejected: {type(exc).__name__}: {exc}") from None
-        if ctx.has_secret_key:  # Context.from_public refuses these; belt and braces
-            raise ApiError(400, "public_context holds a secret key; send ctx.public_context(), never the secret key")
-        state.contexts.put(digest, ctx)
+    return state.contexts.get(digest) or _parse_public_context(state, pub, digest)
+
+
+def _parse_public_context(state: _State, pub: bytes, digest: str) -> Context:
+    """Parses (and caches) a public context; 400 unless it is one."""
+    if not pub:
+        raise ApiError(400, "the public context is empty: send ctx.public_context()")
+    try:
+        ctx = Context.from_public(pub)
+    except FormatError as exc:
+        raise ApiError(400, f"public_context rejected: {exc}") from None
+    except HEError as exc:
+        raise ApiError(400, f"public_context rejected: {type(exc).__name__}: {exc}") from None
+    if ctx.has_secret_key:  # Context.from_public refuses these; belt and braces
+        raise ApiError(400, "public_context holds a secret key; send ctx.public_context(), never the secret key")
+    state.contexts.put(digest, ctx)
     return ctx
 
 
@@ -419,7 +483,7 @@ def _compute(state: _State) -> Response:
         raise ApiError(400, f"switch_to_last_level must be true, false or \"auto\", got {switch!r}")
 
     # -- keys, parameters, data ---------------------------------------------------
-    ctx = _public_context(state, pub)
+    ctx = _public_context(state, header, pub)
     del pub
     ignored = _check_parameters(header.get("encryption_parameters"), ctx)
     try:
@@ -482,6 +546,7 @@ def _compute(state: _State) -> Response:
         "serialize_seconds": time.perf_counter() - t_ser,
         "growth": growth,
         "rencrypt_positions": [p for p in spec.rencrypt_positions if start < p < stop],
+        "worker_pid": os.getpid(),
     }
     if ignored:
         result["ignored_parameters"] = ignored
@@ -496,53 +561,14 @@ def _compute(state: _State) -> Response:
 
 
 # ---------------------------------------------------------------------------
-# command line
+# command line: pycrcnn.serve (gunicorn worker processes, or --dev)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pycrcnn-server",
-        description="Serve encrypted CNN inference: POST /compute runs model layers on BFV ciphertexts "
-                    "with the client's public context only.")
-    parser.add_argument("--models", default=None,
-                        help="folder of .npz / .pt / .pth models (default: the models shipped with pycrcnn). "
-                             ".pt files are pickles: only serve files you trust")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5000, help="port (default 5000; 0 = any free port)")
-    parser.add_argument("--workers", type=int, default=2, help="requests computed at once; more get 503 (default 2)")
-    parser.add_argument("--max-request-mb", type=float, default=512, help="body limit in MB (default 512)")
-    parser.add_argument("--weight-cache-size", type=int, default=8, help="encoded models kept (default 8)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="engine threads (default: all cores; pycrcnn.set_num_threads)")
-    parser.add_argument("--quiet", action="store_true", help="do not log every request")
-    args = parser.parse_args(argv)
+    """``python -m pycrcnn.server``: see :func:`pycrcnn.serve.main`."""
+    from .serve import main as serve_main
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.threads is not None:
-        from ._engine import set_num_threads
-
-        set_num_threads(args.threads)
-    try:
-        app = create_app(args.models, max_request_mb=args.max_request_mb, workers=args.workers,
-                         weight_cache_size=args.weight_cache_size)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"pycrcnn-server: {exc}", file=sys.stderr)
-        return 2
-    from werkzeug.serving import make_server
-
-    if args.quiet:
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = make_server(args.host, args.port, app, threaded=True)
-    state: _State = app.extensions["pycrcnn"]
-    print(f"pycrcnn server {__version__} listening on http://{args.host}:{server.server_port} "
-          f"(models: {state.models_dir}; {', '.join(state.registry.names()) or 'none'})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return serve_main(argv)
 
 
 if __name__ == "__main__":
