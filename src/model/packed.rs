@@ -640,18 +640,18 @@ impl PackedModel {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
     use crate::he::context::tests::BATCH;
     use crate::he::params::ParametersRequest;
     use rand::Rng;
 
-    fn rnd(n: usize, lo: i64, hi: i64) -> Vec<i64> {
+    pub(super) fn rnd(n: usize, lo: i64, hi: i64) -> Vec<i64> {
         let mut rng = rand::rng();
         (0..n).map(|_| rng.random_range(lo..=hi)).collect()
     }
 
-    fn spec(in_shape: [usize; 3], co: usize, k: usize, stride: usize, padding: usize, classes: usize, wb: i64) -> PackedSpec {
+    pub(super) fn spec(in_shape: [usize; 3], co: usize, k: usize, stride: usize, padding: usize, classes: usize, wb: i64) -> PackedSpec {
         let [c, _, _] = in_shape;
         let mut sp = PackedSpec {
             in_shape,
@@ -668,7 +668,7 @@ mod tests {
         sp
     }
 
-    fn context(m: usize, sizes: Vec<usize>, primes: usize, sp: &PackedSpec) -> HeContext {
+    pub(super) fn context(m: usize, sizes: Vec<usize>, primes: usize, sp: &PackedSpec) -> HeContext {
         let p = crate::he::params::batch_primes_below(m, 1 << 31, primes);
         let req = ParametersRequest { m, p, n_plaintext_moduli: primes, sec: 128, encoding: BATCH, moduli_sizes: Some(sizes) };
         let params = req.build().unwrap();
@@ -678,6 +678,15 @@ mod tests {
         ctx.rotation_keygen(&lay.rotation_needs()).unwrap();
         ctx
     }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
+    use crate::he::context::tests::BATCH;
+    use crate::he::params::ParametersRequest;
 
     fn check(sp: PackedSpec, ctx: &HeContext, xb: i64) {
         let model = PackedModel::new(sp.clone()).unwrap();
@@ -712,5 +721,35 @@ mod tests {
         let e = model.encrypt(&ctx, &rnd(64, -3, 3)).unwrap();
         let err = model.conv(&ctx, &e).err().unwrap().to_string();
         assert!(err.contains("step 6"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::tests_support::*;
+
+    /// LeNet-1 sizes: `cargo test --release --lib lenet_sized -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn lenet_sized() {
+        let sp = spec([1, 28, 28], 4, 5, 1, 0, 10, 60);
+        let ctx = context(8192, vec![55, 55, 54, 54], 2, &sp);
+        let model = super::PackedModel::new(sp.clone()).unwrap();
+        let x = rnd(784, 0, 15);
+        let e = model.encrypt(&ctx, &x).unwrap();
+        let _ = model.run(&ctx, &e).unwrap();
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            let c = model.conv(&ctx, &e).unwrap();
+            let t1 = t0.elapsed().as_secs_f64();
+            let s = model.square(&ctx, &c).unwrap();
+            let t2 = t0.elapsed().as_secs_f64();
+            let out = model.linear(&ctx, &s).unwrap();
+            let t3 = t0.elapsed().as_secs_f64();
+            println!("conv {:.1} ms square {:.1} ms linear {:.1} ms total {:.1} ms; budget {}", t1 * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, t3 * 1e3, ctx.noise_budget(&out).unwrap());
+            assert_eq!(model.decrypt_integers(&ctx, &out).unwrap(), sp.reference(&x).unwrap());
+        }
+        let pc = crate::he::serialize::public_context_to_bytes(&ctx).unwrap();
+        println!("public context {} bytes; upload {} bytes", pc.len(), crate::he::serialize::tensor_to_bytes(&e).len());
     }
 }
