@@ -56,6 +56,10 @@ pub struct PackedSpec {
     pub linear_weight: Vec<i64>,
     /// Its integer bias, one per class (at the scale of the squared values × A).
     pub linear_bias: Vec<i64>,
+    /// Inputs are encrypted as round(x · 2^input_bits).
+    pub input_bits: u32,
+    /// Output integers are logits · 2^output_bits.
+    pub output_bits: u32,
 }
 
 /// Where values sit: derived from the spec and the ring degree.
@@ -104,6 +108,9 @@ impl PackedSpec {
         }
         if h + 2 * self.padding < kh || w + 2 * self.padding < kw {
             return spec_err(format!("packed model: a {kh}×{kw} kernel does not fit the padded {h}×{w} input"));
+        }
+        if self.input_bits > 40 || self.output_bits > 200 {
+            return spec_err(format!("packed model: input_bits {} (≤ 40) or output_bits {} (≤ 200) out of range", self.input_bits, self.output_bits));
         }
         if self.conv_weight.len() != co * ci * kh * kw || self.conv_bias.len() != co {
             return spec_err("packed model: convolution weights or bias do not match its shape".into());
@@ -639,6 +646,68 @@ impl PackedModel {
     }
 }
 
+/// One stage of a packed model, as the runner runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Input packing → first convolution + bias.
+    Conv,
+    /// The square (relinearized, switched to the linear part's level).
+    Square,
+    /// The fused linear map, switched to the last modulus.
+    Linear,
+}
+
+/// A stage of a packed model: what [`crate::layers::Layer::Packed`] holds.
+pub struct PackedStage {
+    model: Arc<PackedModel>,
+    stage: Stage,
+}
+
+impl PackedStage {
+    /// `stage` of `model`.
+    pub fn new(model: Arc<PackedModel>, stage: Stage) -> PackedStage {
+        PackedStage { model, stage }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<PackedModel> {
+        &self.model
+    }
+
+    /// Which stage.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// The runner's name of the stage.
+    pub fn name(&self) -> &'static str {
+        match self.stage {
+            Stage::Conv => "PackedConv2d",
+            Stage::Square => "PackedSquare",
+            Stage::Linear => "PackedLinear",
+        }
+    }
+
+    /// Runs the stage.
+    pub fn forward(&self, ctx: &HeContext, x: &CipherTensor) -> Result<CipherTensor> {
+        match self.stage {
+            Stage::Conv => self.model.conv(ctx, x),
+            Stage::Square => self.model.square(ctx, x),
+            Stage::Linear => self.model.linear(ctx, x),
+        }
+    }
+
+    /// Logical output shape of one image ([classes] after the linear map).
+    pub fn output_shape(&self) -> Vec<usize> {
+        let [co, _, _, _] = self.model.spec.conv_shape;
+        let (ho, wo) = self.model.spec.conv_out();
+        match self.stage {
+            Stage::Conv | Stage::Square => vec![co, ho, wo],
+            Stage::Linear => vec![self.model.spec.classes()],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests_support {
     use super::*;
@@ -662,6 +731,8 @@ mod tests_support {
             padding,
             linear_weight: vec![],
             linear_bias: rnd(classes, -1000, 1000),
+            input_bits: 0,
+            output_bits: 0,
         };
         let (ho, wo) = sp.conv_out();
         sp.linear_weight = rnd(classes * co * ho * wo, -wb, wb);
