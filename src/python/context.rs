@@ -210,6 +210,13 @@ impl PyContext {
         Ok(())
     }
 
+    /// A keyless context matching a saved plan (`plan.info`, or what a server
+    /// publishes from `export_model(..., plan=plan)`); `keygen()` makes its keys.
+    #[staticmethod]
+    fn from_plan<'py>(py: Python<'py>, info: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        py.import("pycrcnn.planner")?.call_method1("context_from_plan", (info,))
+    }
+
     /// The packed model the context was planned for (None otherwise).
     #[getter]
     fn packed_model(&self) -> Option<PyPackedModel> {
