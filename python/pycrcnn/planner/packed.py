@@ -143,8 +143,8 @@ def context_from_packed_info(info: Dict[str, Any]) -> Context:
     return _context(info, _packed_model(info))
 
 
-def plan_packed(model: Any, calibration_inputs: Any, *, sec: int = 128, input_bits: int = 8, weight_bits: int = 8,
-                map_bits: int = 8, margin_bits: int = 8, p_bits: int = 31, m: int = 8192,
+def plan_packed(model: Any, calibration_inputs: Any, *, sec: int = 128, input_bits: int = 8, weight_bits: int = 10,
+                map_bits: int = 12, margin_bits: int = 8, p_bits: int = 31, m: int = 8192,
                 moduli_sizes: Sequence[int] = MODULI_SIZES, measure: bool = True) -> Plan:
     """Plans a single-square model for the packed layout.
 
