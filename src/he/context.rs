@@ -101,6 +101,13 @@ impl HeContext {
 
     /// Generates a secret key, its public key and relinearization keys.
     pub fn keygen(&mut self) -> Result<()> {
+        self.keygen_for_levels(usize::MAX)
+    }
+
+    /// [`HeContext::keygen`] with relinearization keys only for products at
+    /// the first `levels` ciphertext levels (a planned model that multiplies
+    /// only at the top level needs one: smaller public contexts and servers).
+    pub fn keygen_for_levels(&mut self, levels: usize) -> Result<()> {
         let mut rng = rand::rng();
         let mut secret = Vec::new();
         let mut public = Vec::new();
@@ -113,7 +120,7 @@ impl HeContext {
             // top level (least noise) for every level products run at.
             let mut rks = Vec::new();
             if par.moduli().len() >= 2 {
-                for level in 0..product_levels(par.moduli().len()) {
+                for level in 0..product_levels(par.moduli().len()).min(levels) {
                     rks.push(RelinearizationKey::new_leveled(&sk, level, 0, &mut rng)?);
                 }
             }

@@ -187,8 +187,10 @@ impl PyContext {
                 None => vec![],
             },
         };
+        // A packed model multiplies at the top level only: one relinearization key.
+        let levels = if me.packed().is_some() { 1 } else { usize::MAX };
         let ctx = run(slf.py(), move || {
-            c.keygen()?;
+            c.keygen_for_levels(levels)?;
             if !needs.is_empty() {
                 c.rotation_keygen(&needs)?;
             }

@@ -33,7 +33,7 @@ from .._engine import Context, FormatError, HEError, Model, PackedModel
 from ..spec import LayerSpec, ModelSpec, UnsupportedLayerError, load_model_spec
 from .plan import PLAN_FORMAT, Plan
 
-__all__ = ["plan_packed", "context_from_packed_info", "build_packed", "packed_family"]
+__all__ = ["plan_packed", "context_from_packed_info", "packed_model_from_info", "build_packed", "packed_family"]
 
 #: ciphertext moduli sizes (bits) at m=8192, 128-bit security: 218 bits
 MODULI_SIZES = (55, 55, 54, 54)
@@ -125,6 +125,14 @@ def _context(info: Dict[str, Any], pm: PackedModel) -> Context:
         raise FormatError("the plan's ciphertext moduli differ from the ones this build generates")
     ctx.attach_packed(pm)
     return ctx
+
+
+def packed_model_from_info(info: Dict[str, Any]) -> PackedModel:
+    """The engine's packed model of a saved plan, without a context (a server
+    attaches it to the context it loads from the public context)."""
+    if not isinstance(info, dict) or info.get("format") != PLAN_FORMAT or info.get("layout") != "packed":
+        raise FormatError("not a saved packed plan")
+    return _packed_model(info)
 
 
 def _packed_model(info: Dict[str, Any]) -> PackedModel:
