@@ -121,3 +121,35 @@ pub fn missing(level: usize, step: usize) -> HeError {
         "no rotation key for step {step} at ciphertext level {level}: make the context from the model's plan (its keys cover the steps the model needs) and run keygen()"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::he::context::tests::{make_n, BATCH};
+    use crate::he::serialize::{context_from_bytes, public_context_to_bytes};
+
+    #[test]
+    fn rotation_keys_travel_with_the_public_context() {
+        let mut ctx = make_n(4096, vec![], 2, BATCH, None);
+        let needs = vec![RotationNeed { level: 0, steps: vec![3, 1] }, RotationNeed { level: 1, steps: vec![8] }];
+        ctx.rotation_keygen(&needs).unwrap();
+        let held = ctx.rotation_steps();
+        assert_eq!(held, vec![RotationNeed { level: 0, steps: vec![1, 3] }, RotationNeed { level: 1, steps: vec![8] }]);
+        let blob = public_context_to_bytes(&ctx).unwrap();
+        let server = context_from_bytes(&blob, false).unwrap();
+        assert_eq!(server.rotation_steps(), held);
+        let rot = &server.keys().unwrap().rotations[1];
+        assert!(rot.supports(0, 3) && !rot.supports(1, 3));
+        let x = ctx.encrypt(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 1])).view()).unwrap();
+        let ct = &x.data().iter().next().unwrap()[1];
+        assert!(rot.rotate(ct, 0, 1).is_ok());
+        match rot.rotate(ct, 0, 2) {
+            Err(HeError::Value(m)) => assert!(m.contains("step 2") && m.contains("level 0"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // Steps outside 1..m/2 and levels without room are refused when generating.
+        assert!(ctx.rotation_keygen(&[RotationNeed { level: 0, steps: vec![2048] }]).is_err());
+        assert!(ctx.rotation_keygen(&[RotationNeed { level: 5, steps: vec![1] }]).is_err());
+        assert_eq!(power_of_two_needs(2048)[0].steps, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
+    }
+}
