@@ -14,10 +14,12 @@
 //! integer matrix A (classes × conv outputs), evaluated with d diagonals
 //! (d = classes rounded up to a power of two: slot p ≡ k mod d accumulates
 //! class k), d1 baby steps (rotations by 1 of the input) and d2 giant steps
-//! (Horner with rotations by d1), then summed over the n/d slots of each
-//! class by rotations d, 2d, …, n/2. Class k ends in slot k; the result is
-//! switched to the last modulus. Plaintext CRT: each prime runs the same
-//! steps with its own keys, in parallel.
+//! (Horner with rotations by d1). Class k is then the sum of the n/d slots
+//! p ≡ k (mod d): rather than log2(n/d) rotations on the server, the server
+//! adds the bias and a fresh random mask whose slots sum to zero within each
+//! class, and the client sums after decrypting (it learns only the class
+//! sums, as before). The result is switched to the last modulus. Plaintext
+//! CRT: each prime runs the same steps with its own keys, in parallel.
 //!
 //! Every mask is built centred (see `Multiplier`), and [`PackedModel::reference`]
 //! evaluates the same integers in i128: decryption must equal it exactly.
@@ -223,11 +225,6 @@ impl Layout {
         if self.d2 > 1 {
             steps.push(self.d1);
         }
-        let mut s = self.d;
-        while s < self.n {
-            steps.push(s);
-            s *= 2;
-        }
         steps.sort_unstable();
         steps.dedup();
         if !steps.is_empty() {
@@ -238,7 +235,7 @@ impl Layout {
 
     /// Rotations per plaintext prime in one run.
     pub fn rotations(&self) -> usize {
-        self.amax + (self.d1 - 1) + (self.d2 - 1) + (self.n / self.d).trailing_zeros() as usize
+        self.amax + (self.d1 - 1) + (self.d2 - 1)
     }
 }
 
@@ -281,7 +278,6 @@ struct PrimeMasks {
     conv_bias: Plaintext,
     /// Per giant step g2, per baby step g1: the pre-rotated diagonal (None when zero).
     diag: Vec<Vec<Option<Multiplier>>>,
-    lin_bias: Plaintext,
 }
 
 /// A planned single-square model ready to run in the packed layout.
@@ -402,12 +398,7 @@ impl PackedModel {
             }
             diag.push(row);
         }
-        let mut lb = vec![0i128; slots];
-        for (k, &b) in sp.linear_bias.iter().enumerate() {
-            lb[k] = b as i128;
-        }
-        let lin_bias = plaintext_at(&lb, par, lay.lin_level)?;
-        Ok(PrimeMasks { conv, conv_bias, diag, lin_bias })
+        Ok(PrimeMasks { conv, conv_bias, diag })
     }
 
     /// Packs one image (integers, [C, H, W] row-major) into the layout's
@@ -589,7 +580,7 @@ impl PackedModel {
                         }
                     }
                 }
-                let mut acc = match acc {
+                let acc = match acc {
                     Some(a) => a,
                     None => {
                         let mut z = &e[k] - &e[k];
@@ -597,19 +588,37 @@ impl PackedModel {
                         z
                     }
                 };
-                let mut step = lay.d;
-                while step < lay.n {
-                    let r = rot.rotate(&acc, lvl, step)?;
-                    acc += &r;
-                    step *= 2;
-                }
-                let mut acc = &acc + &pm.lin_bias;
+                // Class k is the sum of the slots p ≡ k (mod d). Instead of
+                // log2(n/d) rotations the client adds them up after
+                // decryption; a fresh random mask whose slots sum to zero
+                // within each class (mod t) hides everything but the sums.
+                let mut acc = &acc + &self.mask_and_bias(&lay, par)?;
                 acc.switch_to_level(last)?;
                 Ok(acc)
             })
             .collect::<Result<_>>()?;
         let data = ArrayD::from_shape_vec(IxDyn(&[1]), vec![out]).map_err(|e| HeError::Value(e.to_string()))?;
         Ok(x.with_data(data, 1.0, Growth::Integer(0.0)))
+    }
+
+    /// The linear bias (class k in slot k) plus a uniformly random mask whose
+    /// slots p ≡ k (mod d) sum to zero modulo t, for every k.
+    fn mask_and_bias(&self, lay: &Layout, par: &Arc<BfvParameters>) -> Result<Plaintext> {
+        use rand::Rng;
+        let t = par.plaintext();
+        let mut rng = rand::rng();
+        let mut v = vec![0u64; 2 * lay.n];
+        let mut sums = vec![0u64; lay.d];
+        for p in lay.d..lay.n {
+            let r = rng.random_range(0..t);
+            v[p] = r;
+            sums[p % lay.d] = (sums[p % lay.d] + r) % t;
+        }
+        for k in 0..lay.d {
+            let b = self.spec.linear_bias.get(k).map_or(0, |&b| reduce_i128(b as i128, t));
+            v[k] = (b + t - sums[k]) % t;
+        }
+        Ok(Plaintext::try_encode(&v[..], FheEncoding::simd_at_level(lay.lin_level), par)?)
     }
 
     /// All three stages.
@@ -642,7 +651,14 @@ impl PackedModel {
             })
             .collect::<Result<_>>()?;
         let p = ctx.params().p();
-        Ok((0..classes).map(|k| crt_centred(&residues.iter().map(|r| r[k]).collect::<Vec<_>>(), p)).collect())
+        let lay = self.layout(ctx.params())?;
+        // Class k: the sum of the slots p ≡ k (mod d) of row 0, per prime.
+        let sums: Vec<Vec<u64>> = residues
+            .iter()
+            .zip(p)
+            .map(|(r, &t)| (0..classes).map(|k| r[..lay.n].iter().skip(k).step_by(lay.d).fold(0u64, |a, &x| (a + x) % t)).collect())
+            .collect();
+        Ok((0..classes).map(|k| crt_centred(&sums.iter().map(|r| r[k]).collect::<Vec<_>>(), p)).collect())
     }
 }
 
