@@ -327,8 +327,7 @@ impl PackedModel {
         let [co, ci, kh, kw] = sp.conv_shape;
         let s = sp.stride;
         let slots = 2 * lay.n;
-        // Convolution masks: block o holds w[o, c, s·a'+r, b] on its valid rows.
-        let block_valid = |o: usize, p: usize| p >= o * lay.block && p < (o + 1) * lay.block;
+        // Convolution masks: block o holds w[o, c, s·a'+r, b] on all its slots.
         let mut conv = Vec::with_capacity(lay.amax + 1);
         for ap in 0..=lay.amax {
             let mut terms = Vec::new();
@@ -349,7 +348,6 @@ impl PackedModel {
                                 v[p] = wv[o];
                             }
                         }
-                        debug_assert!(block_valid(0, 0));
                         terms.push(((ch * s + r) * kw + b, mask(&v, par, 0)?));
                     }
                 }
