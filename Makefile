@@ -56,6 +56,7 @@ demo: build
 bench: build
 	$(PY) benches/ops.py
 	$(PY) benches/lenet1.py
+	$(PY) benches/latency.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache

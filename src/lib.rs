@@ -26,6 +26,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tensor::PyCtxt>()?;
     m.add_class::<layers::PyLayer>()?;
     m.add_class::<model::PyModel>()?;
+    m.add_class::<python::packed::PyPackedModel>()?;
     m.add_function(wrap_pyfunction!(pool::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(pool::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(tensor::_tensor_from_pickle, m)?)?;

@@ -308,6 +308,11 @@ def build_from_spec(HE: HEType, spec: Union[ModelSpec, PathLike], layers: Any = 
     """
     if not isinstance(spec, ModelSpec):
         spec = load_model_spec(spec)
+    if getattr(context_of(HE), "packed_model", None) is not None:
+        # A context planned for the packed layout runs the plan's stages.
+        from .planner.packed import build_packed
+
+        return build_packed(context_of(HE), spec)
     if layers is not None:
         spec = spec.select(layers)
     if not spec.layers:

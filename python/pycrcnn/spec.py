@@ -263,14 +263,16 @@ class ModelSpec:
 def export_model(net_or_spec: Any, path: PathLike, *, name: Optional[str] = None,
                  input_shape: Optional[Sequence[int]] = None, normalization: Optional[str] = None,
                  rencrypt_positions: Optional[Sequence[int]] = None, accuracy: Optional[float] = None,
-                 metadata: Optional[Dict[str, Any]] = None) -> Path:
+                 metadata: Optional[Dict[str, Any]] = None, plan: Any = None) -> Path:
     """Writes a model as one ``.npz``: float64 arrays ``layer<i>_weight`` /
     ``layer<i>_bias`` and ``__spec__``, a JSON string with the architecture and
     metadata (``format``, ``version``, ``name``, ``input_shape``,
     ``normalization``, ``rencrypt_positions``, ``accuracy``, ``layers``). No
     pickled objects: :func:`load_model_spec` reads it with
     ``np.load(allow_pickle=False)`` and without torch. Keyword arguments
-    override the spec's metadata. Returns the path written.
+    override the spec's metadata. ``plan`` (a :class:`pycrcnn.Plan`) is saved
+    beside it as ``__plan__`` (JSON; ``pycrcnn.planner.load_plan`` reads it).
+    Returns the path written.
     """
     if isinstance(net_or_spec, ModelSpec):
         spec = net_or_spec
@@ -308,6 +310,8 @@ def export_model(net_or_spec: Any, path: PathLike, *, name: Optional[str] = None
         "layers": layers_json,
     }
     arrays["__spec__"] = np.array(json.dumps(doc))
+    if plan is not None:
+        arrays["__plan__"] = np.array(json.dumps(plan.info))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)

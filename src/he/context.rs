@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::encoding::{centre, crt_centred, fractional_decode, fractional_encode, reduce_i128};
 use super::error::{value_err, HeError, Result};
+use super::galois::{RotationKeys, RotationNeed};
 use super::growth::Growth;
 use super::params::{Encoding, HeParameters};
 use super::tensor::{at_common_level, check_fits, shaped, CipherTensor, Element};
@@ -29,6 +30,8 @@ pub struct Keys {
     pub(crate) mult: Vec<Vec<Multiplicator>>,
     /// Hash of the public key material: what a ciphertext's key id is checked against.
     pub(crate) key_id: [u8; 16],
+    /// Rotation keys per plaintext modulus (empty until asked for).
+    pub(crate) rotations: Vec<RotationKeys>,
 }
 
 /// Ciphertext levels at which products run: all but the last, so that a
@@ -63,7 +66,8 @@ impl Keys {
         let d = h.finalize();
         let mut key_id = [0u8; 16];
         key_id.copy_from_slice(&d[..16]);
-        Ok(Keys { secret, public, relin, mult, key_id })
+        let rotations = public.iter().map(|_| RotationKeys::default()).collect();
+        Ok(Keys { secret, public, relin, mult, key_id, rotations })
     }
 }
 
@@ -97,6 +101,13 @@ impl HeContext {
 
     /// Generates a secret key, its public key and relinearization keys.
     pub fn keygen(&mut self) -> Result<()> {
+        self.keygen_for_levels(usize::MAX)
+    }
+
+    /// [`HeContext::keygen`] with relinearization keys only for products at
+    /// the first `levels` ciphertext levels (a planned model that multiplies
+    /// only at the top level needs one: smaller public contexts and servers).
+    pub fn keygen_for_levels(&mut self, levels: usize) -> Result<()> {
         let mut rng = rand::rng();
         let mut secret = Vec::new();
         let mut public = Vec::new();
@@ -109,7 +120,7 @@ impl HeContext {
             // top level (least noise) for every level products run at.
             let mut rks = Vec::new();
             if par.moduli().len() >= 2 {
-                for level in 0..product_levels(par.moduli().len()) {
+                for level in 0..product_levels(par.moduli().len()).min(levels) {
                     rks.push(RelinearizationKey::new_leveled(&sk, level, 0, &mut rng)?);
                 }
             }
@@ -118,6 +129,21 @@ impl HeContext {
         }
         self.keys = Some(Keys::new(Some(secret), public, relin, self.params.levels())?);
         Ok(())
+    }
+
+    /// Generates rotation keys for `needs` (key holder), replacing any held.
+    pub fn rotation_keygen(&mut self, needs: &[RotationNeed]) -> Result<()> {
+        let sks = self.secret()?;
+        let rotations = sks.iter().zip(self.params.bfv()).map(|(sk, par)| RotationKeys::generate(sk, par, needs)).collect::<Result<Vec<_>>>()?;
+        if let Some(k) = self.keys.as_mut() {
+            k.rotations = rotations;
+        }
+        Ok(())
+    }
+
+    /// The rotation steps held, per level (the same for every plaintext modulus).
+    pub fn rotation_steps(&self) -> Vec<RotationNeed> {
+        self.keys.as_ref().and_then(|k| k.rotations.first()).map(|r| r.held()).unwrap_or_default()
     }
 
     /// The keys, or an error that says to generate them.

@@ -4,6 +4,7 @@
 pub mod context;
 pub mod encoding;
 pub mod error;
+pub mod galois;
 pub mod growth;
 pub mod multiplier;
 pub mod params;

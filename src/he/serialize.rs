@@ -9,13 +9,14 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use fhe::bfv::{Ciphertext, PublicKey, RelinearizationKey, SecretKey};
+use fhe::bfv::{Ciphertext, EvaluationKey, PublicKey, RelinearizationKey, SecretKey};
 use fhe_traits::{DeserializeParametrized, Serialize as FheSerialize};
 use ndarray::{ArrayD, IxDyn};
 use sha2::{Digest, Sha256};
 
 use super::context::{HeContext, Keys};
 use super::error::{HeError, Result};
+use super::galois::RotationKeys;
 use super::growth::Growth;
 use super::params::{HeParameters, ParametersSpec};
 use super::tensor::{CipherTensor, Element};
@@ -341,18 +342,51 @@ fn read_params(r: &mut Reader, fingerprint: &[u8; 16]) -> Result<Arc<HeParameter
 }
 
 fn write_public_keys(w: &mut Writer, keys: &Keys) {
-    for (pk, rks) in keys.public.iter().zip(&keys.relin) {
+    for ((pk, rks), rot) in keys.public.iter().zip(&keys.relin).zip(&keys.rotations) {
         w.bytes(&pk.to_bytes());
         w.u32(rks.len() as u32);
         for rk in rks {
             w.bytes(&rk.to_bytes());
         }
+        // Rotation keys: per level, the steps held and one evaluation key.
+        w.u32(rot.levels.len() as u32);
+        for l in &rot.levels {
+            w.u32(l.level as u32);
+            w.u32(l.steps.len() as u32);
+            for &s in &l.steps {
+                w.u32(s as u32);
+            }
+            w.bytes(&l.key.to_bytes());
+        }
     }
 }
 
-fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<(Vec<PublicKey>, Vec<Vec<RelinearizationKey>>)> {
+fn read_rotation_keys(r: &mut Reader, params: &HeParameters, par: &Arc<fhe::bfv::BfvParameters>) -> Result<RotationKeys> {
+    let n = r.u32()? as usize;
+    if n > params.levels() {
+        return Err(HeError::Format("too many rotation keys".into()));
+    }
+    let mut parts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let level = r.u32()? as usize;
+        let count = r.u32()? as usize;
+        if count == 0 || count > params.m() / 2 {
+            return Err(HeError::Format(format!("a rotation key with {count} steps")));
+        }
+        let steps = (0..count).map(|_| r.u32().map(|s| s as usize)).collect::<Result<Vec<_>>>()?;
+        let b = r.bytes()?;
+        let key = guarded("rotation key", || EvaluationKey::from_bytes(b, par))?;
+        parts.push((level, steps, key));
+    }
+    RotationKeys::from_parts(parts, par)
+}
+
+type PublicKeys = (Vec<PublicKey>, Vec<Vec<RelinearizationKey>>, Vec<RotationKeys>);
+
+fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<PublicKeys> {
     let mut pks = Vec::new();
     let mut rks = Vec::new();
+    let mut rots = Vec::new();
     for par in params.bfv() {
         let b = r.bytes()?;
         pks.push(guarded("public key", || PublicKey::from_bytes(b, par))?);
@@ -366,8 +400,9 @@ fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<(Vec<Public
             per_level.push(guarded("relinearization key", || RelinearizationKey::from_bytes(b, par))?);
         }
         rks.push(per_level);
+        rots.push(read_rotation_keys(r, params, par)?);
     }
-    Ok((pks, rks))
+    Ok((pks, rks, rots))
 }
 
 /// The public context: parameters, public and relinearization keys.
@@ -406,7 +441,7 @@ pub fn context_from_bytes(data: &[u8], allow_secret: bool) -> Result<HeContext> 
     }
     let mut r = Reader { buf: f.payload, pos: 0 };
     let params = read_params(&mut r, &f.fingerprint)?;
-    let (pks, rks) = read_public_keys(&mut r, &params)?;
+    let (pks, rks, rots) = read_public_keys(&mut r, &params)?;
     let secret = if f.kind == Kind::SecretKey {
         let mut sks = Vec::new();
         for par in params.bfv() {
@@ -418,8 +453,12 @@ pub fn context_from_bytes(data: &[u8], allow_secret: bool) -> Result<HeContext> 
         None
     };
     r.done()?;
-    let keys = Keys::new(secret, pks, rks, params.levels())
+    let mut keys = Keys::new(secret, pks, rks, params.levels())
         .map_err(|e| HeError::Format(format!("invalid relinearization keys: {e}")))?;
+    if rots.windows(2).any(|w| w[0].held() != w[1].held()) {
+        return Err(HeError::Format("the plaintext moduli hold different rotation keys".into()));
+    }
+    keys.rotations = rots;
     if keys.key_id != f.key_id {
         return Err(HeError::Format("the key id does not match the keys in the blob".into()));
     }

@@ -28,6 +28,8 @@ pub enum Layer {
     Flatten,
     /// Decrypts and re-encrypts (needs the secret key).
     Rencryption,
+    /// A stage of a model in the packed single-image layout (`crate::model::packed`).
+    Packed(crate::model::packed::PackedStage),
 }
 
 impl Layer {
@@ -39,12 +41,14 @@ impl Layer {
             Layer::Polynomial(_) => "Polynomial".into(),
             Layer::Flatten => "Flatten".into(),
             Layer::Rencryption => "Rencryption".into(),
+            Layer::Packed(s) => s.name().into(),
         }
     }
 
     /// Whether it needs ciphertext products (relinearization keys, noise).
     pub fn multiplies_ciphertexts(&self) -> bool {
         matches!(self, Layer::Square | Layer::Polynomial(_))
+            || matches!(self, Layer::Packed(s) if s.stage() == crate::model::packed::Stage::Square)
     }
 
     /// Runs the layer on `x` with the keys of `ctx`; `x` is left as it is.
@@ -59,6 +63,7 @@ impl Layer {
                 x.reshape_images(&[n])
             }
             Layer::Rencryption => ctx.rencrypt(x),
+            Layer::Packed(s) => s.forward(ctx, x),
         }
     }
 
@@ -85,6 +90,9 @@ impl Layer {
             }
             // Flattening moves values without changing them.
             Layer::Flatten => Ok(probe.clone()),
+            Layer::Packed(_) => Err(crate::he::HeError::Value(
+                "packed stages are not predicted on probes: the packed plan's report predicts them".into(),
+            )),
             _ => self.forward(ctx, probe),
         }
     }
@@ -94,6 +102,7 @@ impl Layer {
         match self {
             Layer::Affine(a) => a.geometry().output_shape(in_shape),
             Layer::Flatten => Ok(vec![in_shape.iter().product()]),
+            Layer::Packed(s) => Ok(s.output_shape()),
             _ => Ok(in_shape.to_vec()),
         }
     }

@@ -4,6 +4,8 @@
 //! `EncodedModel`, the server's `/compute`, the parameter tester, the noise
 //! prediction — goes through [`Model::run`] or [`Model::predict`].
 
+pub mod packed;
+
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;

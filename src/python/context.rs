@@ -11,7 +11,10 @@ use super::errors::{to_py, HEError, ParameterError};
 use super::pool::run;
 use super::tensor::{tensor_arg, wrap_tensor};
 use crate::he::serialize::{context_from_bytes, public_context_to_bytes, secret_key_to_bytes};
+use super::packed::PyPackedModel;
+use crate::he::galois::{power_of_two_needs, RotationNeed};
 use crate::he::{CipherTensor, Encoding, HeContext, ParametersRequest};
+use crate::model::packed::PackedModel;
 
 /// Live contexts by key id, so that unpickled tensors find the context they belong to.
 static LIVE: Mutex<Option<HashMap<[u8; 16], Py<PyWeakrefReference>>>> = Mutex::new(None);
@@ -21,6 +24,8 @@ static LIVE: Mutex<Option<HashMap<[u8; 16], Py<PyWeakrefReference>>>> = Mutex::n
 #[pyclass(name = "Context", module = "pycrcnn._engine", frozen, weakref)]
 pub struct PyContext {
     inner: RwLock<Arc<HeContext>>,
+    /// The packed model this context was planned for (packs `encrypt`, reads `decrypt`).
+    packed: RwLock<Option<Arc<PackedModel>>>,
 }
 
 impl PyContext {
@@ -30,6 +35,20 @@ impl PyContext {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// The packed model the context was planned for, if any.
+    pub fn packed(&self) -> Option<Arc<PackedModel>> {
+        match self.packed.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Whether `t` is a packed result of this context's packed model.
+    fn packed_result(&self, t: &CipherTensor) -> Option<Arc<PackedModel>> {
+        let pm = self.packed()?;
+        (t.batch() == Some(self.get().params().m()) && t.data().shape() == [1]).then_some(pm)
     }
 
     fn set(&self, ctx: HeContext) {
@@ -70,7 +89,7 @@ impl PyContext {
 
     /// Wraps an engine context.
     pub fn wrap(py: Python<'_>, ctx: HeContext) -> PyResult<Bound<'_, PyContext>> {
-        let b = Bound::new(py, PyContext { inner: RwLock::new(Arc::new(ctx)) })?;
+        let b = Bound::new(py, PyContext { inner: RwLock::new(Arc::new(ctx)), packed: RwLock::new(None) })?;
         PyContext::register(&b)?;
         Ok(b)
     }
@@ -143,19 +162,89 @@ impl PyContext {
         };
         let req = ParametersRequest { m, p, n_plaintext_moduli, sec, encoding, moduli_sizes };
         let params = run(py, || req.build())?;
-        Ok(PyContext { inner: RwLock::new(Arc::new(HeContext::new(params))) })
+        Ok(PyContext { inner: RwLock::new(Arc::new(HeContext::new(params))), packed: RwLock::new(None) })
     }
 
-    /// Generates the secret, public and relinearization keys.
-    fn keygen(slf: &Bound<'_, PyContext>) -> PyResult<()> {
+    /// Generates the secret, public and relinearization keys, and rotation
+    /// keys: those of the packed model the context was planned for, or with
+    /// `rotations=True` the power-of-two steps, or `[(level, [steps])]`.
+    #[pyo3(signature = (rotations=None))]
+    fn keygen(slf: &Bound<'_, PyContext>, rotations: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let me = slf.get();
         let mut c = me.get().without_keys();
+        let needs: Vec<RotationNeed> = match rotations {
+            Some(r) if r.is_instance_of::<pyo3::types::PyBool>() => {
+                if r.is_truthy()? { power_of_two_needs(c.params().m()) } else { vec![] }
+            }
+            Some(r) if !r.is_none() => r
+                .extract::<Vec<(usize, Vec<usize>)>>()
+                .map_err(|_| HEError::new_err("rotations must be True, False, None or [(level, [steps])]"))?
+                .into_iter()
+                .map(|(level, steps)| RotationNeed { level, steps })
+                .collect(),
+            _ => match me.packed() {
+                Some(pm) => pm.layout(c.params()).map_err(to_py)?.rotation_needs(),
+                None => vec![],
+            },
+        };
+        // A packed model multiplies at the top level only: one relinearization key.
+        let levels = if me.packed().is_some() { 1 } else { usize::MAX };
         let ctx = run(slf.py(), move || {
-            c.keygen()?;
+            c.keygen_for_levels(levels)?;
+            if !needs.is_empty() {
+                c.rotation_keygen(&needs)?;
+            }
             Ok(c)
         })?;
         me.set(ctx);
         PyContext::register(slf)
+    }
+
+    /// Plans this context for a packed model: `encrypt` packs one image
+    /// `[1, C, H, W]`, `keygen` makes its rotation keys, `decrypt` reads its result.
+    fn attach_packed(&self, model: &Bound<'_, PyPackedModel>) -> PyResult<()> {
+        let pm = model.get().get().clone();
+        pm.layout(self.get().params()).map_err(to_py)?;
+        match self.packed.write() {
+            Ok(mut g) => *g = Some(pm),
+            Err(p) => *p.into_inner() = Some(pm),
+        }
+        Ok(())
+    }
+
+    /// A keyless context matching a saved plan (`plan.info`, or what a server
+    /// publishes from `export_model(..., plan=plan)`); `keygen()` makes its keys.
+    #[staticmethod]
+    fn from_plan<'py>(py: Python<'py>, info: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        py.import("pycrcnn.planner")?.call_method1("context_from_plan", (info,))
+    }
+
+    /// The packed model the context was planned for (None otherwise).
+    #[getter]
+    fn packed_model(&self) -> Option<PyPackedModel> {
+        self.packed().map(PyPackedModel::wrap)
+    }
+
+    /// Rotation keys held: [(level, [steps])].
+    #[getter]
+    fn rotation_steps(&self) -> Vec<(usize, Vec<usize>)> {
+        self.get().rotation_steps().into_iter().map(|n| (n.level, n.steps)).collect()
+    }
+
+    /// The exact decrypted integers of a packed result, [1, classes] as an
+    /// object array of Python ints (float64 cannot hold them).
+    fn decrypt_integers<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let t = tensor_arg(x)?;
+        let pm = self.packed_result(&t).ok_or_else(|| {
+            HEError::new_err("decrypt_integers reads packed results of the model this context was planned for (pycrcnn.plan(..., layout=\"packed\"))")
+        })?;
+        let ctx = self.get();
+        let v = run(py, || pm.decrypt_integers(&ctx, &t))?;
+        let np = py.import("numpy")?;
+        let list = pyo3::types::PyList::new(py, [v])?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("dtype", "object")?;
+        np.call_method("array", (list,), Some(&kwargs))
     }
 
     /// True when this context holds the secret key.
@@ -220,6 +309,23 @@ impl PyContext {
         let arr = as_f64_array(x)?;
         let view = arr.as_array().to_owned();
         let ctx = slf.get().get();
+        if let Some(pm) = slf.get().packed() {
+            let [c, h, w] = pm.spec().in_shape;
+            if view.shape() != [1, c, h, w] {
+                return Err(HEError::new_err(format!(
+                    "this context is planned for a packed model: encrypt one image [1, {c}, {h}, {w}], got {:?}",
+                    view.shape()
+                )));
+            }
+            let scale = (pm.spec().input_bits as f64).exp2();
+            let limit = (*ctx.params().p().iter().min().unwrap_or(&0) / 2) as f64;
+            if let Some(bad) = view.iter().find(|v| !v.is_finite() || (*v * scale).round().abs() >= limit) {
+                return Err(HEError::new_err(format!("cannot encrypt {bad}: inputs must be finite and below {:.3e}", limit / scale)));
+            }
+            let ints: Vec<i64> = view.iter().map(|v| (v * scale).round() as i64).collect();
+            let t = run(py, || pm.encrypt(&ctx, &ints))?;
+            return wrap_tensor(py, t, slf.clone().unbind());
+        }
         let t = run(py, || ctx.encrypt(view.view()))?;
         wrap_tensor(py, t, slf.clone().unbind())
     }
@@ -229,6 +335,14 @@ impl PyContext {
     fn decrypt<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let t = tensor_arg(x)?;
         let ctx = self.get();
+        if let Some(pm) = self.packed_result(&t) {
+            // Logits = integers / 2^output_bits, [1, classes].
+            let v = run(py, || pm.decrypt_integers(&ctx, &t))?;
+            let scale = (pm.spec().output_bits as f64).exp2();
+            let out = ndarray::Array2::from_shape_vec((1, v.len()), v.iter().map(|&y| y as f64 / scale).collect())
+                .map_err(|e| HEError::new_err(e.to_string()))?;
+            return Ok(out.into_pyarray(py).into_any());
+        }
         let out = run(py, || ctx.decrypt(&t))?;
         Ok(out.into_pyarray(py).into_any())
     }

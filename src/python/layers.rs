@@ -48,6 +48,11 @@ fn affine(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>) -> PyRe
 }
 
 impl PyLayer {
+    /// An engine layer bound to the context `ctx`.
+    pub fn from_engine(py: Python<'_>, ctx: &Bound<'_, PyAny>, layer: Layer) -> PyResult<PyLayer> {
+        new_layer(py, ctx, layer)
+    }
+
     /// The engine layer.
     pub fn layer(&self) -> &Arc<Layer> {
         &self.layer

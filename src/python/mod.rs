@@ -5,6 +5,7 @@ pub mod context;
 pub mod errors;
 pub mod layers;
 pub mod model;
+pub mod packed;
 pub mod pool;
 pub mod shapes;
 pub mod tensor;
