@@ -233,6 +233,17 @@ impl PyContext {
         Ok(out.into_pyarray(py).into_any())
     }
 
+    /// Batch encoding: the exact decrypted integers of the logical shape (the
+    /// values times the tensor's scale, CRT-recombined): int64 when all fit,
+    /// else an object array of Python ints. Raises NoiseBudgetExhausted
+    /// instead of returning garbage.
+    fn decrypt_integers<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let t = tensor_arg(x)?;
+        let ctx = self.get();
+        let out = run(py, || ctx.decrypt_integers(&t))?;
+        super::integers::integers_to_py(py, out)
+    }
+
     /// Minimum invariant noise budget in bits over the ciphertexts of `x` (≤ 0: exhausted).
     fn noise_budget(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<i64> {
         let t = tensor_arg(x)?;
