@@ -16,7 +16,7 @@ pub fn integers_to_py<'py>(py: Python<'py>, values: ArrayD<i128>) -> PyResult<Bo
     let list = PyList::new(py, values.iter().copied())?;
     let np = py.import("numpy")?;
     let kwargs = pyo3::types::PyDict::new(py);
-    kwargs.set_item("dtype", np.getattr("object")?)?;
+    kwargs.set_item("dtype", py.import("builtins")?.getattr("object")?)?;
     let arr = np.call_method("array", (list,), Some(&kwargs))?;
     arr.call_method1("reshape", (shape,))
 }

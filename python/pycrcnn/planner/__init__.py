@@ -28,10 +28,9 @@ def plan(model: Any, calibration_inputs: Any, *, layout: str = "batch", sec: int
     (a float array ``[N, ...]`` of typical inputs).
 
     ``layout="batch"`` (one image per slot, the throughput layout) takes the
-    options of :func:`pycrcnn.planner.batch.plan_batch`: ``mode``
-    ("worst-case", the default: no wrap for any input in ``input_range``; or
-    "calibrated": bounds measured on the calibration inputs times
-    ``2**margin_bits``), ``input_range``, ``scale_bits``,
+    options of :func:`pycrcnn.planner.batch.plan_batch`: ``input_range``
+    (worst-case bounds: no wrap for any input in it; default the calibration
+    inputs' min and max), ``scale_bits``,
     ``weight_scale_bits``, ``min_agreement``, ``noise_margin``, ``m``.
     """
     if layout == "batch":

@@ -6,8 +6,9 @@
 2. **Plaintext range.** Worst case by default: every layer's bound
    max_o Σ|w_int|·B + |b_int| (squares B², polynomials Σ|c_k|B^k) for any
    input in ``input_range`` — the engine's own growth rules, so a planned
-   run never wraps. ``mode="calibrated"``: the largest value the calibration
-   inputs reach, times ``2**margin_bits``.
+   run never wraps. (A calibrated mode, bounds measured on the calibration
+   inputs, would need the engine to let a run through whose worst case could
+   wrap; it refuses those layers at run time, so it is not offered.)
 3. **Parameters.** Candidates (m, number of CRT primes k and their size,
    number of ciphertext moduli L at the largest size the security level
    allows) ordered by predicted seconds per image; the first whose noise
@@ -162,7 +163,7 @@ def _seconds(m: int, L: int, k: int, layers: _Layers) -> List[float]:
 
 
 def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str = "worst-case",
-               margin_bits: float = 2.0, input_range: Optional[Tuple[float, float]] = None,
+               input_range: Optional[Tuple[float, float]] = None,
                scale_bits: Optional[int] = None, weight_scale_bits: Optional[int] = None,
                min_agreement: float = 1.0, noise_margin: int = 6, m: Optional[int] = None,
                max_trials: int = 12) -> Plan:
@@ -170,8 +171,11 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
     :class:`PlanError` naming the layer when nothing fits."""
     if sec not in MAX_LOG_Q:
         raise ValueError(f"sec must be 128, 192 or 256, got {sec}")
-    if mode not in ("worst-case", "calibrated"):
-        raise ValueError(f'mode must be "worst-case" or "calibrated", got {mode!r}')
+    if mode == "calibrated":
+        raise NotImplementedError('mode="calibrated" is not available: the engine refuses, at run time, any layer whose '
+                                  'worst case could wrap, so only worst-case plans run')
+    if mode != "worst-case":
+        raise ValueError(f'mode must be "worst-case", got {mode!r}')
     spec = _as_spec(model)
     x = np.ascontiguousarray(calibration_inputs, dtype=np.float64)
     if x.ndim < 2 or len(x) == 0:
@@ -179,7 +183,7 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
     layers = _Layers(spec, x.shape[1:])
     lo, hi = (float(x.min()), float(x.max())) if input_range is None else map(float, input_range)
     input_bound = max(abs(lo), abs(hi))
-    if mode == "worst-case" and (x.min() < lo or x.max() > hi):
+    if (x.min() < lo or x.max() > hi):
         raise ValueError(f"calibration inputs lie outside input_range ({lo}, {hi})")
     float_out = spec.forward_numpy(x)
     from ..model import build_from_spec
@@ -188,20 +192,8 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
     steps = [(layer.index, layer.type) for layer in layers.layers]
 
     def needed_bits(s: int, w: int) -> Tuple[float, List[float]]:
-        if mode == "worst-case":
-            per = [math.log2(2 * b + 1) for b in layers.bounds(input_bound, s, w)]
-        else:
-            per = []
-            for k in range(1, len(layers.layers) + 1):
-                from .._engine import Model
-
-                part = Model(list(zip([st[0] for st in steps[:k]], [l._layer for l in _encoded_layers(runner_model, k)])))
-                ints, _ = part.reference(x, s, w)
-                peak = max(abs(int(v)) for v in np.ravel(ints)) if np.size(ints) else 0
-                per.append(math.log2(2 * peak * 2.0 ** margin_bits + 1))
+        per = [math.log2(2 * b + 1) for b in layers.bounds(input_bound, s, w)]
         return max(per), per
-
-    runner_model = build_from_spec(Context(m=1024, encoding="batch"), spec)
 
     # 1. scales
     if scale_bits is not None and weight_scale_bits is not None:
@@ -211,10 +203,27 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
         ws = [int(weight_scale_bits)] if weight_scale_bits is not None else range(2, 17)
         grid = sorted(((s, w) for s in ss for w in ws),
                       key=lambda sw: (math.log2(2 * layers.bounds(input_bound, *sw)[-1] + 1), sw[0] + sw[1]))
+    def too_wide(per: List[float]) -> PlanError:
+        k = next(i for i, b in enumerate(per) if b > MAX_PLAINTEXT_BITS)
+        layer = layers.layers[k]
+        return PlanError(
+            f"layer {layer.index} ({layer.type}): values need {per[k]:.0f} plaintext bits at scale_bits={s}, "
+            f"weight_scale_bits={w} ({mode}); the engine holds at most {MAX_PLAINTEXT_BITS}. Fix: a rencryption "
+            f"before layer {layer.index} (rencrypt_positions=[{layer.index}]) or smaller scales",
+            layer=layer.index, layer_name=layer.type, fix=f"rencrypt_positions=[{layer.index}] or smaller scales")
+
+    fitting = [sw for sw in grid if needed_bits(*sw)[0] <= MAX_PLAINTEXT_BITS]
+    if not fitting:
+        s, w = grid[0]
+        raise too_wide(needed_bits(s, w)[1])
+    grid = fitting
     chosen = None
-    best_seen = (-1.0, None)
+    best_seen = (-1.0, grid[0])
     for s, w in grid[:60]:
-        ints, _ = runner.reference(x, s, w)
+        try:
+            ints, _ = runner.reference(x, s, w)
+        except HEError:  # beyond 127 bits: no plaintext modulus holds it
+            continue
         agree = _agreement(ints, float_out)
         if agree > best_seen[0]:
             best_seen = (agree, (s, w))
@@ -231,13 +240,7 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
 
     # 2. plaintext range
     if total_bits > MAX_PLAINTEXT_BITS:
-        k = next(i for i, b in enumerate(per_layer_bits) if b > MAX_PLAINTEXT_BITS)
-        layer = layers.layers[k]
-        raise PlanError(
-            f"layer {layer.index} ({layer.type}): values need {per_layer_bits[k]:.0f} plaintext bits at scale_bits={s}, "
-            f"weight_scale_bits={w} ({mode}); the engine holds at most {MAX_PLAINTEXT_BITS}. Fix: a rencryption "
-            f"before layer {layer.index} (rencrypt_positions=[{layer.index}]), smaller scales, or mode=\"calibrated\"",
-            layer=layer.index, layer_name=layer.type, fix=f"rencrypt_positions=[{layer.index}] or smaller scales")
+        raise too_wide(per_layer_bits)
 
     # 3. parameters, cheapest first
     needed = total_bits + 1
@@ -278,10 +281,7 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
         ok = len(pred) == len(layers.layers) and all(b_ is not None and b_ >= noise_margin for b_ in budgets)
         if ok:
             seconds = _seconds(mm, L, k, layers)
-            if mode == "worst-case":
-                bits = [math.log2(2 * v + 1) for v in layers.bounds(input_bound, s, w)]
-            else:
-                bits = per_layer_bits
+            bits = per_layer_bits
             report = [{"index": layer.index, "name": layer.type, "bits": round(bi, 2), "plaintext_bits": round(math.log2(T), 2),
                        "noise_budget": bg, "seconds": round(sec_, 4)}
                       for layer, bi, bg, sec_ in zip(layers.layers, bits, budgets, seconds)]
@@ -289,9 +289,9 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
                           "moduli_sizes": [b] * L, "moduli": [int(q) for q in ctx.moduli], "scale_bits": s,
                           "weight_scale_bits": w, "input_shape": list(x.shape[1:])}
             notes = [f"argmax agreement with the float model on {len(x)} calibration inputs: {agree:.4f}",
-                     f"plaintext bits needed {total_bits:.1f} ({mode}{'' if mode == 'worst-case' else f', margin 2^{margin_bits}'})",
+                     f"plaintext bits needed {total_bits:.1f} (worst case for inputs in [{lo}, {hi}])",
                      f"predicted {cost * 1e3:.3f} ms per image on one thread"]
-            plan = Plan(spec, parameters, report, mode=mode, input_range=(lo, hi), margin_bits=margin_bits, notes=notes)
+            plan = Plan(spec, parameters, report, mode=mode, input_range=(lo, hi), notes=notes)
             plan._context = None
             return plan
         failed = next((i for i, r in enumerate(pred) if not r.get("ok", True) or (r.get("noise_budget") or 0) < noise_margin),
@@ -314,8 +314,8 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
 
 def _probe_bound(layers: _Layers, input_bound: float, s: int, w: int, available_bits: float) -> float:
     """The probe's input value: the declared bound when its worst case fits
-    the plaintext range (always, in worst-case mode), else the largest
-    fraction of it that does (calibrated mode: noise barely depends on it)."""
+    the plaintext range (always, for a plan), else the largest fraction of
+    it that does (noise barely depends on it)."""
     c = 1.0
     for _ in range(200):
         if math.log2(2 * layers.bounds(input_bound * c, s, w)[-1] + 1) < available_bits and \
@@ -324,6 +324,3 @@ def _probe_bound(layers: _Layers, input_bound: float, s: int, w: int, available_
         c /= 2
     return 0.0
 
-
-def _encoded_layers(model, k: int):
-    return [layer for layer in model if layer.spec is not None][:k]
