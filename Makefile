@@ -43,6 +43,7 @@ demo: build
 bench: build
 	$(PY) benches/ops.py
 	$(PY) benches/lenet1.py
+	$(PY) benches/throughput.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache

@@ -165,3 +165,19 @@ def test_calibrated_mode_is_refused_clearly(digits):
     x, _ = digits
     with pytest.raises(NotImplementedError, match="worst case"):
         pycrcnn.plan(conv_square_pool_net(), x[:8], mode="calibrated")
+
+
+def test_auto_parameters_in_the_tester_and_the_client_config(tmp_path):
+    from pycrcnn.client import context_from_config
+    from pycrcnn.models import shipped_model_path
+    from pycrcnn.parameters_tester import run_tests
+
+    report = run_tests({"encryption_parameters": "auto", "model_path": str(shipped_model_path("tiny_cnn", "npz")),
+                        "images": 8})
+    (result,) = report["results"]
+    assert result["status"] == "ok" and result["exact"] and result["argmax_equal"], result
+    assert result["planned"]["m"] >= 2048 and report["encoding"] == "batch"
+    ctx = context_from_config({"encryption_parameters": "auto", "net": "TINY_MLP"})
+    assert ctx.encoding == "batch" and ctx.p
+    with pytest.raises(ValueError, match="model_path"):
+        context_from_config({"encryption_parameters": ["auto"], "net": "no_such_model"})
