@@ -56,6 +56,11 @@ def _as_spec(model: Any):
     import os
     from pathlib import Path
 
+    if isinstance(model, str) and not Path(model).exists():
+        from ..models import INFO, shipped_model_path
+
+        if model in INFO:  # a shipped model's name
+            model = shipped_model_path(model, "npz")
     if isinstance(model, ModelSpec):
         spec = model
     elif isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".npz":
