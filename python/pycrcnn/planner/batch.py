@@ -2,7 +2,8 @@
 
 1. **Scales.** The smallest input/weight scales (fewest plaintext bits) whose
    exact integer evaluation agrees with the float model's argmax on the
-   calibration inputs (``min_agreement``, default all of them).
+   calibration inputs (``min_agreement``, default all of them), plus
+   ``precision_margin`` bits (default 1) on each for unseen inputs.
 2. **Plaintext range.** Worst case by default: every layer's bound
    max_o Σ|w_int|·B + |b_int| (squares B², polynomials Σ|c_k|B^k) for any
    input in ``input_range`` — the engine's own growth rules, so a planned
@@ -170,7 +171,7 @@ def _seconds(m: int, L: int, k: int, layers: _Layers) -> List[float]:
 def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str = "worst-case",
                input_range: Optional[Tuple[float, float]] = None,
                scale_bits: Optional[int] = None, weight_scale_bits: Optional[int] = None,
-               min_agreement: float = 1.0, noise_margin: int = 6, m: Optional[int] = None,
+               min_agreement: float = 1.0, precision_margin: int = 1, noise_margin: int = 6, m: Optional[int] = None,
                max_trials: int = 12) -> Plan:
     """Plans the batch layout; see the module's docstring. Raises
     :class:`PlanError` naming the layer when nothing fits."""
@@ -241,6 +242,13 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
                         f"model on the calibration inputs (best {best_seen[0]:.4f} at scale_bits={s}, "
                         f"weight_scale_bits={w}); lower min_agreement", fix="lower min_agreement")
     s, w, agree = chosen
+    # One more bit on each scale than the calibration inputs needed: unseen
+    # inputs closer to a tie (measured: 2/5 bits agreed on 256 digits and on
+    # 99.4 % of 8,192 test digits).
+    if scale_bits is None:
+        s += precision_margin
+    if weight_scale_bits is None:
+        w += precision_margin
     total_bits, per_layer_bits = needed_bits(s, w)
 
     # 2. plaintext range
