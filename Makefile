@@ -57,6 +57,7 @@ bench: build
 	$(PY) benches/ops.py
 	$(PY) benches/lenet1.py
 	$(PY) benches/latency.py
+	$(PY) benches/throughput.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache

@@ -38,7 +38,8 @@ __all__ = [
     "FlattenLayer", "FormatError", "HEError", "LinearLayer", "NoiseBudgetExhausted", "ParameterError",
     "PlaintextOverflow", "PolynomialLayer", "PyCtxt", "PyPtxt", "Pyfhel", "RencryptionLayer", "RunCancelled",
     "SecretKeyRequired", "SquareLayer", "build_from_pytorch", "decode_matrix", "decrypt_matrix",
-    "encode_matrix", "encrypt_matrix", "get_num_threads", "load_torch_model", "plan", "Plan", "set_num_threads",
+    "encode_matrix", "encrypt_matrix", "get_num_threads", "load_torch_model", "plan", "Plan", "PlanError",
+    "set_num_threads",
 ]
 
 
@@ -47,7 +48,7 @@ _LAZY = {
     "build_from_pytorch": "model", "build_from_spec": "model", "EncodedModel": "model",
     "export_model": "spec", "load_model_spec": "spec", "ModelSpec": "spec", "LayerSpec": "spec",
     "UnsupportedLayerError": "spec", "spec_from_torch": "torch_import", "load_torch_model": "models",
-    "plan": "planner", "Plan": "planner",
+    "plan": "planner", "Plan": "planner", "PlanError": "planner",
 }
 
 

@@ -458,6 +458,10 @@ DEFAULT_CONFIG_ENCODING = "fractional"
 
 
 def _config_parameters(config: Dict[str, Any]) -> Dict[str, Any]:
+    from .planner.auto import is_auto
+
+    if is_auto(config.get("encryption_parameters")):
+        return {"encoding": "batch"}
     params_list = config.get("encryption_parameters") or [{}]
     params = params_list[0] if isinstance(params_list, list) else params_list
     if not isinstance(params, dict):
@@ -480,7 +484,14 @@ def config_encoding(config: Dict[str, Any], override: Optional[str] = None) -> s
 def context_from_config(config: Dict[str, Any], encoding: Optional[str] = None) -> Context:
     """The (keyless) :class:`Context` a client config describes: the original
     ``parameters.json`` (``encryption_parameters: [{m, p, sec, base}]``) gives
-    the seed's fractional encoding; call ``keygen()`` on the result."""
+    the seed's fractional encoding; ``"encryption_parameters": "auto"`` the
+    plan for the config's model (``model_path``, or a shipped model named by
+    ``net``); call ``keygen()`` on the result."""
+    from .planner.auto import is_auto, plan_from_config
+
+    if is_auto(config.get("encryption_parameters")):
+        # "auto": the plan for the model (see pycrcnn.planner.auto)
+        return plan_from_config(config).new_context()
     return _context_from_config(_config_parameters(config), config_encoding(config, encoding))
 
 

@@ -324,6 +324,42 @@ impl HeContext {
         }
     }
 
+    /// Batch encoding: the exact decrypted integers (CRT-recombined, centred
+    /// in (−T/2, T/2]) of the logical shape, at the tensor's scale. float64
+    /// cannot hold them once they pass 2^53.
+    pub fn decrypt_integers(&self, t: &CipherTensor) -> Result<ArrayD<i128>> {
+        self.secret()?;
+        self.check(t)?;
+        let Some(n) = t.batch() else {
+            return value_err("decrypt_integers reads the batch encoding's integers; use decrypt for the fractional encoding");
+        };
+        let elems: Vec<&Element> = t.data().iter().collect();
+        let vals: Vec<Vec<i128>> = elems.par_iter().map(|e| self.decrypt_slots(e, n)).collect::<Result<_>>()?;
+        let mut out = Vec::with_capacity(n * vals.len());
+        for i in 0..n {
+            out.extend(vals.iter().map(|v| v[i]));
+        }
+        shaped(&t.shape(), out)
+    }
+
+    /// The first `n` slots of a batch element as centred integers.
+    fn decrypt_slots(&self, e: &Element, n: usize) -> Result<Vec<i128>> {
+        let sk = self.secret()?;
+        let mut residues: Vec<Vec<u64>> = Vec::with_capacity(e.len());
+        for (k, ct) in e.iter().enumerate() {
+            let budget = self.budget_of(k, ct)?;
+            if budget <= 0 {
+                return Err(HeError::NoiseBudgetExhausted {
+                    message: "a ciphertext's noise budget is exhausted: decrypting it would give garbage".into(),
+                    budget,
+                });
+            }
+            residues.push(Vec::<u64>::try_decode(&sk[k].try_decrypt(ct)?, FheEncoding::simd())?);
+        }
+        let p = self.params.p();
+        Ok((0..n).map(|i| crt_centred(&residues.iter().map(|v| v[i]).collect::<Vec<u64>>(), p)).collect())
+    }
+
     /// Decrypts to float64 of the logical shape. Raises
     /// [`HeError::NoiseBudgetExhausted`] instead of returning garbage.
     pub fn decrypt(&self, t: &CipherTensor) -> Result<ArrayD<f64>> {

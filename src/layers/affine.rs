@@ -228,10 +228,17 @@ impl Affine {
     }
 
     /// The map of the output with the largest Σ|w| over its inputs, all of
-    /// which are one probe value: the worst case of a layer's plaintext
-    /// growth and noise (copies of one value add up coherently), without
-    /// padding. Its input is `[terms]`, its output one element.
+    /// which are one probe value, with |w| for every weight and |b| for the
+    /// bias: the worst case of a layer's plaintext growth and noise (copies
+    /// of one value add up coherently; signed weights could cancel and leave
+    /// a ciphertext far less noisy than any real one), without padding. Its
+    /// input is `[terms]`, its output one element.
     pub fn probe_map(&self) -> AffineMap {
+        self.probe_map_with(true)
+    }
+
+    /// [`Affine::probe_map`], with the weights' signs kept when `abs` is false.
+    fn probe_map_with(&self, abs: bool) -> AffineMap {
         let (rows, divisor): (Vec<Vec<u32>>, f64) = match self.geometry {
             Geometry::Conv2d { out_channels, .. } | Geometry::Conv1d { out_channels, .. } => {
                 let per = self.weights.len() / out_channels.max(1);
@@ -249,9 +256,9 @@ impl Affine {
             in_shape: vec![row.len()],
             out_shape: vec![1],
             terms: vec![row.iter().enumerate().map(|(i, &w)| (i as u32, w)).collect()],
-            weights: self.weights.clone(),
+            weights: self.weights.iter().map(|&w| if abs { w.abs() } else { w }).collect(),
             divisor,
-            bias: self.bias.get(worst).map(|&b| vec![b]).unwrap_or_default(),
+            bias: self.bias.get(worst).map(|&b| vec![if abs { b.abs() } else { b }]).unwrap_or_default(),
         }
     }
 
@@ -377,14 +384,19 @@ impl Affine {
 
     /// [`Affine::probe_map`] on copies of `probe`, a tensor of one element.
     pub fn probe(&self, probe: &CipherTensor) -> Result<CipherTensor> {
-        let map = self.probe_map();
+        // Fractional weights are polynomials that rarely cancel: signed
+        // weights track a real run's noise within a few bits there.
+        let fractional = matches!(probe.params().encoding(), crate::he::Encoding::Fractional { .. });
+        let map = self.probe_map_with(!fractional);
         let element = probe.data().iter().next().ok_or_else(|| HeError::Value("the probe is empty".into()))?;
         // Fractional tensors hold their images along axis 0; batch ones in the slots.
         let mut shape = if probe.batch().is_none() { vec![1] } else { vec![] };
         shape.extend_from_slice(&map.in_shape);
         let copies = ndarray::ArrayD::from_elem(ndarray::IxDyn(&shape), element.clone());
-        // The probe map shares the layer's weights: their cached encoding serves.
-        let out = self.apply(&map, &probe.with_data(copies, probe.scale(), probe.growth().clone()))?;
+        // The probe's weights are |w|: encoded here, not taken from the layer's cache.
+        let x = probe.with_data(copies, probe.scale(), probe.growth().clone());
+        let prepared = map.prepare_weights(x.params(), x.level()?)?;
+        let out = map.apply(&x, &prepared, self.geometry.name())?;
         let single = out.data().iter().next().cloned().ok_or_else(|| HeError::Value("the probe map has no output".into()))?;
         Ok(out.with_data(ndarray::ArrayD::from_elem(probe.data().raw_dim(), single), out.scale(), out.growth().clone()))
     }

@@ -276,10 +276,11 @@ mod tests {
         assert_eq!(m.in_shape, vec![3]);
         assert_eq!(m.terms, vec![vec![(0, 3), (1, 4), (2, 5)]]);
         assert_eq!(m.bias, vec![0.5]);
+        assert_eq!(&m.weights[3..6], &[2.0, 1.0, 0.5], "the probe takes |w|: signed weights could cancel");
         let ctx = make(2048, vec![], BATCH, None);
         let probe = ctx.encrypt(ArrayD::from_elem(IxDyn(&[1]), 1.0).view()).unwrap();
         let out = lin.probe(&probe).unwrap();
         assert_eq!(out.shape(), vec![1]);
-        assert_eq!(ctx.decrypt(&out).unwrap()[[0]], -2.0 + 1.0 + 0.5 + 0.5);
+        assert_eq!(ctx.decrypt(&out).unwrap()[[0]], 2.0 + 1.0 + 0.5 + 0.5);
     }
 }

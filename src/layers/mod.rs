@@ -8,11 +8,13 @@ mod activation;
 mod affine;
 mod affine_map;
 mod kernel;
+mod reference;
 
 pub use activation::{polynomial, square};
 pub use affine::{Affine, Geometry};
 pub use affine_map::AffineMap;
 pub use kernel::weighted_sum;
+pub use reference::{encode_inputs, IntTensor};
 
 use crate::he::{CipherTensor, HeContext, Result};
 

@@ -10,11 +10,11 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 use crate::he::growth::GrowthReport;
 use crate::he::{CipherTensor, Encoding, HeContext, HeError, HeParameters, Result};
-use crate::layers::Layer;
+use crate::layers::{encode_inputs, IntTensor, Layer};
 
 /// One layer of a model and the index it is known by (the torch module
 /// index where the model came from torch; a rencryption has the index of
@@ -213,6 +213,17 @@ impl Model {
         };
         let out = if switch { out.switch_to_last_level()? } else { out };
         Ok((out, reports))
+    }
+
+    /// The model on plaintext inputs in the batch encoding's exact integer
+    /// arithmetic (rencryptions included): what an encrypted run of the
+    /// same inputs decrypts to, integer for integer, when nothing wraps.
+    pub fn reference(&self, x: ArrayViewD<f64>, encoding: Encoding) -> Result<IntTensor> {
+        let mut t = encode_inputs(x, encoding)?;
+        for s in &self.steps {
+            t = s.layer.reference(&t, encoding).map_err(|e| e.at_layer(s.index, &s.layer.name()))?;
+        }
+        Ok(t)
     }
 
     /// Predicts, before running, whether the model fits the parameters of

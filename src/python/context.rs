@@ -231,22 +231,6 @@ impl PyContext {
         self.get().rotation_steps().into_iter().map(|n| (n.level, n.steps)).collect()
     }
 
-    /// The exact decrypted integers of a packed result, [1, classes] as an
-    /// object array of Python ints (float64 cannot hold them).
-    fn decrypt_integers<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        let t = tensor_arg(x)?;
-        let pm = self.packed_result(&t).ok_or_else(|| {
-            HEError::new_err("decrypt_integers reads packed results of the model this context was planned for (pycrcnn.plan(..., layout=\"packed\"))")
-        })?;
-        let ctx = self.get();
-        let v = run(py, || pm.decrypt_integers(&ctx, &t))?;
-        let np = py.import("numpy")?;
-        let list = pyo3::types::PyList::new(py, [v])?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("dtype", "object")?;
-        np.call_method("array", (list,), Some(&kwargs))
-    }
-
     /// True when this context holds the secret key.
     #[getter]
     fn has_secret_key(&self) -> bool {
@@ -345,6 +329,27 @@ impl PyContext {
         }
         let out = run(py, || ctx.decrypt(&t))?;
         Ok(out.into_pyarray(py).into_any())
+    }
+
+    /// The exact decrypted integers, CRT-recombined (float64 cannot hold
+    /// them). A packed result of the model this context was planned for gives
+    /// [1, classes] as an object array of Python ints; a batch tensor its
+    /// logical shape (the values times the tensor's scale), int64 when all
+    /// fit, else an object array. Raises NoiseBudgetExhausted instead of
+    /// returning garbage.
+    fn decrypt_integers<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let t = tensor_arg(x)?;
+        let ctx = self.get();
+        if let Some(pm) = self.packed_result(&t) {
+            let v = run(py, || pm.decrypt_integers(&ctx, &t))?;
+            let np = py.import("numpy")?;
+            let list = pyo3::types::PyList::new(py, [v])?;
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("dtype", "object")?;
+            return np.call_method("array", (list,), Some(&kwargs));
+        }
+        let out = run(py, || ctx.decrypt_integers(&t))?;
+        super::integers::integers_to_py(py, out)
     }
 
     /// Minimum invariant noise budget in bits over the ciphertexts of `x` (≤ 0: exhausted).

@@ -3,6 +3,7 @@
 
 pub mod context;
 pub mod errors;
+pub mod integers;
 pub mod layers;
 pub mod model;
 pub mod packed;

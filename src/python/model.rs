@@ -97,6 +97,19 @@ impl PyModel {
         self.model.segments().into_iter().map(|r| (r.start, r.end)).collect()
     }
 
+    /// The model on plaintext inputs `x` (`[N, ...]`, float64) in the batch
+    /// encoding's exact integer arithmetic at `scale_bits` / `weight_scale_bits`
+    /// (rencryptions included). Returns `(integers, scale)`: what an
+    /// encrypted run decrypts to with `decrypt_integers` when nothing wraps.
+    fn reference<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, scale_bits: u32, weight_scale_bits: u32) -> PyResult<(Bound<'py, PyAny>, f64)> {
+        let arr = super::context::as_f64_array(x)?;
+        let x = arr.as_array().to_owned();
+        let model = &self.model;
+        let encoding = crate::he::Encoding::Batch { scale_bits, weight_scale_bits };
+        let out = run(py, || model.reference(x.view(), encoding))?;
+        Ok((super::integers::integers_to_py(py, out.values)?, out.scale))
+    }
+
     /// Output shape of one image for the shape of one input image.
     fn output_shape(&self, in_shape: Vec<usize>) -> PyResult<Vec<usize>> {
         self.model.output_shape(&in_shape).map_err(to_py)

@@ -65,6 +65,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..planner.auto import auto_test, is_auto
 from .._engine import Context, HEError, NoiseBudgetExhausted
 from ..model import build_from_spec
 from ..spec import LayerSpec, ModelSpec, load_model_spec
@@ -126,8 +127,10 @@ def _resolve_model(model: Any) -> Tuple[ModelSpec, Any, str]:
     return spec_from_torch(model), model, type(model).__name__
 
 
-def _parameter_sets(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _parameter_sets(cfg: Dict[str, Any]) -> List[Any]:
     sets = cfg.get("encryption_parameters")
+    if is_auto(sets):  # planned by pycrcnn.plan (batch layout)
+        return ["auto"]
     if isinstance(sets, dict):
         sets = [sets]
     if not isinstance(sets, list) or not sets:
@@ -412,7 +415,10 @@ def run_tests(config: Dict[str, Any], model: Any = None, data: Optional[str] = N
     x_plain = ref.prefix(x, start)
 
     t0 = time.perf_counter()
-    if threads == 1:
+    if sets == ["auto"]:
+        plain_out = spec.forward_numpy(x_plain)
+        results = [auto_test(spec, x_plain, labels, plain_out)]
+    elif threads == 1:
         results = [_safe_test(s, spec, ref, x_plain, debug, verbose) for s in sets]
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -422,7 +428,7 @@ def run_tests(config: Dict[str, Any], model: Any = None, data: Optional[str] = N
         "model_name": spec.name,
         "layers": [spec.indices[0], spec.indices[-1]] if layers is not None else None,
         "encoded_layers": spec.describe(),
-        "encoding": "fractional",
+        "encoding": "batch" if sets == ["auto"] else "fractional",
         "images": n_images,
         "labels": labels.tolist() if labels is not None else None,
         "data": data_desc,

@@ -7,11 +7,24 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-from .._engine import Context, FormatError
+from .._engine import Context, FormatError, HEError
 
-__all__ = ["Plan", "context_from_plan", "load_plan"]
+__all__ = ["Plan", "PlanError", "context_from_plan", "load_plan"]
 
 PLAN_FORMAT = "pycrcnn-plan"
+
+
+class PlanError(HEError):
+    """No parameters fit the model. ``layer`` / ``layer_name`` name the layer
+    where the plaintext range or the noise budget runs out; ``fix`` says what
+    would make it fit."""
+
+    def __init__(self, message: str, layer: Optional[int] = None, layer_name: Optional[str] = None,
+                 fix: Optional[str] = None):
+        super().__init__(message)
+        self.layer = layer
+        self.layer_name = layer_name
+        self.fix = fix
 
 
 class Plan:
@@ -52,6 +65,10 @@ def context_from_plan(info: Dict[str, Any]) -> Context:
         from .packed import context_from_packed_info
 
         return context_from_packed_info(info)
+    if info.get("layout") == "batch":
+        from .batch_plan import batch_context
+
+        return batch_context(info["parameters"])
     raise FormatError(f"plan layout {info.get('layout')!r} is not supported by this build")
 
 
