@@ -194,3 +194,18 @@ def test_models_with_rencryption_and_bad_inputs_are_refused(ctx):
         distributed.public_context_bytes("not a context")
     with pytest.raises(TypeError, match="encrypted CipherTensor"):
         distributed._batch_blob(np.zeros((2, 1, 28, 28)))
+
+
+def test_the_command_classifies_mnist_on_the_running_cluster(cluster):
+    import os
+    import subprocess
+    import sys
+
+    address = ray.get_runtime_context().gcs_address
+    run = subprocess.run([sys.executable, "-m", "pycrcnn.distributed", "--model", "tiny_mlp", "--mnist", "24",
+                          "--batch-size", "12", "--address", address, "--no-progress"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert run.returncode == 0, run.stderr
+    line = run.stdout.strip().splitlines()[-1]
+    assert line.startswith("24 digits in 2 batches of ≤ 12: accuracy "), line
+    assert float(line.split("accuracy ")[1].split(",")[0]) >= 0.75 and "images/s" in line

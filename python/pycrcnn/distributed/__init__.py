@@ -78,14 +78,17 @@ class ClassifyResult:
 
     ``outputs``: output tensors in batch order (under the caller's context:
     decrypt them with the secret key); ``compute_seconds``: each batch's model
-    run as timed on its worker; ``wall_seconds``: the whole job, from the first
-    ``ray.put`` to the last result; ``broadcast_bytes``: public context + model
+    run as timed on its worker; ``task_seconds``: the same plus parsing the
+    batch and serializing the output there; ``wall_seconds``: the whole job, from the first
+    ``ray.put`` to the last result (reading the batches included: encryption
+    too, where an iterator encrypts them as they are read); ``broadcast_bytes``: public context + model
     sent once; ``batch_bytes`` / ``result_bytes``: ciphertext bytes sent to and
     received from the cluster, per batch.
     """
 
     outputs: List[CipherTensor]
     compute_seconds: List[float] = field(default_factory=list)
+    task_seconds: List[float] = field(default_factory=list)
     wall_seconds: float = 0.0
     broadcast_bytes: int = 0
     batch_bytes: List[int] = field(default_factory=list)
@@ -166,19 +169,22 @@ def _worker_model(shared: List[Any], threads: int) -> Tuple[Context, Any]:
     return cached
 
 
-def _run_batch(shared: List[Any], batch: bytes, threads: int) -> Tuple[str, Any, float]:
+def _run_batch(shared: List[Any], batch: bytes, threads: int) -> Tuple[str, Any, float, float]:
     """One task: one encrypted batch through the model runner. Returns
-    ``("ok", output bytes, seconds)``, or ``("error", message, 0)`` for an
-    engine error (deterministic: retrying would fail the same way)."""
+    ``("ok", output bytes, compute seconds, task seconds)`` (the task: parsing
+    the batch, the run, serializing the output), or ``("error", message, 0,
+    0)`` for an engine error (deterministic: retrying would fail the same way)."""
     try:
         ctx, model = _worker_model(shared, threads)
-        x = CipherTensor.from_bytes(batch, ctx)
         start = time.perf_counter()
+        x = CipherTensor.from_bytes(batch, ctx)
+        compute_start = time.perf_counter()
         out, _ = model.run(x, rencrypt=False)
-        seconds = time.perf_counter() - start
-        return "ok", bytes(out.to_bytes()), seconds
+        compute = time.perf_counter() - compute_start
+        blob = bytes(out.to_bytes())
+        return "ok", blob, compute, time.perf_counter() - start
     except _DETERMINISTIC as exc:
-        return "error", f"{type(exc).__name__}: {exc}", 0.0
+        return "error", f"{type(exc).__name__}: {exc}", 0.0, 0.0
 
 
 # -- the driver ----------------------------------------------------------------------
@@ -270,7 +276,7 @@ def _run_job(ray: Any, npz: bytes, ctx_blob: bytes, out_ctx: Context, batches: I
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, unit="batch", desc="cluster", disable=not progress)
     pending: Dict[Any, int] = {}
-    results: Dict[int, Tuple[str, Any, float]] = {}
+    results: Dict[int, Tuple[str, Any, float, float]] = {}
     sent: List[int] = []
 
     def collect(refs: List[Any]) -> None:
@@ -279,7 +285,7 @@ def _run_job(ray: Any, npz: bytes, ctx_blob: bytes, out_ctx: Context, batches: I
             try:
                 results[index] = ray.get(ref)
             except ray.exceptions.RayError as exc:  # retries exhausted, or the worker kept dying
-                results[index] = ("error", _failure_message(exc, retries), 0.0)
+                results[index] = ("error", _failure_message(exc, retries), 0.0, 0.0)
             bar.update(1)
 
     try:
@@ -297,9 +303,9 @@ def _run_job(ray: Any, npz: bytes, ctx_blob: bytes, out_ctx: Context, batches: I
         bar.close()
     outputs: List[Optional[CipherTensor]] = []
     failures: Dict[int, str] = {}
-    compute, received = [], []
+    compute, tasks, received = [], [], []
     for index in range(len(sent)):
-        status, payload, seconds = results[index]
+        status, payload, seconds, task_seconds = results[index]
         if status == "ok":
             outputs.append(CipherTensor.from_bytes(payload, out_ctx))
             received.append(len(payload))
@@ -308,8 +314,9 @@ def _run_job(ray: Any, npz: bytes, ctx_blob: bytes, out_ctx: Context, batches: I
             failures[index] = payload
             received.append(0)
         compute.append(seconds)
+        tasks.append(task_seconds)
     if failures:
         raise BatchesFailed(failures, outputs)
-    return ClassifyResult(outputs=outputs, compute_seconds=compute,  # type: ignore[arg-type]
+    return ClassifyResult(outputs=outputs, compute_seconds=compute, task_seconds=tasks,  # type: ignore[arg-type]
                           wall_seconds=time.perf_counter() - t0, broadcast_bytes=len(ctx_blob) + len(npz),
                           batch_bytes=sent, result_bytes=received)
