@@ -209,3 +209,21 @@ def test_the_command_classifies_mnist_on_the_running_cluster(cluster):
     line = run.stdout.strip().splitlines()[-1]
     assert line.startswith("24 digits in 2 batches of ≤ 12: accuracy "), line
     assert float(line.split("accuracy ")[1].split(",")[0]) >= 0.75 and "images/s" in line
+
+
+def test_everything_else_works_without_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import pycrcnn, pycrcnn.distributed as d\n"
+            "from pycrcnn.models import shipped_model_path\n"
+            "ctx = pycrcnn.Context(m=2048, encoding='batch', scale_bits=6, weight_scale_bits=6); ctx.keygen()\n"
+            "assert d.model_bytes(shipped_model_path('tiny_mlp', 'npz'))[:2] == b'PK'\n"
+            "try:\n"
+            "    d.classify_dataset(shipped_model_path('tiny_mlp', 'npz'), ctx, [], progress=False)\n"
+            "except ImportError as exc:\n"
+            "    print(exc)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "pip install 'pycrcnn[ray]'" in run.stdout
