@@ -13,6 +13,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+import pycrcnn  # noqa: E402
 import pycrcnn.distributed as distributed  # noqa: E402
 from pycrcnn import CipherTensor, Context, FormatError, HEError, datasets  # noqa: E402
 from pycrcnn.models import shipped_model_path  # noqa: E402
@@ -94,7 +95,7 @@ def test_classifies_mnist_in_batches_with_a_task_failing_once_and_retried(cluste
     accuracy = (np.concatenate(logits).argmax(1) == labels).mean()
     assert accuracy >= 0.85, accuracy
     # in order, and the same values as the same model run here without Ray
-    model = __import__("pycrcnn").build_from_spec(ctx, shipped_model_path("tiny_mlp", "npz"))
+    model = pycrcnn.build_from_spec(ctx, shipped_model_path("tiny_mlp", "npz"))
     for batch, got in zip(batches, logits):
         np.testing.assert_array_equal(ctx.decrypt(model.run(batch)[0]), got)
     assert result.broadcast_bytes > 0 and all(b > 0 for b in result.batch_bytes)
