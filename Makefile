@@ -11,11 +11,12 @@ export PYCRCNN_SHARED ?= $(abspath ../shared)
 
 all: build
 
-# Python dependencies, once per venv (torch from PyPI is the large one).
+# Python dependencies, once per venv (torch from PyPI is the large one; ray,
+# ~80 MB, is the optional extra behind pycrcnn.distributed).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "maturin>=1.7,<2" numpy flask requests tqdm gunicorn torch \
+	$(PIP) install --quiet "maturin>=1.7,<2" numpy flask requests tqdm gunicorn torch "ray>=2.9" \
 		pytest hypothesis nbclient nbformat ipykernel matplotlib
 	touch $(STAMP)
 
@@ -58,6 +59,7 @@ bench: build
 	$(PY) benches/lenet1.py
 	$(PY) benches/latency.py
 	$(PY) benches/throughput.py
+	$(PY) benches/ray_scaling.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache

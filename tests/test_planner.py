@@ -14,6 +14,7 @@ import pycrcnn
 from pycrcnn import Context, Plan, PlanError, datasets
 from pycrcnn.models import list_shipped_models, load_shipped_spec
 from pycrcnn.spec import LayerSpec, ModelSpec
+from pycrcnn.planner.batch_plan import BatchPlan
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_every_shipped_model_gets_auto_parameters(digits):
         ints = plan.reference(x[:32])
         assert np.array_equal(np.argmax(plan.decode(ints), 1), np.argmax(spec.forward_numpy(x[:32]), 1)), name
         # The plan survives a JSON round trip with its context's parameters.
-        again = Plan.from_dict(plan.to_dict(), spec)
+        again = BatchPlan.from_dict(plan.to_dict(), spec)
         assert again.context.moduli == plan.context.moduli and again.context.p == plan.context.p
 
 
