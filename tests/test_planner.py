@@ -141,7 +141,8 @@ def test_refusal_names_the_layer_and_the_fix(digits):
     with pytest.raises(PlanError) as info:
         pycrcnn.plan(shallow, x[:8], input_range=(0.0, 1.0), scale_bits=2, weight_scale_bits=2, m=2048)
     assert info.value.layer_name == "Square" and "layer" in str(info.value)
-    with pytest.raises(NotImplementedError, match="not available yet"):
+    # The packed layout refuses models outside its family, saying why.
+    with pytest.raises(pycrcnn.UnsupportedLayerError, match="layout='packed' runs Conv2d"):
         pycrcnn.plan(shallow, x[:8], layout="packed")
 
 

@@ -340,7 +340,12 @@ impl PyContext {
     fn decrypt_integers<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let t = tensor_arg(x)?;
         let ctx = self.get();
-        if let Some(pm) = self.packed_result(&t) {
+        if self.packed().is_some() {
+            // A context planned for the packed layout reads packed results only
+            // (its packed inputs hold shifted copies of the image, not values).
+            let pm = self.packed_result(&t).ok_or_else(|| {
+                HEError::new_err("decrypt_integers reads packed results of the model this context was planned for (pycrcnn.plan(..., layout=\"packed\"))")
+            })?;
             let v = run(py, || pm.decrypt_integers(&ctx, &t))?;
             let np = py.import("numpy")?;
             let list = pyo3::types::PyList::new(py, [v])?;
