@@ -21,9 +21,7 @@ Example::
 """
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -42,7 +40,7 @@ from .layers import (
     SquareLayer,
 )
 from .spec import LayerSpec, ModelSpec, PathLike, load_model_spec
-from .torch_import import spec_from_torch
+from .torch_import import as_model_spec
 
 __all__ = ["EncodedModel", "build_from_spec", "build_from_pytorch"]
 
@@ -330,10 +328,4 @@ def build_from_pytorch(HE: HEType, net: Any, rencrypt_positions: Sequence[int] =
     is inserted **before** each. ``layers`` selects a sub-network (torch indices,
     e.g. ``[0, 1, 2]`` or ``range(0, 3)``); ``net[0:3]`` works as well.
     """
-    if isinstance(net, ModelSpec):
-        spec = net
-    elif isinstance(net, (str, os.PathLike)) and Path(net).suffix == ".npz":
-        spec = load_model_spec(net)
-    else:
-        spec = spec_from_torch(net)
-    return build_from_spec(HE, spec, layers=layers, rencrypt_positions=list(rencrypt_positions or []))
+    return build_from_spec(HE, as_model_spec(net), layers=layers, rencrypt_positions=list(rencrypt_positions or []))

@@ -240,3 +240,20 @@ def spec_from_torch(net: Any, layers: Any = None, name: Optional[str] = None,
     )
     return model.select(layers) if layers is not None else model
 
+
+def as_model_spec(model: Any) -> ModelSpec:
+    """The :class:`ModelSpec` of ``model``: a ModelSpec, a shipped model's
+    name, a ``.npz`` export, a ``.pt`` file or a torch module (the last two
+    import torch)."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str) and not Path(model).exists():
+        from .models import INFO, shipped_model_path
+
+        if model in INFO:  # a shipped model's name: its torch-free twin
+            model = shipped_model_path(model, "npz")
+    if isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".npz":
+        from .spec import load_model_spec
+
+        return load_model_spec(model)
+    return spec_from_torch(model)

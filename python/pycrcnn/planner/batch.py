@@ -53,22 +53,9 @@ def _round(v: np.ndarray) -> np.ndarray:
 
 
 def _as_spec(model: Any):
-    from ..spec import ModelSpec, load_model_spec
-    from ..torch_import import spec_from_torch
-    import os
-    from pathlib import Path
+    from ..torch_import import as_model_spec
 
-    if isinstance(model, str) and not Path(model).exists():
-        from ..models import INFO, shipped_model_path
-
-        if model in INFO:  # a shipped model's name
-            model = shipped_model_path(model, "npz")
-    if isinstance(model, ModelSpec):
-        spec = model
-    elif isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".npz":
-        spec = load_model_spec(model)
-    else:
-        spec = spec_from_torch(model)
+    spec = as_model_spec(model)
     spec.check_supported()
     return spec
 

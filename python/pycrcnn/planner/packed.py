@@ -41,16 +41,9 @@ LINEAR_TYPES = ("Conv2d", "AvgPool2d", "Linear", "Flatten")
 
 
 def _as_spec(model: Any) -> ModelSpec:
-    if isinstance(model, ModelSpec):
-        return model
-    import os
-    from pathlib import Path
+    from ..torch_import import as_model_spec
 
-    if isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".npz":
-        return load_model_spec(model)
-    from ..torch_import import spec_from_torch
-
-    return spec_from_torch(model)
+    return as_model_spec(model)
 
 
 def packed_family(spec: ModelSpec) -> Tuple[LayerSpec, List[LayerSpec]]:
