@@ -35,8 +35,10 @@ def free_port() -> int:
 
 def start_server(models_dir: Path) -> tuple:
     port = free_port()
+    # One client at a time: one worker process with every core is the fastest
+    # deployment for it (the default, 2 workers × 1 thread, serves two at once).
     proc = subprocess.Popen([sys.executable, "-m", "pycrcnn.server", "--models", str(models_dir),
-                             "--host", "127.0.0.1", "--port", str(port)])
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"])
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
