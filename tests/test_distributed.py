@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402  (a test dependency: the Makefile installs it)
 
 import pycrcnn  # noqa: E402
 import pycrcnn.distributed as distributed  # noqa: E402

@@ -808,33 +808,3 @@ mod tests {
         assert!(err.contains("step 6"), "{err}");
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::tests_support::*;
-
-    /// LeNet-1 sizes: `cargo test --release --lib lenet_sized -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn lenet_sized() {
-        let sp = spec([1, 28, 28], 4, 5, 1, 0, 10, 60);
-        let ctx = context(8192, vec![55, 55, 54, 54], 2, &sp);
-        let model = super::PackedModel::new(sp.clone()).unwrap();
-        let x = rnd(784, 0, 15);
-        let e = model.encrypt(&ctx, &x).unwrap();
-        let _ = model.run(&ctx, &e).unwrap();
-        for _ in 0..3 {
-            let t0 = std::time::Instant::now();
-            let c = model.conv(&ctx, &e).unwrap();
-            let t1 = t0.elapsed().as_secs_f64();
-            let s = model.square(&ctx, &c).unwrap();
-            let t2 = t0.elapsed().as_secs_f64();
-            let out = model.linear(&ctx, &s).unwrap();
-            let t3 = t0.elapsed().as_secs_f64();
-            println!("conv {:.1} ms square {:.1} ms linear {:.1} ms total {:.1} ms; budget {}", t1 * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, t3 * 1e3, ctx.noise_budget(&out).unwrap());
-            assert_eq!(model.decrypt_integers(&ctx, &out).unwrap(), sp.reference(&x).unwrap());
-        }
-        let pc = crate::he::serialize::public_context_to_bytes(&ctx).unwrap();
-        println!("public context {} bytes; upload {} bytes", pc.len(), crate::he::serialize::tensor_to_bytes(&e).len());
-    }
-}

@@ -10,7 +10,7 @@ use super::context::PyContext;
 use super::errors::{to_py, HEError};
 use super::layers::PyLayer;
 use super::pool::run;
-use super::tensor::{wrap_tensor, PyCipherTensor};
+use super::tensor::{wrap_shared, wrap_tensor, PyCipherTensor};
 use crate::he::{CipherTensor, HeError};
 use crate::model::{Flow, LayerReport, Model, RunOptions, Step, SwitchResult};
 
@@ -52,7 +52,7 @@ fn python_callback(
         let Some(cb) = &callback else { return Ok(Flow::Continue) };
         Python::attach(|py| {
             let outcome = (|| -> PyResult<bool> {
-                let t = wrap_tensor(py, CipherTensor::clone(tensor), ctx.clone_ref(py))?;
+                let t = wrap_shared(py, tensor.clone(), ctx.clone_ref(py))?;
                 let answer = cb.bind(py).call1((report_dict(py, report)?, t))?;
                 Ok(!(answer.is_instance_of::<PyBool>() && !answer.is_truthy()?))
             })();

@@ -53,8 +53,14 @@ impl PyCipherTensor {
 
 /// Wraps a tensor: a `PyCtxt` for a single fractional ciphertext, else a `CipherTensor`.
 pub fn wrap_tensor(py: Python<'_>, t: CipherTensor, ctx: Py<PyContext>) -> PyResult<Py<PyAny>> {
+    wrap_shared(py, Arc::new(t), ctx)
+}
+
+/// Wraps a shared tensor without copying it (a model run's intermediate
+/// handed to a callback: the runner consumes it later only if Python let go).
+pub fn wrap_shared(py: Python<'_>, t: Arc<CipherTensor>, ctx: Py<PyContext>) -> PyResult<Py<PyAny>> {
     let single = t.batch().is_none() && t.data().ndim() == 0;
-    let base = PyCipherTensor { inner: RwLock::new(Arc::new(t)), ctx };
+    let base = PyCipherTensor { inner: RwLock::new(t), ctx };
     if single {
         Ok(Bound::new(py, PyClassInitializer::from(base).add_subclass(PyCtxt))?.into_any().unbind())
     } else {
