@@ -275,13 +275,29 @@ class Client:
             return self.model(net, refresh=True)
         raise KeyError(f"the server has no model {net!r}; it has: {', '.join(sorted(self._models)) or 'none'}")
 
+    def plan(self, net: str, layout: str = "packed") -> Dict[str, Any]:
+        """The plan the server publishes for ``net`` (``GET /models/<name>``;
+        parameters, scales, shapes, rotation steps, no weights): make the
+        client's context with ``Context.from_plan(plan)`` and ``keygen()``.
+        :class:`ServerError` (422) with the server's reason when the model has
+        no plan for ``layout``."""
+        if layout != "packed":
+            raise ValueError(f"servers publish packed plans only (layout='packed'), got layout={layout!r}")
+        info = self.model(net)
+        packed = info.get("packed") or {}
+        if not packed.get("available"):
+            raise ServerError(422, f"model {info.get('name', net)!r} has no packed plan on the server: "
+                                   f"{packed.get('reason', 'the server publishes none')}", url=self._url("/models"))
+        return packed["plan"]
+
     def build_request(self, ctx: Context, tensor: CipherTensor, net: str, layers: Optional[Sequence[int]] = None,
                       binary: bool = True, switch_to_last_level: Any = "auto",
-                      context_id: Optional[str] = None) -> Tuple[bytes, str]:
+                      context_id: Optional[str] = None, layout: Optional[str] = None) -> Tuple[bytes, str]:
         """``(body, content_type)`` of a ``/compute`` request. With
         ``context_id`` (what :meth:`compute` sends) the public context is named
         by its id (the binary frame's public-context blob is empty); without,
-        the body holds ``ctx.public_context()`` whole. Never the secret key."""
+        the body holds ``ctx.public_context()`` whole. Never the secret key.
+        ``layout="packed"``: ``tensor`` is one image's packed ciphertexts."""
         header: Dict[str, Any] = {
             "encryption_parameters": [request_parameters(ctx)],
             "net": net,
@@ -291,6 +307,8 @@ class Client:
         pub = b"" if context_id is not None else self._public_context(ctx)
         if context_id is not None:
             header["context_id"] = context_id
+        if layout is not None:
+            header["layout"] = layout
         data = tensor.to_bytes()
         if binary:
             return protocol.encode_request(header, pub, data), protocol.BINARY_CONTENT_TYPE
@@ -300,9 +318,11 @@ class Client:
         return json.dumps(header).encode("utf-8"), protocol.JSON_CONTENT_TYPE
 
     def compute(self, ctx: Context, tensor: CipherTensor, net: str, layers: Optional[Sequence[int]] = None,
-                binary: bool = True, switch_to_last_level: Any = "auto") -> Tuple[CipherTensor, Dict[str, Any]]:
+                binary: bool = True, switch_to_last_level: Any = "auto",
+                layout: Optional[str] = None) -> Tuple[CipherTensor, Dict[str, Any]]:
         """Runs the layers ``layers`` (torch module indices; None = all) of
-        ``net`` on ``tensor`` on the server.
+        ``net`` on ``tensor`` on the server (``layout="packed"``: the whole
+        model on one image's packed ciphertexts).
 
         Returns ``(result, report)``: the result parsed with ``ctx`` and a dict
         with ``upload_bytes`` (every byte this call sent: the request, any
@@ -317,7 +337,9 @@ class Client:
         times; 503 (busy) answers are retried for up to ``busy_timeout`` seconds.
         """
         context_id = self.context_id(ctx)
-        body, ctype = self.build_request(ctx, tensor, net, layers, binary, switch_to_last_level, context_id)
+        t0 = time.perf_counter()
+        body, ctype = self.build_request(ctx, tensor, net, layers, binary, switch_to_last_level, context_id, layout)
+        serialize_seconds = time.perf_counter() - t0
         self._check_size(len(body), "/compute")
         context_bytes = 0
         if context_id not in self._uploaded:
@@ -342,6 +364,7 @@ class Client:
         result = CipherTensor.from_bytes(data, ctx)
         report = dict(header)
         report.update({
+            "serialize_seconds_client": serialize_seconds,
             "upload_bytes": sent + context_bytes,
             "context_upload_bytes": context_bytes,
             "download_bytes": len(content),
@@ -355,6 +378,10 @@ class Client:
                  rencrypt_positions: Optional[Sequence[int]] = None, binary: bool = True) -> Tuple[np.ndarray, Dict[str, Any]]:
         """Encrypts ``images``, runs ``net`` on the server with rencryption round
         trips, and decrypts the outputs.
+
+        A context made from a packed plan (``Context.from_plan(client.plan(net))``)
+        classifies one image per request in the packed layout: the whole model
+        on the image's packed ciphertexts (see :meth:`classify_packed`).
 
         Args:
             ctx: a context holding the secret key.
@@ -380,6 +407,10 @@ class Client:
         net = info.get("name", net)  # the server's spelling of the name
         if "error" in info:
             raise ServerError(500, f"model {net!r} is not available on the server: {info['error']}")
+        if ctx.packed_model is not None:
+            if layers is not None or rencrypt_positions:
+                raise ValueError("the packed layout runs the whole model in one request: no layers or rencryptions")
+            return self.classify_packed(ctx, x, net, binary=binary)
         n_modules = int(info.get("n_modules") or 0)
         if layers is None:
             start, stop = 0, n_modules
@@ -421,6 +452,51 @@ class Client:
             t0 = time.perf_counter()
             outputs.append(np.asarray(ctx.decrypt(t)))
             report["decryption_seconds"] += time.perf_counter() - t0
+        return np.concatenate(outputs, axis=0), report
+
+
+    def classify_packed(self, ctx: Context, images: Any, net: str,
+                        binary: bool = True) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """Classifies ``images`` one at a time in the packed layout: for each,
+        encrypts it into packed ciphertexts (``ctx``, made from the plan the
+        server publishes: :meth:`plan`), sends them (the public context, with
+        its rotation keys, once per session: ``POST /contexts``), and decrypts
+        the logits. Returns ``(outputs [N, classes], report)``; the report has
+        :meth:`classify`'s totals and ``per_image``: per image its
+        ``seconds`` (encrypt + request + decrypt), ``encryption_seconds``,
+        ``request_seconds``, ``server_seconds``, ``upload_bytes`` (without the
+        public context), ``download_bytes`` and ``decryption_seconds``."""
+        if ctx.packed_model is None:
+            raise ValueError("classify_packed needs a context made from a packed plan: "
+                             "Context.from_plan(client.plan(net)), then keygen()")
+        x = _as_inputs(images)
+        report: Dict[str, Any] = {
+            "net": net, "images": int(x.shape[0]), "encoding": ctx.encoding, "layout": "packed",
+            "encryption_seconds": 0.0, "rencryption_seconds": 0.0, "decryption_seconds": 0.0,
+            "upload_bytes": 0, "context_upload_bytes": 0, "download_bytes": 0, "server_seconds": 0.0,
+            "request_seconds": 0.0, "round_trips": 0, "requests": [], "per_image": [],
+        }
+        outputs = []
+        for i in range(x.shape[0]):
+            t0 = time.perf_counter()
+            t = ctx.encrypt(x[i:i + 1])
+            t1 = time.perf_counter()
+            out, r = self.compute(ctx, t, net, binary=binary, layout="packed")
+            t2 = time.perf_counter()
+            outputs.append(np.asarray(ctx.decrypt(out)))
+            t3 = time.perf_counter()
+            image = {"seconds": t3 - t0, "encryption_seconds": t1 - t0, "request_seconds": t2 - t1,
+                     "server_seconds": r.get("server_seconds", 0.0),
+                     "upload_bytes": r["upload_bytes"] - r["context_upload_bytes"],
+                     "download_bytes": r["download_bytes"], "decryption_seconds": t3 - t2}
+            report["per_image"].append(image)
+            report["requests"].append(r)
+            report["round_trips"] += 1
+            report["context_upload_bytes"] += r["context_upload_bytes"]
+            for key in ("encryption_seconds", "request_seconds", "server_seconds", "download_bytes",
+                        "decryption_seconds"):
+                report[key] += image[key]
+            report["upload_bytes"] += r["upload_bytes"]
         return np.concatenate(outputs, axis=0), report
 
 
@@ -513,109 +589,11 @@ def _context_from_config(params: Dict[str, Any], encoding: str) -> Context:
     return Context(**kw)
 
 
-def _load_images(args: argparse.Namespace) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
-    from . import datasets
-
-    if args.images:
-        images = np.load(args.images, allow_pickle=False)
-        labels = np.load(args.labels, allow_pickle=False) if args.labels else None
-        return images, labels, args.images
-    n = int(args.mnist)
-    try:
-        images, labels = datasets.load_mnist(split="test", limit=n)
-        return images, labels, f"the first {len(images)} MNIST test digits"
-    except FileNotFoundError:
-        images, labels = datasets.sample_digits(n)
-        return images, labels, f"{len(images)} bundled sample digits (MNIST not found; set PYCRCNN_DATA)"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pycrcnn-client",
-        description="Encrypt images, classify them on a pycrcnn server, decrypt the results.")
-    parser.add_argument("--config", required=True,
-                        help="the original PyCrCNN's parameters.json: address, encryption_parameters "
-                             "([{m, p, sec, base}]), net, layers, max_threads")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="a .npy file of images (uint8 pixels [N, 28, 28] or model inputs)")
-    src.add_argument("--mnist", type=int, metavar="N",
-                     help="the first N MNIST test digits ($PYCRCNN_DATA or the shared folder; else the bundled sample)")
-    parser.add_argument("--labels", help="a .npy file of labels for --images")
-    parser.add_argument("--encoding", choices=["batch", "fractional"], default=None,
-                        help="batch: all images in one pass (SIMD slots); fractional: the seed's encoding, one value "
-                             "per ciphertext (default: the config's 'encoding', else fractional, as the original "
-                             "configs mean)")
-    parser.add_argument("--address", help="override the config's address")
-    parser.add_argument("--net", help="override the config's net")
-    parser.add_argument("--rencrypt", help="comma-separated rencryption positions (default: the model's)")
-    parser.add_argument("--json", action="store_true", help="send JSON with base64 fields instead of binary frames")
-    args = parser.parse_args(argv)
+    """``python -m pycrcnn.client`` (:mod:`pycrcnn.client_cli`)."""
+    from .client_cli import main as cli_main
 
-    try:
-        with open(args.config, "r", encoding="utf-8") as fh:
-            config = json.load(fh)
-    except (OSError, ValueError) as exc:
-        print(f"pycrcnn-client: cannot read {args.config}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        params = _config_parameters(config)
-        encoding = config_encoding(config, args.encoding)
-    except ValueError as exc:
-        print(f"pycrcnn-client: {args.config}: {exc}", file=sys.stderr)
-        return 2
-    address = args.address or config.get("address") or "http://127.0.0.1:5000"
-    net = args.net or config.get("net")
-    if not net:
-        print("pycrcnn-client: no net: set 'net' in the config or pass --net", file=sys.stderr)
-        return 2
-    layers = config.get("layers")
-    if config.get("max_threads"):
-        from ._engine import set_num_threads
-
-        set_num_threads(int(config["max_threads"]))
-
-    from ._engine import HEError
-
-    try:
-        t0 = time.perf_counter()
-        ctx = _context_from_config(params, encoding)
-        ctx.keygen()
-        keygen_s = time.perf_counter() - t0
-    except HEError as exc:
-        print(f"pycrcnn-client: encryption parameters {params}: {exc}", file=sys.stderr)
-        return 2
-    images, labels, what = _load_images(args)
-    print(f"{ctx!r}: keys made in {keygen_s:.2f} s; classifying {what} with {net!r} at {address}")
-    client = Client(address)
-    positions = None if args.rencrypt is None else [int(p) for p in args.rencrypt.split(",") if p.strip()]
-    try:
-        client.info()
-        logits, report = client.classify(ctx, images, net, layers=layers, rencrypt_positions=positions,
-                                         binary=not args.json)
-    except ServerError as exc:
-        print(f"pycrcnn-client: the server refused: {exc}", file=sys.stderr)
-        return 1
-    except (ConnectionError, KeyError) as exc:
-        print(f"pycrcnn-client: {exc}", file=sys.stderr)
-        return 1
-    except HEError as exc:
-        print(f"pycrcnn-client: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    preds = logits.argmax(axis=1) if logits.ndim == 2 else logits
-    for i, pred in enumerate(preds):
-        label = "?" if labels is None else int(labels[i])
-        mark = "" if labels is None else ("  ok" if int(pred) == label else "  WRONG")
-        print(f"image {i:4d}: predicted {int(pred)}  label {label}{mark}")
-    if labels is not None:
-        acc = float(np.mean(preds == np.asarray(labels)[: len(preds)]))
-        print(f"accuracy: {acc * 100:.1f} % ({int(round(acc * len(preds)))}/{len(preds)})")
-    print(f"encryption: {report['encryption_seconds']:.2f} s; upload: {report['upload_bytes'] / 1e6:.1f} MB "
-          f"(public context {report['context_upload_bytes'] / 1e6:.1f} MB); "
-          f"server: {report['server_seconds']:.2f} s (request {report['request_seconds']:.2f} s); "
-          f"download: {report['download_bytes'] / 1e6:.2f} MB; decryption: {report['decryption_seconds']:.2f} s; "
-          f"round trips: {report['round_trips']}"
-          + (f"; rencryption: {report['rencryption_seconds']:.2f} s" if report["round_trips"] > 1 else ""))
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -312,6 +312,9 @@ def describe_model(entry: ModelEntry) -> Dict[str, Any]:
     desc = (spec.metadata or {}).get("description")
     if desc:
         out["description"] = desc
+    from .packed_serving import describe_packed  # it imports this module
+
+    out["packed"] = describe_packed(entry, spec)
     return out
 
 

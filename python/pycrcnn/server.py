@@ -20,7 +20,9 @@ Endpoints (the full description, with the wire format, is ``docs/openapi.yaml``)
   SHA-256 of the bytes. Contexts live in a directory every worker reads,
   bounded in bytes, least recently used evicted first.
 - ``POST /compute`` -- runs a range of a model's layers on an encrypted
-  tensor. The request names the client's public context by ``context_id``
+  tensor, or with ``"layout": "packed"`` a whole model on one image's packed
+  ciphertexts (:mod:`pycrcnn.packed_serving`; ``GET /models/<name>`` publishes
+  the plan). The request names the client's public context by ``context_id``
   (or carries it whole) and carries the tensor, as JSON with base64 fields or
   as a binary frame (:mod:`pycrcnn.protocol`). An unknown or evicted
   ``context_id`` is a 404 whose answer holds ``context_id``: upload it again.
@@ -66,6 +68,7 @@ from ._engine import (
     PlaintextOverflow,
     SecretKeyRequired,
 )
+from .packed_serving import PackedRequestError, PackedRunners, run_packed
 from .registry import (MODEL_SUFFIXES, LRU, ContextStore, EncodedModelCache, Registry, describe_model, plain,
                        supported_ranges)
 from .spec import UnsupportedLayerError
@@ -85,7 +88,7 @@ _PARAM_ALIASES = {
 
 #: header fields of a request (anything else is ignored and reported back)
 _REQUEST_FIELDS = ("encryption_parameters", "net", "layers", "public_context", "context_id", "data",
-                   "switch_to_last_level", "address", "max_threads")
+                   "switch_to_last_level", "address", "max_threads", "layout")
 
 #: the endpoints, as a 404 lists them
 _ENDPOINTS = ["GET /", "GET /models", "GET /models/<name>", "GET /stats", "POST /contexts", "POST /compute"]
@@ -212,6 +215,7 @@ class _State:
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.weights = EncodedModelCache(weight_cache_size)
         self.contexts = LRU(context_cache_size)
+        self.packed = PackedRunners(context_cache_size)
         self.store = store
         self.busy_rejections = 0
         self.requests_served = 0
@@ -312,6 +316,7 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
             "busy_rejections": state.busy_rejections,
             "weight_cache": state.weights.stats(),
             "context_cache": state.contexts.stats(),
+            "packed_runners": state.packed.stats(),
             "context_store": state.store.stats(),
             "pid": os.getpid(),
         })
@@ -470,6 +475,9 @@ def _compute(state: _State) -> Response:
     if load_error is not None:
         raise ApiError(500, f"model {net!r} could not be loaded: {load_error}")
     start, stop = _parse_layers(header.get("layers"), spec, net)
+    layout = header.get("layout", "batch")
+    if layout not in ("batch", "packed"):
+        raise ApiError(400, f'layout must be "batch" (the default) or "packed", got {layout!r}')
     try:
         selected = spec.select(range(start, stop))
         selected.check_supported()
@@ -484,8 +492,15 @@ def _compute(state: _State) -> Response:
 
     # -- keys, parameters, data ---------------------------------------------------
     ctx = _public_context(state, header, pub)
-    del pub
     ignored = _check_parameters(header.get("encryption_parameters"), ctx)
+    if layout == "packed":  # one image's packed ciphertexts through the model's saved plan
+        context_id = hashlib.sha256(pub).hexdigest() if pub else header["context_id"]
+        try:
+            result, out = run_packed(state.packed, entry, spec, (start, stop), context_id, ctx, data, t_start)
+        except PackedRequestError as exc:
+            raise ApiError(exc.status, exc.message) from None
+        return _answer(header, result, out, binary, ignored)
+    del pub
     try:
         x = CipherTensor.from_bytes(data, ctx)
     except HEError as exc:
@@ -496,7 +511,8 @@ def _compute(state: _State) -> Response:
         raise ApiError(400, f"data has shape {shape}; expected [N, ...] with the image axes after the batch axis")
     if start == 0 and selected.input_shape is not None and tuple(shape[1:]) != tuple(selected.input_shape):
         raise ApiError(400, f"data has shape {shape}, model {net!r} expects [N, "
-                            f"{', '.join(str(s) for s in selected.input_shape)}]")
+                            f"{', '.join(str(s) for s in selected.input_shape)}]"
+                            + ("; packed ciphertexts go with \"layout\": \"packed\"" if ctx.rotation_steps else ""))
     try:
         out_shape = selected.output_shape(shape[1:])
     except HEError as exc:
@@ -548,6 +564,11 @@ def _compute(state: _State) -> Response:
         "rencrypt_positions": [p for p in spec.rencrypt_positions if start < p < stop],
         "worker_pid": os.getpid(),
     }
+    return _answer(header, result, out, binary, ignored)
+
+
+def _answer(header: Dict[str, Any], result: Dict[str, Any], out: bytes, binary: bool, ignored: List[str]) -> Response:
+    """The answer of ``/compute`` in the request's form."""
     if ignored:
         result["ignored_parameters"] = ignored
     unknown = [k for k in header if k not in _REQUEST_FIELDS]

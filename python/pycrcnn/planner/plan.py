@@ -57,14 +57,16 @@ class Plan:
 
 
 def context_from_plan(info: Dict[str, Any]) -> Context:
-    """A context (without keys) matching a saved plan: what a client makes
-    from what the server publishes."""
+    """A context (without keys) matching a saved plan, or the plan a server
+    publishes without the weights (``GET /models/<name>``, see
+    :mod:`pycrcnn.planner.public`): what a client makes from it."""
     if not isinstance(info, dict) or info.get("format") != PLAN_FORMAT:
         raise FormatError("not a pycrcnn plan (format field missing or wrong)")
     if info.get("layout") == "packed":
         from .packed import context_from_packed_info
+        from .public import with_placeholder_weights
 
-        return context_from_packed_info(info)
+        return context_from_packed_info(with_placeholder_weights(info))
     if info.get("layout") == "batch":
         from .batch_plan import batch_context
 
