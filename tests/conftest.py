@@ -29,15 +29,16 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def server_models_dir(tmp_path_factory, shared_dir) -> Path:
-    """A models folder for the server: shipped models, an exported ``.npz``
+    """A models folder for the server: shipped models (``.pt`` and ``.npz``), an exported ``.npz``
     (``tiny_cnn_rencrypt.npz``: tiny_cnn with rencryption positions [1, 2]) and
     symlinks to the seed's model files."""
     from pycrcnn.models import shipped_model_path
 
     folder = tmp_path_factory.mktemp("server_models")
     for name in SHIPPED_MODELS:  # links: their models.json metadata (input shape, ...) still applies
-        src = shipped_model_path(name)
-        (folder / src.name).symlink_to(src)
+        for fmt in ("pt", "npz"):  # the server serves the .npz (with its packed plan), the .pt is beside it
+            src = shipped_model_path(name, fmt)
+            (folder / src.name).symlink_to(src)
     try:
         from pycrcnn.net_builder import export_model, load_model_spec
 

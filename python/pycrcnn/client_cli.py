@@ -40,9 +40,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pycrcnn-client",
         description="Encrypt images, classify them on a pycrcnn server, decrypt the results.")
-    parser.add_argument("--config", required=True,
+    parser.add_argument("--config",
                         help="the original PyCrCNN's parameters.json: address, encryption_parameters "
-                             "([{m, p, sec, base}]), net, layers, max_threads")
+                             "([{m, p, sec, base}]), net, layers, max_threads (optional with --net)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="a .npy file of images (uint8 pixels [N, 28, 28] or model inputs)")
     src.add_argument("--mnist", type=int, metavar="N",
@@ -52,17 +52,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="batch: all images in one pass (SIMD slots); fractional: the seed's encoding, one value "
                              "per ciphertext (default: the config's 'encoding', else fractional, as the original "
                              "configs mean)")
+    parser.add_argument("--layout", choices=["batch", "packed"], default="batch",
+                        help="packed: one image per request, packed into the slots of a few ciphertexts, with the "
+                             "parameters of the plan the server publishes for the net (the config's "
+                             "encryption_parameters are not used); batch (default): the config's encoding")
     parser.add_argument("--address", help="override the config's address")
     parser.add_argument("--net", help="override the config's net")
     parser.add_argument("--rencrypt", help="comma-separated rencryption positions (default: the model's)")
     parser.add_argument("--json", action="store_true", help="send JSON with base64 fields instead of binary frames")
     args = parser.parse_args(argv)
 
+    config = {}
     try:
-        with open(args.config, "r", encoding="utf-8") as fh:
-            config = json.load(fh)
+        if args.config:
+            with open(args.config, "r", encoding="utf-8") as fh:
+                config = json.load(fh)
     except (OSError, ValueError) as exc:
         print(f"pycrcnn-client: cannot read {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(config, dict):
+        print(f"pycrcnn-client: {args.config} must hold a JSON object", file=sys.stderr)
         return 2
     try:
         params = _config_parameters(config)
@@ -81,19 +90,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         set_num_threads(int(config["max_threads"]))
 
-    from ._engine import HEError
+    from ._engine import Context, HEError
 
+    client = Client(address)
     try:
         t0 = time.perf_counter()
-        ctx = _context_from_config(params, encoding)
+        if args.layout == "packed":  # the parameters and rotation steps of the server's plan
+            ctx = Context.from_plan(client.plan(net))
+        else:
+            ctx = _context_from_config(params, encoding)
         ctx.keygen()
         keygen_s = time.perf_counter() - t0
+    except (ServerError, ConnectionError, KeyError) as exc:
+        print(f"pycrcnn-client: no packed plan for {net!r}: {exc}", file=sys.stderr)
+        return 1
     except HEError as exc:
         print(f"pycrcnn-client: encryption parameters {params}: {exc}", file=sys.stderr)
         return 2
     images, labels, what = _load_images(args)
-    print(f"{ctx!r}: keys made in {keygen_s:.2f} s; classifying {what} with {net!r} at {address}")
-    client = Client(address)
+    print(f"{ctx!r} ({args.layout} layout): keys made in {keygen_s:.2f} s; classifying {what} with {net!r} "
+          f"at {address}")
     positions = None if args.rencrypt is None else [int(p) for p in args.rencrypt.split(",") if p.strip()]
     try:
         client.info()
@@ -121,5 +137,11 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"server: {report['server_seconds']:.2f} s (request {report['request_seconds']:.2f} s); "
           f"download: {report['download_bytes'] / 1e6:.2f} MB; decryption: {report['decryption_seconds']:.2f} s; "
           f"round trips: {report['round_trips']}"
-          + (f"; rencryption: {report['rencryption_seconds']:.2f} s" if report["round_trips"] > 1 else ""))
+          + (f"; rencryption: {report['rencryption_seconds']:.2f} s" if report["round_trips"] > 1
+             and args.layout == "batch" else ""))
+    if report.get("per_image"):
+        per = report["per_image"]
+        mid = sorted(r["seconds"] for r in per)[len(per) // 2]
+        print(f"packed layout, per image: {mid * 1e3:.0f} ms median (encrypt + upload + server + download + "
+              f"decrypt), upload {per[0]['upload_bytes'] / 1e6:.2f} MB, download {per[0]['download_bytes'] / 1e3:.0f} KB")
     return 0

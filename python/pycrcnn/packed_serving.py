@@ -14,9 +14,9 @@ context with ``Context.from_plan(published_plan)``.
 
 A packed request is run by the engine's one runner: the plan's stages
 (:func:`pycrcnn.planner.packed.build_packed`) bound to the request's public
-context. The engine's packed model (its weights, and its masks encoded once
-per parameter set) is made once per model file version; the stages bound to
-a public context are kept per ``(context id, model, version)`` in a bounded LRU.
+context. The plan is read once per model file version; the stages bound to a
+public context (with their masks, encoded on the first request) are kept per
+``(context id, model, version)`` in a bounded LRU.
 """
 from __future__ import annotations
 
@@ -80,13 +80,19 @@ class PackedPlan:
         return None
 
     def bind(self, ctx: Context) -> Any:
-        """The plan's stages bound to ``ctx`` (the runner's model: ``run(x)``)."""
-        from .planner.packed import build_packed
+        """The plan's stages bound to ``ctx`` (the runner's model: ``run(x)``).
+
+        Each binding gets its own engine packed model: the engine caches a
+        model's encoded masks per parameter fingerprint, but they belong to
+        the parameter objects of the context that made them, and fhe.rs
+        refuses (asserts) products across two contexts' objects even when
+        their parameters are equal."""
+        from .planner.packed import build_packed, packed_model_from_info
 
         # attach + build read the context's packed model: one at a time, as
         # a cached context may serve two models planned with the same parameters
         with self._bind_lock:
-            ctx.attach_packed(self.model)
+            ctx.attach_packed(packed_model_from_info(self.info))
             return build_packed(ctx)
 
 
