@@ -541,5 +541,6 @@ def test_openapi_matches_the_app(server_models_dir):
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert f"\n    {method.lower()}:\n" in doc
     for token in (protocol.REQUEST_MAGIC.decode(), protocol.RESPONSE_MAGIC.decode(), protocol.BINARY_CONTENT_TYPE,
-                  "u32", "u64", "big-endian", "Retry-After", "context_id", "application/octet-stream"):
+                  "u32", "u64", "big-endian", "Retry-After", "context_id", "application/octet-stream", "layout",
+                  "packed", "rotation_steps"):
         assert token in doc, token

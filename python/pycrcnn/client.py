@@ -133,7 +133,7 @@ class Client:
         self.session = session or requests.Session()
         self._models: Optional[Dict[str, Dict[str, Any]]] = None
         self._info: Optional[Dict[str, Any]] = None
-        self._public: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
+        self._public: "weakref.WeakKeyDictionary[Any, Tuple[bytes, str]]" = weakref.WeakKeyDictionary()
         #: context ids uploaded to this server in this session
         self._uploaded: set = set()
 
@@ -165,18 +165,17 @@ class Client:
         self._raise_for(resp)
         return resp.json()
 
-    def _public_context(self, ctx: Context) -> bytes:
-        try:
-            blob = self._public.get(ctx)
-        except TypeError:
-            blob = None
-        if blob is None:
+    def _public_context(self, ctx: Context) -> Tuple[bytes, str]:
+        """``(ctx.public_context(), its SHA-256)``, made once per context (6 MB take milliseconds to hash)."""
+        entry = self._public.get(ctx)
+        if entry is None:
             blob = bytes(ctx.public_context())
+            entry = (blob, hashlib.sha256(blob).hexdigest())
             try:
-                self._public[ctx] = blob
+                self._public[ctx] = entry
             except TypeError:
                 pass
-        return blob
+        return entry
 
     def _check_size(self, n: int, path: str) -> None:
         """413 here, before sending, for what the server would refuse."""
@@ -227,18 +226,17 @@ class Client:
 
     def context_id(self, ctx: Context) -> str:
         """The id the server gives ``ctx.public_context()``: its SHA-256."""
-        return hashlib.sha256(self._public_context(ctx)).hexdigest()
+        return self._public_context(ctx)[1]
 
     # -- endpoints ------------------------------------------------------------------
     def upload_context(self, ctx: Context) -> Tuple[str, int]:
         """``POST /contexts``: uploads ``ctx.public_context()`` (never the
         secret key); returns ``(context_id, bytes sent)``."""
-        blob = self._public_context(ctx)
+        blob, sha = self._public_context(ctx)
         self._check_size(len(blob), "/contexts")
         resp, sent, _, _, _ = self._post("/contexts", blob, "application/octet-stream")
         self._raise_for(resp)
-        context_id = resp.json()["context_id"]
-        if context_id != hashlib.sha256(blob).hexdigest():
+        if (context_id := resp.json()["context_id"]) != sha:
             raise ServerError(resp.status_code, f"the server named the public context {context_id!r}, "
                                                 "not the SHA-256 of its bytes", url=resp.url)
         self._uploaded.add(context_id)
@@ -304,7 +302,7 @@ class Client:
             "layers": None if layers is None else [int(i) for i in layers],
             "switch_to_last_level": switch_to_last_level,
         }
-        pub = b"" if context_id is not None else self._public_context(ctx)
+        pub = b"" if context_id is not None else self._public_context(ctx)[0]
         if context_id is not None:
             header["context_id"] = context_id
         if layout is not None:
