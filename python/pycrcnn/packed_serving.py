@@ -149,19 +149,24 @@ def describe_packed(entry: Any, spec: Any) -> Dict[str, Any]:
 
 class PackedRunners:
     """The stages of a packed plan bound to a public context, by ``(context
-    id, model, model version)``; at most ``size`` kept."""
+    id, model, model version)``; at most ``size`` kept. A runner holds its
+    context (the server's parsed-context cache may have let it go: a few
+    hundred MB at m=8192 with rotation keys) and its masks (~25 MB for
+    LeNet-1): few are kept, and one whose context the server parsed again is
+    bound again."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int = 4):
         from .registry import LRU
 
         self._lru = LRU(size)
 
     def get(self, context_id: str, entry: Any, plan: PackedPlan, ctx: Context) -> Any:
         key = (context_id, entry.name, entry.version)
-        runner = self._lru.get(key)
-        if runner is None:
-            runner = plan.bind(ctx)
-            self._lru.put(key, runner)
+        kept = self._lru.get(key)
+        if kept is not None and kept[1] is ctx:
+            return kept[0]
+        runner = plan.bind(ctx)
+        self._lru.put(key, (runner, ctx))
         return runner
 
     def stats(self) -> Dict[str, int]:

@@ -215,8 +215,8 @@ class _State:
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.weights = EncodedModelCache(weight_cache_size)
         self.contexts = LRU(context_cache_size)
-        self.packed = PackedRunners(context_cache_size)
         self.store = store
+        self.packed = PackedRunners()
         self.busy_rejections = 0
         self.requests_served = 0
 
