@@ -65,7 +65,7 @@ def test_models_endpoint_publishes_the_plan_without_weights(server, saved_plan):
     assert "weights" not in plan
     assert plan["parameters"] == saved_plan["parameters"]
     assert plan["scales"] == saved_plan["scales"]
-    assert plan["weight_shapes"] == {k: list(np.shape(v)) for k, v in saved_plan["weights"].items()}
+    assert plan["weights_published"] == {k: {"shape": list(np.shape(v))} for k, v in saved_plan["weights"].items()}
     # the rotation keys a context made from the whole plan makes
     whole = Context.from_plan(saved_plan)
     whole.keygen()
@@ -172,5 +172,15 @@ def test_a_published_plan_makes_the_same_context_as_the_whole_plan(saved_plan):
     assert ctx.parameters() == whole.parameters()
     assert ctx.packed_model.in_shape == whole.packed_model.in_shape
     assert ctx.packed_model.classes == whole.packed_model.classes
-    with pytest.raises(pycrcnn.FormatError):
-        pycrcnn.Context.from_plan(dict(public, weight_shapes={"conv_weight": "big"}))
+    for bad in ({"conv_weight": {"shape": "big"}}, {"conv_weight": {"shape": [1 << 20, 1 << 20]}}, {"conv_weight": 3}):
+        with pytest.raises(pycrcnn.FormatError):
+            pycrcnn.Context.from_plan(dict(public, weights_published=bad))
+    # a sparse map (deeper plans' hidden maps): its pattern is published, its values and bias are not
+    from pycrcnn.planner.public import with_placeholder_weights
+
+    maps = [{"out_shape": [2, 3, 3], "in_features": 4, "indptr": [0, 1, 2], "indices": [0, 3], "values": [7, -5],
+             "bias": [11, 12]}]
+    published = public_plan(dict(saved_plan, weights=dict(saved_plan["weights"], maps=maps)))
+    assert published["weights_published"]["maps"] == {"sparse": [
+        {"out_shape": [2, 3, 3], "in_features": 4, "indptr": [0, 1, 2], "indices": [0, 3], "n_values": 2, "n_bias": 2}]}
+    assert with_placeholder_weights(published)["weights"]["maps"] == [dict(maps[0], values=[1, 1], bias=[0, 0])]
