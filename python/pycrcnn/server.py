@@ -215,6 +215,8 @@ class _State:
         self.store = store
         self.busy_rejections = 0
         self.requests_served = 0
+        self.computing = 0  # requests holding a slot now (read by /stats)
+        self.counter_lock = threading.Lock()
 
 
 def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float = 512, max_concurrent: int = 1,
@@ -310,6 +312,7 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         return _json_response({
             "requests_served": state.requests_served,
             "busy_rejections": state.busy_rejections,
+            "computing": state.computing,
             "weight_cache": state.weights.stats(),
             "context_cache": state.contexts.stats(),
             "context_store": state.store.stats(),
@@ -341,11 +344,15 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
             _drain(request)
             return _error(503, f"this server process computes {state.max_concurrent} request(s) at a time and "
                                "is busy; retry later", {"Retry-After": "1"})
+        with state.counter_lock:
+            state.computing += 1
         try:
             resp = _compute(state)
             state.requests_served += 1
             return resp
         finally:
+            with state.counter_lock:
+                state.computing -= 1
             state.slots.release()
 
     return app
