@@ -155,6 +155,8 @@ def mutate_bytes(rng: random.Random, data: bytes, others: List[bytes], kind: str
     """One generic corruption of ``data``."""
     b = bytearray(data)
     n = len(b)
+    if kind in ("foreign", "header"):  # the frame-aware kinds, on bytes that are not a frame
+        kind = "flip"
     if kind == "flip" and n:
         for _ in range(rng.choice((1, 1, 1, 2, 3, 8))):
             i = rng.randrange(n * 8)

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-cache-size", type=int, default=8, help="encoded models kept per worker (default 8)")
     parser.add_argument("--context-cache-size", type=int, default=16,
                         help="parsed public contexts kept per worker (default 16)")
+    parser.add_argument("--weight-cache-mb", type=float, default=256,
+                        help="bound in MB of the encoded models one worker keeps (default 256)")
+    parser.add_argument("--context-cache-mb", type=float, default=512,
+                        help="bound in MB of the parsed public contexts one worker keeps: one holds ~100x its "
+                             "upload, 5 MB at m=2048, 30-60 MB at m=4096 (default 512)")
     parser.add_argument("--context-dir", default=None,
                         help="directory of uploaded public contexts, shared by the workers "
                              "(default: $PYCRCNN_CONTEXT_DIR, else pycrcnn-contexts-<uid> in the temporary directory)")
@@ -102,6 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     app_kwargs: Dict[str, Any] = {
         "models_dir": args.models, "max_request_mb": args.max_request_mb,
         "weight_cache_size": args.weight_cache_size, "context_cache_size": args.context_cache_size,
+        "weight_cache_mb": args.weight_cache_mb, "context_cache_mb": args.context_cache_mb,
         "context_dir": args.context_dir, "context_store_mb": args.context_store_mb,
     }
     if args.dev:
