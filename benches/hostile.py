@@ -506,9 +506,16 @@ def worker_main(folder: str, seed: int) -> None:
     out = sys.stdout
     out.write("ready\n")
     out.flush()
+    # the runner's own check (tests/test_robustness.py): a case that aborts, one that hangs
+    abort_at = int(os.environ.get("HOSTILE_SELFTEST_ABORT", "-1"))
+    hang_at = int(os.environ.get("HOSTILE_SELFTEST_HANG", "-1"))
     for line in sys.stdin:
         start, stop = map(int, line.split())
         for i in range(start, stop):
+            if i == abort_at:
+                os.abort()
+            if i == hang_at:
+                time.sleep(3600)
             case = make_case(material, seed, i)
             outcome = load_case(material, case)
             out.write(f"{i} {outcome} {case.loader} {int(case.forged)} {case.mutation}\n")
@@ -535,20 +542,39 @@ class RunResult:
 
 
 class _Worker:
+    """One loader process; lines are read from its pipe unbuffered (a
+    buffered reader would hold lines that ``select`` no longer sees)."""
+
     def __init__(self, folder: Path, seed: int):
         self.proc = subprocess.Popen([sys.executable, str(HERE / "hostile.py"), "worker", str(folder), str(seed)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._buf = b""
         line = self._readline(120)
         if line != "ready":
             self.kill()
             raise RuntimeError(f"a hostile-blob worker did not start: {line!r}")
 
+    def send(self, text: str) -> None:
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
     def _readline(self, timeout: float) -> Optional[str]:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline()
-        return line.strip() if line else ""
+        """The next line; None after ``timeout`` seconds without one, "" at EOF."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return ""
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode().strip()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -603,8 +629,7 @@ def run_cases(folder: Path, seed: int, start: int, stop: int, workers: int = 2, 
                     if not todo:
                         return
                     a, b = todo.pop(0)
-                w.proc.stdin.write(f"{a} {b}\n")
-                w.proc.stdin.flush()
+                w.send(f"{a} {b}\n")
                 nxt = a
                 while nxt < b:
                     line = w._readline(time_limit)
@@ -621,8 +646,7 @@ def run_cases(folder: Path, seed: int, start: int, stop: int, workers: int = 2, 
                         nxt += 1
                         w = _Worker(folder, seed)
                         if nxt < b:
-                            w.proc.stdin.write(f"{nxt} {b}\n")
-                            w.proc.stdin.flush()
+                            w.send(f"{nxt} {b}\n")
                         continue
                     i, outcome, loader, forged, mutation = line.split(" ")
                     record(int(i), outcome, loader, forged == "1", mutation)
