@@ -210,3 +210,63 @@ def test_malformed_requests_fast_slice(material, robust_server):
 
     predicted, expected = real_request(m, url)
     np.testing.assert_array_equal(predicted, expected)
+
+
+# ---------------------------------------------------------------------------
+# concurrent clients: a fast slice of benches/load.py, and the regression it found
+
+
+def test_a_busy_answer_is_retried_on_a_new_connection():
+    """Found by benches/load.py: over a kept-alive connection a client retrying
+    503 asked the same (busy) gunicorn worker again and again while the other
+    idled (one worker served every request). The client now closes the
+    connection after each POST, so a retry may reach any worker."""
+    import http.server
+    import threading
+
+    from pycrcnn.client import Client
+
+    peers = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            peers.append(self.client_address[1])
+            body = b'{"error": "busy", "status": 503}' if len(peers) < 3 else b'{"ok": 1}'
+            self.send_response(503 if len(peers) < 3 else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{server.server_address[1]}", busy_timeout=30)
+        resp, _, busy, _, _ = client._post("/compute", b"x" * 100, "application/x-pycrcnn")
+    finally:
+        server.shutdown()
+    assert resp.status_code == 200 and busy == 2
+    assert len(set(peers)) == 3, peers  # three connections, not one kept alive
+
+
+def test_concurrent_clients_with_their_own_keys(tmp_path):
+    """benches/load.py with 3 locust users for 6 s (in its own process: locust
+    patches the standard library for gevent): every answer decrypts to the
+    float model's classes, no request is lost, both workers answer."""
+    import subprocess
+
+    out = tmp_path / "load"
+    proc = subprocess.run([sys.executable, str(BENCHES / "load.py"), "--users", "3", "--seconds", "6",
+                           "--images", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["lost"] == 0 and report["answers"].get("wrong", 0) == 0
+    assert report["answers"]["right"] >= 3
+    assert len(report["worker_peak_rss_mib"]) == 2 and all(v > 0 for v in report["worker_peak_rss_mib"])
