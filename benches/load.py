@@ -40,7 +40,6 @@ from collections import Counter
 from pathlib import Path
 
 import gevent
-import numpy as np
 import requests
 
 HERE = Path(__file__).resolve().parent

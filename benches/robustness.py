@@ -34,11 +34,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import resource
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -46,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import hostile  # noqa: E402
+import isolated  # noqa: E402
 import hostile_http  # noqa: E402
 import live  # noqa: E402
 
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
 
     # -- 1. blobs -------------------------------------------------------------------
     with tqdm(total=args.blobs, desc="blobs", unit="blob", mininterval=2) as bar:
-        blobs = hostile.run_cases(folder, args.seed, 0, args.blobs, workers=args.workers, time_limit=args.time_limit,
+        blobs = isolated.run_cases(folder, args.seed, 0, args.blobs, workers=args.workers, time_limit=args.time_limit,
                                   progress=bar.update, describe=lambda i: hostile.make_case(material, args.seed, i))
     child_peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     rss = sorted(blobs.worker_rss_kb)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import sys
 import zipfile
@@ -24,6 +23,7 @@ BENCHES = Path(__file__).resolve().parents[1] / "benches"
 sys.path.insert(0, str(BENCHES))
 
 import hostile  # noqa: E402
+import isolated  # noqa: E402
 import hostile_http  # noqa: E402
 import live  # noqa: E402
 
@@ -152,7 +152,7 @@ def test_context_cache_is_bounded_in_bytes(tmp_path):
 def test_hostile_blobs_fast_slice(material):
     folder, m = material
     n = 3000
-    result = hostile.run_cases(folder, SEED, 0, n, workers=2, describe=lambda i: hostile.make_case(m, SEED, i))
+    result = isolated.run_cases(folder, SEED, 0, n, workers=2, describe=lambda i: hostile.make_case(m, SEED, i))
     assert sum(result.counts.values()) == n
     assert result.bad() == 0, result.failures[:10]
     forged = result.by_forged[True]
@@ -168,7 +168,7 @@ def test_the_runner_counts_crashes_and_hangs(material, monkeypatch):
     folder, m = material
     monkeypatch.setenv("HOSTILE_SELFTEST_ABORT", "3")
     monkeypatch.setenv("HOSTILE_SELFTEST_HANG", "7")
-    result = hostile.run_cases(folder, SEED, 0, 10, workers=1, time_limit=3,
+    result = isolated.run_cases(folder, SEED, 0, 10, workers=1, time_limit=3,
                                describe=lambda i: hostile.make_case(m, SEED, i))
     assert result.counts["crash"] == 1 and result.counts["hang"] == 1
     assert sum(result.counts.values()) == 10

@@ -234,12 +234,8 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         context_dir: the directory of uploaded public contexts, shared by the
             processes of a server (default: :meth:`ContextStore.default_folder`).
         context_store_mb: its bound in MB; least recently used contexts are evicted.
-        weight_cache_mb, context_cache_mb: the bounds in MB of the two caches of
-            this process, in the bytes their entries hold (measured with
-            malloc's statistics when they are made): a parsed public context
-            holds ~90-130x its blob (fhe.rs's multiplication tables), 5 MB at
-            m=2048 and 30-60 MB at m=4096; an entry larger than its cache is
-            used for its request and not kept.
+        weight_cache_mb, context_cache_mb: bounds of the two caches in the bytes their entries hold
+            (malloc's statistics): a parsed public context holds ~100x its blob, 5 MB at m=2048.
     """
     if models_dir is None:
         models_dir = os.environ.get("PYCRCNN_MODELS") or _shipped_models_dir()
