@@ -442,3 +442,43 @@ def run_requests(material: HttpMaterial, url: str, seed: int, start: int, stop: 
         t.join()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def slow_clients(url: str, n: int, io_timeout: float, probe_timeout: float = 120.0,
+                 drop_within: Optional[float] = None) -> Dict[str, Any]:
+    """``n`` connections that send part of a request and stall (half of them
+    mid-headers, half mid-body), never closing: how long ``GET /`` then takes,
+    and how many stalled connections the server dropped within
+    ``drop_within`` seconds (default ``10 * io_timeout + 30``; the rest would
+    hold a thread for good)."""
+    host, port = url.split("//", 1)[1].split(":")
+    socks = []
+    for i in range(n):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(b"POST /compute HTTP/1.1\r\nHo" if i % 2 else
+                  b"POST /compute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"n")
+        socks.append(s)
+    t0 = time.perf_counter()
+    answered = None
+    try:
+        probe = socket.create_connection((host, int(port)), timeout=probe_timeout)
+        probe.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        if probe.recv(12).startswith(b"HTTP/1.1 200"):
+            answered = time.perf_counter() - t0
+        probe.close()
+    except OSError:
+        pass
+    dropped = 0
+    deadline = t0 + (drop_within if drop_within is not None else 10 * io_timeout + 30)
+    for s in socks:
+        s.settimeout(max(0.1, deadline - time.perf_counter()))
+        try:
+            s.recv(4096)  # an error answer (400 for a body cut short) or EOF: dropped
+            dropped += 1
+        except socket.timeout:
+            pass
+        except OSError:
+            dropped += 1
+        s.close()
+    return {"stalled": n, "probe_seconds": answered, "dropped": dropped,
+            "all_dropped_seconds": time.perf_counter() - t0 if dropped == n else None}

@@ -16,8 +16,10 @@
 2. ``--requests`` (default 10,000) malformed HTTP requests
    (``benches/hostile_http.py``) against ``python -m pycrcnn.server``
    (gunicorn, 2 workers, never recycled so that a dead worker shows) on
-   127.0.0.1; the workers' RSS is sampled throughout; then a real request
-   (tiny_mlp on real digits) must still decrypt to the right classes.
+   127.0.0.1; the workers' RSS is sampled throughout; then 40 connections
+   that stall mid-request must be dropped after ``--io-timeout`` while the
+   server answers; then a real request (tiny_mlp on real digits) must still
+   decrypt to the right classes.
 
 Prints counts by outcome (clear error, accepted, crash, hang, 5xx) per loader
 and per request family, the peak RSS of the bench, of its loader workers and
@@ -50,6 +52,8 @@ import live  # noqa: E402
 
 OUTCOMES = ("clear", "accepted", "panic", "unexpected", "crash", "hang")
 HTTP_OUTCOMES = ("clear", "accepted", "5xx", "no_response", "hang")
+#: the server's --io-timeout in this bench (default 30 s): stalled connections are dropped after it
+IO_TIMEOUT = 5
 
 
 def _table(rows, cols, title):
@@ -127,6 +131,7 @@ def main(argv=None) -> int:
     log = tmp / "server.log"
     proc, url = live.start_server(MODELS_DIR, log, "--workers", "2", "--threads", "1", "--max-concurrent",
                                   str(args.clients), "--max-requests", "0", "--max-request-mb", "64", "--quiet",
+                                  "--io-timeout", str(IO_TIMEOUT),
                                   "--context-dir", str(tmp / "contexts"))
     http_lines = []
     try:
@@ -136,6 +141,7 @@ def main(argv=None) -> int:
         with live.MemorySampler(proc.pid) as mem, tqdm(total=args.requests, desc="requests", mininterval=2) as bar:
             http = hostile_http.run_requests(hm, url, args.seed, 0, args.requests, clients=args.clients,
                                              timeout=args.time_limit, progress=bar.update)
+            slow = hostile_http.slow_clients(url, 40, IO_TIMEOUT)
         after = live.worker_pids(proc.pid)
         dead = sorted(set(workers) - set(after))
         predicted, expected = real_request(material, url)
@@ -151,6 +157,10 @@ def main(argv=None) -> int:
                    "(2 workers, 1 engine thread each, never recycled)", ""]
     http_lines += _table(sorted(http.by_family.items()) + [("all", http.counts)], HTTP_OUTCOMES, "family")
     http_lines += ["", "statuses: " + ", ".join(f"{s}: {n:,}" for s, n in sorted(http.statuses.items())),
+                   f"then {slow['stalled']} stalled connections (half mid-headers, half mid-body; --io-timeout "
+                   f"{IO_TIMEOUT}): GET / answered after "
+                   + (f"{slow['probe_seconds']:.1f} s" if slow["probe_seconds"] is not None else "NEVER")
+                   + f"; {slow['dropped']} of {slow['stalled']} dropped by the server",
                    f"worker processes that died: {len(dead)} {dead if dead else ''}",
                    "server workers' peak RSS: " + ", ".join(f"{kb / 1024:.0f} MiB" for kb in wk.values())
                    + f"; peak of master + workers together {mem.peak_total_kb / 1024:.0f} MiB",
@@ -165,7 +175,7 @@ def main(argv=None) -> int:
                           "by_family": {k: dict(v) for k, v in http.by_family.items()},
                           "statuses": {str(k): v for k, v in http.statuses.items()}, "dead_workers": dead,
                           "worker_peak_rss_kb": list(wk.values()), "server_peak_total_kb": mem.peak_total_kb,
-                          "real_request_correct": real_ok, "caches": [s.get("context_cache") for s in stats],
+                          "real_request_correct": real_ok, "slow_clients": slow, "caches": [s.get("context_cache") for s in stats],
                           "failures": [[str(x) for x in f] for f in http.failures[:100]]}
     report["bench_peak_rss_kb"] = bench_peak_kb
     report["load_after"] = live.loadavg()
@@ -173,7 +183,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines + [""] + http_lines) + "\n")
-    bad = blobs.bad() + http.bad() + len(dead) + (not real_ok)
+    slow_bad = slow["probe_seconds"] is None or slow["dropped"] < slow["stalled"]
+    bad = blobs.bad() + http.bad() + len(dead) + (not real_ok) + slow_bad
     print(f"\n{'OK' if not bad else 'FAILED'}: {blobs.bad()} bad blob outcomes, {http.bad()} bad answers, "
           f"{len(dead)} dead workers, real request {'correct' if real_ok else 'wrong'}")
     return 1 if bad else 0

@@ -212,6 +212,21 @@ def test_malformed_requests_fast_slice(material, robust_server):
     np.testing.assert_array_equal(predicted, expected)
 
 
+def test_stalled_connections_are_dropped(tmp_path):
+    """Found while measuring: a connection that sends part of a request and
+    stalls (a client stopped or dead mid-upload) held a worker thread for
+    good; 16 of them made a 2-worker server answer nothing. With --io-timeout
+    they are dropped, and the server answers meanwhile."""
+    proc, url = live.start_server(MODELS_DIR, tmp_path / "server.log", "--workers", "2", "--threads", "1",
+                                  "--quiet", "--io-timeout", "1", "--context-dir", str(tmp_path / "contexts"))
+    try:
+        slow = hostile_http.slow_clients(url, 16, io_timeout=1, probe_timeout=60, drop_within=60)
+    finally:
+        live.stop_server(proc)
+    assert slow["dropped"] == slow["stalled"], slow
+    assert slow["probe_seconds"] is not None, slow  # with --io-timeout 0 (as before): never, nothing dropped
+
+
 # ---------------------------------------------------------------------------
 # concurrent clients: a fast slice of benches/load.py, and the regression it found
 
