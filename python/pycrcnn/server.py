@@ -213,6 +213,7 @@ class _State:
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.weights = EncodedModelCache(weight_cache_size, weight_cache_bytes)
         self.contexts = LRU(context_cache_size, context_cache_bytes)
+        self.context_bytes: Dict[str, int] = {}  # per parameter fingerprint: what a parsed context holds
         self.store = store
         self.busy_rejections = 0
         self.requests_served = 0
@@ -382,11 +383,8 @@ def _drain(req: Any) -> None:
 
 
 def _read_body() -> bytes:
-    """The request body; 400 when it cannot be read. Reading fails only on the
-    client's bytes or connection, and each WSGI server raises its own
-    exceptions for that (gunicorn: InvalidChunkSize, ChunkMissingTerminator
-    for a malformed chunked encoding, NoMoreData); werkzeug's own (body too
-    large, client disconnected) keep their status."""
+    """The body; 400 when it cannot be read: that fails only on the client's bytes or connection, with
+    the WSGI server's own exceptions (gunicorn: InvalidChunkSize, NoMoreData, a timeout; werkzeug's keep theirs)."""
     try:
         return request.get_data(cache=False)
     except HTTPException:
@@ -473,6 +471,9 @@ def _parse_public_context(state: _State, pub: bytes, digest: str) -> Context:
         raise ApiError(400, f"public_context rejected: {type(exc).__name__}: {exc}") from None
     if ctx.has_secret_key:  # Context.from_public refuses these; belt and braces
         raise ApiError(400, "public_context holds a secret key; send ctx.public_context(), never the secret key")
+    # other threads allocating meanwhile inflate a measurement: the smallest for these parameters is closest
+    nbytes = min(nbytes, state.context_bytes.setdefault(ctx.fingerprint, nbytes))
+    state.context_bytes[ctx.fingerprint] = nbytes
     state.contexts.put(digest, ctx, nbytes)
     return ctx
 
