@@ -113,9 +113,9 @@ def main(argv=None) -> int:
     lines += [f"## {blobs.n:,} hostile blobs in {blobs.seconds:.0f} s ({blobs.n / blobs.seconds:,.0f}/s, "
               f"{args.workers} isolated worker processes, {args.time_limit:g} s limit per blob)", ""]
     lines += _table(sorted(blobs.by_loader.items()), OUTCOMES, "loader")
-    lines += _table([("forged (valid checksum)", blobs.by_forged.get(True, Counter())),
-                     ("plain corruption", blobs.by_forged.get(False, Counter())),
-                     ("all", blobs.counts)], OUTCOMES, "")
+    lines += [""] + _table([("forged (valid checksum)", blobs.by_forged.get(True, Counter())),
+                            ("plain corruption", blobs.by_forged.get(False, Counter())),
+                            ("all", blobs.counts)], OUTCOMES, "blobs")
     lines += ["", f"loader workers: RSS {rss[0][1] / 1024:.0f} MiB after the first {rss[0][0]:,} blobs, "
                   f"{rss[-1][1] / 1024:.0f} MiB after {rss[-1][0]:,}; peak {max(p for _, _, p in rss) / 1024:.0f} MiB "
                   f"(largest child by getrusage: {child_peak_kb / 1024:.0f} MiB)" if rss else ""]
