@@ -204,7 +204,11 @@ class Client:
             t0 = time.perf_counter()
             sent += len(body)
             try:
-                resp = self.session.post(self._url(path), data=body, headers={"Content-Type": ctype},
+                # Connection: close -- a kept-alive connection stays with one worker process, so a
+                # client retrying a busy answer (503) would ask the busy worker again and again while
+                # another idles; a new connection goes to whichever worker accepts it first
+                resp = self.session.post(self._url(path), data=body,
+                                         headers={"Content-Type": ctype, "Connection": "close"},
                                          timeout=self.timeout)
                 resp.content  # the whole answer, or the exception of a connection that broke
             except requests.RequestException as exc:

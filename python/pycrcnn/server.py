@@ -35,7 +35,8 @@ Every error is a JSON object ``{"error": "...", "status": N}``.
 
 Each process bounds its memory: encoded weights (per model, layer range and
 parameter fingerprint) and parsed public contexts (by SHA-256) are kept in
-LRU caches of bounded size, and at most ``max_concurrent`` requests compute at
+LRU caches bounded in entries and in bytes (``--weight-cache-mb``,
+``--context-cache-mb``: a parsed context holds ~100x its upload), and at most ``max_concurrent`` requests compute at
 once; one more gets 503 at once instead of queueing (the engine releases the
 GIL while it computes, so the process still answers).
 """
@@ -66,8 +67,8 @@ from ._engine import (
     PlaintextOverflow,
     SecretKeyRequired,
 )
-from .registry import (MODEL_SUFFIXES, LRU, ContextStore, EncodedModelCache, Registry, describe_model, plain,
-                       supported_ranges)
+from .registry import (MODEL_SUFFIXES, LRU, ContextStore, EncodedModelCache, Registry, describe_model, measured,
+                       plain, supported_ranges)
 from .spec import UnsupportedLayerError
 
 __all__ = ["create_app", "main", "ApiError", "MODEL_SUFFIXES"]
@@ -204,14 +205,15 @@ def _parse_layers(layers: Any, spec: Any, name: str) -> Tuple[int, int]:
 
 class _State:
     def __init__(self, models_dir: Path, max_request_bytes: int, max_concurrent: int, weight_cache_size: int,
-                 context_cache_size: int, store: ContextStore):
+                 context_cache_size: int, store: ContextStore, weight_cache_bytes: int, context_cache_bytes: int):
         self.models_dir = models_dir
         self.registry = Registry(models_dir)
         self.max_request_bytes = max_request_bytes
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
-        self.weights = EncodedModelCache(weight_cache_size)
-        self.contexts = LRU(context_cache_size)
+        self.weights = EncodedModelCache(weight_cache_size, weight_cache_bytes)
+        self.contexts = LRU(context_cache_size, context_cache_bytes)
+        self.context_bytes: Dict[str, int] = {}  # per parameter fingerprint: what a parsed context holds
         self.store = store
         self.busy_rejections = 0
         self.requests_served = 0
@@ -221,7 +223,7 @@ class _State:
 
 def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float = 512, max_concurrent: int = 1,
                weight_cache_size: int = 8, context_cache_size: int = 16, context_dir: Optional[os.PathLike] = None,
-               context_store_mb: float = 1024) -> Flask:
+               context_store_mb: float = 1024, weight_cache_mb: float = 256, context_cache_mb: float = 512) -> Flask:
     """The Flask application of one process (usable under any WSGI server).
 
     Args:
@@ -235,6 +237,8 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         context_dir: the directory of uploaded public contexts, shared by the
             processes of a server (default: :meth:`ContextStore.default_folder`).
         context_store_mb: its bound in MB; least recently used contexts are evicted.
+        weight_cache_mb, context_cache_mb: bounds of the two caches in the bytes their entries hold
+            (malloc's statistics): a parsed public context holds ~100x its blob, 5 MB at m=2048.
     """
     if models_dir is None:
         models_dir = os.environ.get("PYCRCNN_MODELS") or _shipped_models_dir()
@@ -250,7 +254,11 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
     max_bytes = int(max_request_mb * (1 << 20))
     store = ContextStore(context_dir if context_dir is not None else ContextStore.default_folder(),
                          int(context_store_mb * (1 << 20)))
-    state = _State(folder, max_bytes, int(max_concurrent), int(weight_cache_size), int(context_cache_size), store)
+    for name, value in (("weight_cache_mb", weight_cache_mb), ("context_cache_mb", context_cache_mb)):
+        if value is None or value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    state = _State(folder, max_bytes, int(max_concurrent), int(weight_cache_size), int(context_cache_size), store,
+                   int(weight_cache_mb * (1 << 20)), int(context_cache_mb * (1 << 20)))
 
     app = Flask("pycrcnn.server")
     app.config["MAX_CONTENT_LENGTH"] = max_bytes
@@ -324,7 +332,7 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         length = request.content_length
         if length is not None and length > state.max_request_bytes:
             return _too_large(state, length)
-        blob = request.get_data(cache=False)
+        blob = _read_body()
         context_id = ContextStore.id_of(blob)
         if state.contexts.get(context_id) is None:
             _parse_public_context(state, blob, context_id)  # 400 unless a valid public context
@@ -381,10 +389,21 @@ def _drain(req: Any) -> None:
         pass
 
 
+def _read_body() -> bytes:
+    """The body; 400 when it cannot be read: that fails only on the client's bytes or connection, with
+    the WSGI server's own exceptions (gunicorn: InvalidChunkSize, NoMoreData, a timeout; werkzeug's keep theirs)."""
+    try:
+        return request.get_data(cache=False)
+    except HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise ApiError(400, f"the request body could not be read: {type(exc).__name__}: {exc}") from None
+
+
 def _read_request(state: _State) -> Tuple[Dict[str, Any], bytes, bytes, bool]:
     """``(header, public_context, data, binary)``; ApiError(400) if malformed."""
     mimetype = (request.mimetype or "").lower()
-    body = request.get_data(cache=False)
+    body = _read_body()
     if mimetype == protocol.BINARY_CONTENT_TYPE or body[:4] == protocol.REQUEST_MAGIC:
         try:
             header, pub, data = protocol.decode_request(body)
@@ -397,7 +416,7 @@ def _read_request(state: _State) -> Tuple[Dict[str, Any], bytes, bytes, bool]:
                                 f"({protocol.BINARY_CONTENT_TYPE}); see docs/openapi.yaml")
         try:
             header = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
             raise ApiError(400, f"malformed JSON body: {exc}") from None
         del body
         if isinstance(header, str) or protocol.looks_like_jsonpickle(header):
@@ -451,14 +470,18 @@ def _parse_public_context(state: _State, pub: bytes, digest: str) -> Context:
     if not pub:
         raise ApiError(400, "the public context is empty: send ctx.public_context()")
     try:
-        ctx = Context.from_public(pub)
+        # without malloc statistics: the largest ratio measured (m=2048)
+        ctx, nbytes = measured(lambda: Context.from_public(pub), 128 * len(pub))
     except FormatError as exc:
         raise ApiError(400, f"public_context rejected: {exc}") from None
     except HEError as exc:
         raise ApiError(400, f"public_context rejected: {type(exc).__name__}: {exc}") from None
     if ctx.has_secret_key:  # Context.from_public refuses these; belt and braces
         raise ApiError(400, "public_context holds a secret key; send ctx.public_context(), never the secret key")
-    state.contexts.put(digest, ctx)
+    # other threads allocating meanwhile inflate a measurement: the smallest for these parameters is closest
+    nbytes = min(nbytes, state.context_bytes.setdefault(ctx.fingerprint, nbytes))
+    state.context_bytes[ctx.fingerprint] = nbytes
+    state.contexts.put(digest, ctx, nbytes)
     return ctx
 
 
