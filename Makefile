@@ -12,12 +12,13 @@ export PYCRCNN_SHARED ?= $(abspath ../shared)
 all: build
 
 # Python dependencies, once per venv (torch from PyPI is the large one; ray,
-# ~80 MB, is the optional extra behind pycrcnn.distributed).
+# ~80 MB, is the optional extra behind pycrcnn.distributed; locust drives
+# benches/load.py and its slice in tests/test_robustness.py).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "maturin>=1.7,<2" numpy flask requests tqdm gunicorn torch "ray>=2.9" \
-		pytest hypothesis nbclient nbformat ipykernel matplotlib
+		pytest hypothesis nbclient nbformat ipykernel matplotlib "locust>=2.20"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -60,6 +61,8 @@ bench: build
 	$(PY) benches/latency.py
 	$(PY) benches/throughput.py
 	$(PY) benches/ray_scaling.py
+	$(PY) benches/robustness.py
+	$(PY) benches/load.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache

@@ -162,18 +162,19 @@ def test_saturated_worker_answers_503_at_once(server_models_dir, tmp_path):
         slow = Client(url)
         slow.upload_context(ctx)
         x = ctx.encrypt(datasets.normalize(images))
+        body, ctype = Client(url).build_request(ctx, x, "tiny_cnn", context_id=slow.context_id(ctx))
         done = {}
         t = threading.Thread(target=lambda: done.setdefault("r", slow.compute(ctx, x, "tiny_cnn")))
         t.start()
-        time.sleep(1.0)
-        body, ctype = Client(url).build_request(ctx, x, "tiny_cnn", context_id=slow.context_id(ctx))
+        deadline = time.monotonic() + 120
+        while requests.get(url + "/stats", timeout=10).json()["computing"] == 0:
+            assert time.monotonic() < deadline and t.is_alive(), "the first request never started computing"
+            time.sleep(0.02)
         t0 = time.monotonic()
         resp = requests.post(url + "/compute", data=body, headers={"Content-Type": ctype}, timeout=60)
         waited = time.monotonic() - t0
         t.join(timeout=300)
         assert "r" in done
-        if resp.status_code == 200:  # the first request had already finished: nothing was saturated
-            pytest.skip("the first request ended within a second; no saturation to observe")
         assert resp.status_code == 503 and resp.headers["Retry-After"], resp.text[:300]
         assert "busy" in resp.json()["error"]
         assert waited < 0.5 * done["r"][1]["request_seconds"] + 1.0, (waited, done["r"][1]["request_seconds"])

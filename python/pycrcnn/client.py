@@ -45,7 +45,6 @@ request is a pure function of its inputs, so sending it again is safe.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -203,7 +202,11 @@ class Client:
             t0 = time.perf_counter()
             sent += len(body)
             try:
-                resp = self.session.post(self._url(path), data=body, headers={"Content-Type": ctype},
+                # Connection: close -- a kept-alive connection stays with one worker process, so a
+                # client retrying a busy answer (503) would ask the busy worker again and again while
+                # another idles; a new connection goes to whichever worker accepts it first
+                resp = self.session.post(self._url(path), data=body,
+                                         headers={"Content-Type": ctype, "Connection": "close"},
                                          timeout=self.timeout)
                 resp.content  # the whole answer, or the exception of a connection that broke
             except requests.RequestException as exc:
@@ -455,15 +458,13 @@ class Client:
 
     def classify_packed(self, ctx: Context, images: Any, net: str,
                         binary: bool = True) -> Tuple[np.ndarray, Dict[str, Any]]:
-        """Classifies ``images`` one at a time in the packed layout: for each,
-        encrypts it into packed ciphertexts (``ctx``, made from the plan the
-        server publishes: :meth:`plan`), sends them (the public context, with
-        its rotation keys, once per session: ``POST /contexts``), and decrypts
-        the logits. Returns ``(outputs [N, classes], report)``; the report has
-        :meth:`classify`'s totals and ``per_image``: per image its
-        ``seconds`` (encrypt + request + decrypt), ``encryption_seconds``,
-        ``request_seconds``, ``server_seconds``, ``upload_bytes`` (without the
-        public context), ``download_bytes`` and ``decryption_seconds``."""
+        """Classifies ``images`` one at a time in the packed layout: encrypts
+        each into packed ciphertexts (``ctx`` made from :meth:`plan`), sends
+        them (the public context once per session) and decrypts the logits.
+        Returns ``(outputs [N, classes], report)``: :meth:`classify`'s totals
+        and ``per_image``: ``seconds`` (encrypt + request + decrypt),
+        ``encryption_seconds``, ``request_seconds``, ``server_seconds``,
+        ``upload_bytes`` (without the public context), ``download_bytes``, ``decryption_seconds``."""
         if ctx.packed_model is None:
             raise ValueError("classify_packed needs a context made from a packed plan: "
                              "Context.from_plan(client.plan(net)), then keygen()")

@@ -109,7 +109,7 @@ def decode_frame(body: bytes, magic: bytes, n_blobs: int) -> Tuple[Dict[str, Any
         raise ProtocolError(f"truncated {what}: the JSON header needs {hlen} bytes, {len(view) - pos} remain")
     try:
         header = json.loads(bytes(view[pos:pos + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise ProtocolError(f"the JSON header of the binary {what} is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"the JSON header of the binary {what} must be an object, got {type(header).__name__}")

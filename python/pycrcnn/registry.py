@@ -5,6 +5,7 @@ every worker process reads. Nothing here knows about HTTP (:mod:`pycrcnn.server`
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from ._engine import Context
 from .model import EncodedModel, build_from_spec
 from .spec import ModelSpec, load_model_spec
 
-__all__ = ["MODEL_SUFFIXES", "LRU", "EncodedModelCache", "ContextStore", "ModelEntry", "Registry",
+__all__ = ["MODEL_SUFFIXES", "LRU", "EncodedModelCache", "heap_bytes", "measured", "ContextStore", "ModelEntry", "Registry",
            "describe_model", "supported_ranges", "plain"]
 
 log = logging.getLogger("pycrcnn.server")  # the server's log: these are its models
@@ -39,12 +40,16 @@ MODEL_SUFFIXES = (".npz", ".pt", ".pth")
 
 
 class LRU:
-    """A small thread-safe LRU mapping."""
+    """A small thread-safe LRU mapping, bounded in entries and, when
+    ``max_bytes`` is given, in the bytes its values hold (each :meth:`put`
+    says how many; a value larger than the whole bound is not kept)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, max_bytes: Optional[int] = None):
         self.size = max(0, int(size))
-        self._d: "OrderedDict[Any, Any]" = OrderedDict()
+        self.max_bytes = None if max_bytes is None else max(0, int(max_bytes))
+        self._d: "OrderedDict[Any, Tuple[Any, int]]" = OrderedDict()
         self._lock = threading.Lock()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -53,24 +58,71 @@ class LRU:
             if key in self._d:
                 self._d.move_to_end(key)
                 self.hits += 1
-                return self._d[key]
+                return self._d[key][0]
             self.misses += 1
             return None
 
-    def put(self, key: Any, value: Any) -> None:
-        if self.size == 0:
+    def put(self, key: Any, value: Any, nbytes: int = 0) -> None:
+        nbytes = max(0, int(nbytes))
+        if self.size == 0 or (self.max_bytes is not None and nbytes > self.max_bytes):
             return
         with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._d[key] = (value, nbytes)
+            self.bytes += nbytes
+            while len(self._d) > self.size or (self.max_bytes is not None and self.bytes > self.max_bytes):
+                _, (_, n) = self._d.popitem(last=False)
+                self.bytes -= n
 
     def __len__(self) -> int:
         return len(self._d)
 
-    def stats(self) -> Dict[str, int]:
-        return {"entries": len(self._d), "capacity": self.size, "hits": self.hits, "misses": self.misses}
+    def stats(self) -> Dict[str, Any]:
+        return {"entries": len(self._d), "capacity": self.size, "bytes": self.bytes,
+                "capacity_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mallinfo2() -> Optional[Callable[[], Any]]:
+    try:
+        fn = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_bytes() -> Optional[int]:
+    """Bytes this process holds from malloc (glibc's ``mallinfo2``: every
+    arena, mmapped blocks included), or None where it is not available. The
+    engine allocates with malloc, so the difference around a parse or a build
+    is what the parsed context or the encoded model holds (RSS is no measure:
+    freed memory is kept by the process and reused, see ``tune_allocator``)."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def measured(make: Callable[[], Any], estimate: int) -> Tuple[Any, int]:
+    """``(make(), bytes it holds)``: measured with :func:`heap_bytes` (other
+    threads allocating meanwhile count too: an estimate), else ``estimate``."""
+    before = heap_bytes()
+    value = make()
+    after = heap_bytes()
+    if before is None or after is None:
+        return value, estimate
+    return value, max(0, after - before)
 
 
 class EncodedModelCache(LRU):
@@ -86,8 +138,12 @@ class EncodedModelCache(LRU):
         key = (entry.name, entry.version, start, stop, ctx.fingerprint)
         model = self.get(key)
         if model is None:
-            model = build_from_spec(ctx, selected, rencrypt_positions=[])
-            self.put(key, model)
+            # without mallinfo2: the float weights, one 8-byte word per plaintext prime each
+            n_weights = sum(int(getattr(layer.weight, "size", 0)) + int(getattr(layer.bias, "size", 0))
+                            for layer in selected.layers)
+            model, nbytes = measured(lambda: build_from_spec(ctx, selected, rencrypt_positions=[]),
+                                     n_weights * 8 * max(1, len(ctx.moduli)))
+            self.put(key, model, nbytes)
         return model
 
 

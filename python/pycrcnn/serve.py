@@ -22,6 +22,13 @@ default; ``--dev`` runs werkzeug's development server in one process instead.
 - The listening socket is bound here, before gunicorn starts, and handed to it
   as ``fd://N``: ``--port 0`` picks a free port, and the ``listening on``
   line names it.
+- ``--io-timeout S`` (default 30): a connection silent for S seconds in the
+  middle of a request (headers or body half sent, a client that stopped or
+  died) or not reading its answer is dropped, and its worker thread freed
+  (``SO_RCVTIMEO``/``SO_SNDTIMEO`` on the listening socket, inherited by
+  every connection). Without it, a few such connections held every thread
+  of the workers for good. A slow client still holds a thread for S seconds
+  at a time: on untrusted networks, serve behind a buffering proxy (nginx).
 - Uploaded public contexts (``POST /contexts``) live in ``--context-dir``,
   shared by the workers and bounded by ``--context-store-mb``.
 """
@@ -31,6 +38,7 @@ import argparse
 import logging
 import os
 import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -73,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-cache-size", type=int, default=8, help="encoded models kept per worker (default 8)")
     parser.add_argument("--context-cache-size", type=int, default=16,
                         help="parsed public contexts kept per worker (default 16)")
+    parser.add_argument("--weight-cache-mb", type=float, default=256,
+                        help="bound in MB of the encoded models one worker keeps (default 256)")
+    parser.add_argument("--context-cache-mb", type=float, default=512,
+                        help="bound in MB of the parsed public contexts one worker keeps: one holds ~100x its "
+                             "upload, 5 MB at m=2048, 30-60 MB at m=4096 (default 512)")
     parser.add_argument("--context-dir", default=None,
                         help="directory of uploaded public contexts, shared by the workers "
                              "(default: $PYCRCNN_CONTEXT_DIR, else pycrcnn-contexts-<uid> in the temporary directory)")
@@ -81,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 1024)")
     parser.add_argument("--graceful-timeout", type=float, default=120,
                         help="seconds a stopping worker may finish its requests (default 120)")
+    parser.add_argument("--io-timeout", type=float, default=30,
+                        help="seconds a connection may stay silent in the middle of a request (or not read its "
+                             "answer) before it is dropped; 0 = never (default 30). Slow clients still hold a "
+                             "thread that long: on untrusted networks, serve behind a buffering proxy (nginx)")
     parser.add_argument("--max-requests", type=int, default=1000,
                         help="a worker is replaced after about this many requests; 0 = never (default 1000)")
     parser.add_argument("--dev", action="store_true", help="werkzeug's development server in one process")
@@ -102,6 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     app_kwargs: Dict[str, Any] = {
         "models_dir": args.models, "max_request_mb": args.max_request_mb,
         "weight_cache_size": args.weight_cache_size, "context_cache_size": args.context_cache_size,
+        "weight_cache_mb": args.weight_cache_mb, "context_cache_mb": args.context_cache_mb,
         "context_dir": args.context_dir, "context_store_mb": args.context_store_mb,
     }
     if args.dev:
@@ -127,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = ", ".join(state.registry.names()) or "none"
     del probe, state
     try:
-        listener = _bind(args.host, args.port)
+        listener = _bind(args.host, args.port, args.io_timeout)
     except OSError as exc:
         print(f"pycrcnn-server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
@@ -158,11 +176,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, io_timeout: float = 0) -> socket.socket:
     """The listening socket, bound before gunicorn starts (port 0 = a free port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if io_timeout > 0:
+        # inherited by every accepted connection (Linux): a client silent this long in the middle
+        # of a request (or not reading its answer) frees its worker thread instead of holding it forever
+        tv = struct.pack("ll", int(io_timeout), int((io_timeout % 1) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)

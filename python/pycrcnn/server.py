@@ -37,7 +37,8 @@ Every error is a JSON object ``{"error": "...", "status": N}``.
 
 Each process bounds its memory: encoded weights (per model, layer range and
 parameter fingerprint) and parsed public contexts (by SHA-256) are kept in
-LRU caches of bounded size, and at most ``max_concurrent`` requests compute at
+LRU caches bounded in entries and in bytes (``--weight-cache-mb``,
+``--context-cache-mb``: a parsed context holds ~100x its upload), and at most ``max_concurrent`` requests compute at
 once; one more gets 503 at once instead of queueing (the engine releases the
 GIL while it computes, so the process still answers).
 """
@@ -68,23 +69,15 @@ from ._engine import (
     PlaintextOverflow,
     SecretKeyRequired,
 )
+from .compute_request import ApiError, check_parameters as _check_parameters, parse_layers as _parse_layers
 from .packed_serving import PackedRequestError, PackedRunners, run_packed
-from .registry import (MODEL_SUFFIXES, LRU, ContextStore, EncodedModelCache, Registry, describe_model, plain,
-                       supported_ranges)
+from .registry import (MODEL_SUFFIXES, LRU, ContextStore, EncodedModelCache, Registry, describe_model, measured,
+                       plain, supported_ranges)
 from .spec import UnsupportedLayerError
 
 __all__ = ["create_app", "main", "ApiError", "MODEL_SUFFIXES"]
 
 log = logging.getLogger("pycrcnn.server")
-
-#: ``encryption_parameters`` keys compared with the public context (aliases of the seed's names)
-_PARAM_ALIASES = {
-    "m": "m", "p": "p", "sec": "sec", "encoding": "encoding", "base": "base",
-    "int_digits": "int_digits", "intDigits": "int_digits",
-    "frac_digits": "frac_digits", "fracDigits": "frac_digits",
-    "scale_bits": "scale_bits", "weight_scale_bits": "weight_scale_bits", "moduli": "moduli",
-    "n_plaintext_moduli": "n_plaintext_moduli",
-}
 
 #: header fields of a request (anything else is ignored and reported back)
 _REQUEST_FIELDS = ("encryption_parameters", "net", "layers", "public_context", "context_id", "data",
@@ -92,16 +85,6 @@ _REQUEST_FIELDS = ("encryption_parameters", "net", "layers", "public_context", "
 
 #: the endpoints, as a 404 lists them
 _ENDPOINTS = ["GET /", "GET /models", "GET /models/<name>", "GET /stats", "POST /contexts", "POST /compute"]
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": message}`` with an HTTP status."""
-
-    def __init__(self, status: int, message: str, **extra: Any):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.extra = extra
 
 
 def _json_response(payload: Dict[str, Any], status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
@@ -119,111 +102,31 @@ def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None, 
 
 
 # ---------------------------------------------------------------------------
-# request parsing
-
-
-def _check_parameters(requested: Any, ctx: Context) -> List[str]:
-    """Compares the seed's ``encryption_parameters`` with the public context
-    (which is authoritative). Raises ApiError(400) on a disagreement; returns
-    the keys that were ignored."""
-    if requested is None:
-        return []
-    if isinstance(requested, list):
-        if not requested:
-            return []
-        requested = requested[0]
-    if not isinstance(requested, dict):
-        raise ApiError(400, "encryption_parameters must be a list of objects like "
-                            '[{"m": 4096, "p": 953983721, "sec": 128, "base": 2}] (the first one is used)')
-    actual = ctx.parameters()
-    ignored: List[str] = []
-    for key, want in requested.items():
-        name = _PARAM_ALIASES.get(key)
-        if name is None:
-            ignored.append(key)
-            continue
-        if want is None:
-            continue
-        if name == "n_plaintext_moduli":
-            have: Any = len(actual["p"]) if isinstance(actual["p"], list) else 1
-        elif name not in actual:
-            raise ApiError(
-                400, f"encryption_parameters: {key!r} does not apply to the {actual['encoding']} encoding of the "
-                     f"public context (its parameters: {_param_summary(actual)})")
-        else:
-            have = actual[name]
-        if not _same_param(want, have):
-            raise ApiError(
-                400, f"encryption_parameters disagree with the public context, which is authoritative: "
-                     f"{key}={want!r} requested, the public context has {have!r} "
-                     f"({_param_summary(actual)})")
-    return ignored
-
-
-def _same_param(want: Any, have: Any) -> bool:
-    if isinstance(want, bool):
-        return False
-    if isinstance(have, list):
-        if isinstance(want, (int, float)) and len(have) == 1:
-            want = [want]
-        if not isinstance(want, list) or len(want) != len(have):
-            return False
-        return all(_same_param(w, h) for w, h in zip(want, have))
-    if isinstance(have, str) or isinstance(want, str):
-        return str(want).lower() == str(have).lower()
-    if isinstance(want, (int, float)) and isinstance(have, (int, float)):
-        return float(want) == float(have)
-    return False
-
-
-def _param_summary(p: Dict[str, Any]) -> str:
-    keys = ["m", "p", "sec", "encoding", "base", "int_digits", "frac_digits", "scale_bits", "weight_scale_bits"]
-    return ", ".join(f"{k}={p[k]}" for k in keys if k in p)
-
-
-def _parse_layers(layers: Any, spec: Any, name: str) -> Tuple[int, int]:
-    """``[start, stop)`` from the seed's ``layers`` (None = all; a list selects
-    its smallest through its largest torch index, which must be consecutive)."""
-    n_modules = spec.n_modules if spec.n_modules else max(spec.indices) + 1
-    if layers is None:
-        return 0, n_modules
-    if isinstance(layers, bool) or not isinstance(layers, list) or not layers:
-        raise ApiError(400, f"layers must be null (all layers) or a non-empty list of torch module indices, "
-                            f"got {layers!r}")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ApiError(400, f"layers must hold integers (torch module indices), got {layers!r}")
-    idx = sorted(set(layers))
-    if idx[0] < 0 or idx[-1] >= n_modules:
-        raise ApiError(400, f"layers {layers!r}: model {name!r} has torch module indices 0..{n_modules - 1}")
-    if idx != list(range(idx[0], idx[-1] + 1)):
-        raise ApiError(400, f"layers {layers!r}: the indices must be consecutive (a range of the network), "
-                            f"e.g. {list(range(idx[0], idx[-1] + 1))}")
-    return idx[0], idx[-1] + 1
-
-
-# ---------------------------------------------------------------------------
 # the app
 
 
 class _State:
     def __init__(self, models_dir: Path, max_request_bytes: int, max_concurrent: int, weight_cache_size: int,
-                 context_cache_size: int, store: ContextStore):
+                 context_cache_size: int, store: ContextStore, weight_cache_bytes: int, context_cache_bytes: int):
         self.models_dir = models_dir
         self.registry = Registry(models_dir)
         self.max_request_bytes = max_request_bytes
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
-        self.weights = EncodedModelCache(weight_cache_size)
-        self.contexts = LRU(context_cache_size)
+        self.weights = EncodedModelCache(weight_cache_size, weight_cache_bytes)
+        self.contexts = LRU(context_cache_size, context_cache_bytes)
+        self.context_bytes: Dict[str, int] = {}  # per parameter fingerprint: what a parsed context holds
         self.store = store
         self.packed = PackedRunners()
         self.busy_rejections = 0
         self.requests_served = 0
+        self.computing = 0  # requests holding a slot now (read by /stats)
+        self.counter_lock = threading.Lock()
 
 
 def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float = 512, max_concurrent: int = 1,
                weight_cache_size: int = 8, context_cache_size: int = 16, context_dir: Optional[os.PathLike] = None,
-               context_store_mb: float = 1024) -> Flask:
+               context_store_mb: float = 1024, weight_cache_mb: float = 256, context_cache_mb: float = 512) -> Flask:
     """The Flask application of one process (usable under any WSGI server).
 
     Args:
@@ -237,6 +140,8 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         context_dir: the directory of uploaded public contexts, shared by the
             processes of a server (default: :meth:`ContextStore.default_folder`).
         context_store_mb: its bound in MB; least recently used contexts are evicted.
+        weight_cache_mb, context_cache_mb: bounds of the two caches in the bytes their entries hold
+            (malloc's statistics): a parsed public context holds ~100x its blob, 5 MB at m=2048.
     """
     if models_dir is None:
         models_dir = os.environ.get("PYCRCNN_MODELS") or _shipped_models_dir()
@@ -252,7 +157,11 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
     max_bytes = int(max_request_mb * (1 << 20))
     store = ContextStore(context_dir if context_dir is not None else ContextStore.default_folder(),
                          int(context_store_mb * (1 << 20)))
-    state = _State(folder, max_bytes, int(max_concurrent), int(weight_cache_size), int(context_cache_size), store)
+    for name, value in (("weight_cache_mb", weight_cache_mb), ("context_cache_mb", context_cache_mb)):
+        if value is None or value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    state = _State(folder, max_bytes, int(max_concurrent), int(weight_cache_size), int(context_cache_size), store,
+                   int(weight_cache_mb * (1 << 20)), int(context_cache_mb * (1 << 20)))
 
     app = Flask("pycrcnn.server")
     app.config["MAX_CONTENT_LENGTH"] = max_bytes
@@ -314,6 +223,7 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         return _json_response({
             "requests_served": state.requests_served,
             "busy_rejections": state.busy_rejections,
+            "computing": state.computing,
             "weight_cache": state.weights.stats(),
             "context_cache": state.contexts.stats(),
             "packed_runners": state.packed.stats(),
@@ -326,7 +236,7 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         length = request.content_length
         if length is not None and length > state.max_request_bytes:
             return _too_large(state, length)
-        blob = request.get_data(cache=False)
+        blob = _read_body()
         context_id = ContextStore.id_of(blob)
         if state.contexts.get(context_id) is None:
             _parse_public_context(state, blob, context_id)  # 400 unless a valid public context
@@ -346,11 +256,15 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
             _drain(request)
             return _error(503, f"this server process computes {state.max_concurrent} request(s) at a time and "
                                "is busy; retry later", {"Retry-After": "1"})
+        with state.counter_lock:
+            state.computing += 1
         try:
             resp = _compute(state)
             state.requests_served += 1
             return resp
         finally:
+            with state.counter_lock:
+                state.computing -= 1
             state.slots.release()
 
     return app
@@ -379,10 +293,21 @@ def _drain(req: Any) -> None:
         pass
 
 
+def _read_body() -> bytes:
+    """The body; 400 when it cannot be read: that fails only on the client's bytes or connection, with
+    the WSGI server's own exceptions (gunicorn: InvalidChunkSize, NoMoreData, a timeout; werkzeug's keep theirs)."""
+    try:
+        return request.get_data(cache=False)
+    except HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise ApiError(400, f"the request body could not be read: {type(exc).__name__}: {exc}") from None
+
+
 def _read_request(state: _State) -> Tuple[Dict[str, Any], bytes, bytes, bool]:
     """``(header, public_context, data, binary)``; ApiError(400) if malformed."""
     mimetype = (request.mimetype or "").lower()
-    body = request.get_data(cache=False)
+    body = _read_body()
     if mimetype == protocol.BINARY_CONTENT_TYPE or body[:4] == protocol.REQUEST_MAGIC:
         try:
             header, pub, data = protocol.decode_request(body)
@@ -395,7 +320,7 @@ def _read_request(state: _State) -> Tuple[Dict[str, Any], bytes, bytes, bool]:
                                 f"({protocol.BINARY_CONTENT_TYPE}); see docs/openapi.yaml")
         try:
             header = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
             raise ApiError(400, f"malformed JSON body: {exc}") from None
         del body
         if isinstance(header, str) or protocol.looks_like_jsonpickle(header):
@@ -449,14 +374,18 @@ def _parse_public_context(state: _State, pub: bytes, digest: str) -> Context:
     if not pub:
         raise ApiError(400, "the public context is empty: send ctx.public_context()")
     try:
-        ctx = Context.from_public(pub)
+        # without malloc statistics: the largest ratio measured (m=2048)
+        ctx, nbytes = measured(lambda: Context.from_public(pub), 128 * len(pub))
     except FormatError as exc:
         raise ApiError(400, f"public_context rejected: {exc}") from None
     except HEError as exc:
         raise ApiError(400, f"public_context rejected: {type(exc).__name__}: {exc}") from None
     if ctx.has_secret_key:  # Context.from_public refuses these; belt and braces
         raise ApiError(400, "public_context holds a secret key; send ctx.public_context(), never the secret key")
-    state.contexts.put(digest, ctx)
+    # other threads allocating meanwhile inflate a measurement: the smallest for these parameters is closest
+    nbytes = min(nbytes, state.context_bytes.setdefault(ctx.fingerprint, nbytes))
+    state.context_bytes[ctx.fingerprint] = nbytes
+    state.contexts.put(digest, ctx, nbytes)
     return ctx
 
 

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import tokenize
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -318,51 +322,97 @@ def export_model(net_or_spec: Any, path: PathLike, *, name: Optional[str] = None
     return path
 
 
-def _spec_from_npz(path: Path) -> ModelSpec:
+#: the largest array a model file may hold (bytes): a file is read whole, so a
+#: header declaring more is refused before anything is allocated
+MAX_ARRAY_BYTES = 1 << 30
+#: integer parameters and their smallest allowed value
+_INT_PARAMS = {"in_channels": 1, "out_channels": 1, "groups": 1, "in_features": 1, "out_features": 1,
+               "folded_batchnorm": 0}
+#: the errors of reading a damaged zip / npy container
+_CONTAINER_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, SyntaxError, RecursionError,
+                     RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error, struct.error,
+                     tokenize.TokenError)
+
+
+def _read_npz(path: Path) -> Dict[str, np.ndarray]:
+    """Every array of a ``.npz`` (a zip of ``.npy`` files), read without
+    pickles and checked before it is allocated: each member's header must
+    declare a plain numeric (or string) dtype and no more bytes than it holds.
+    Any damage is a :class:`FormatError`."""
+    arrays: Dict[str, np.ndarray] = {}
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise FormatError(f"{path}: not a readable .npz model file ({exc})") from None
-    with npz:
-        if "__spec__" not in npz.files:
-            raise FormatError(f"{path}: no __spec__ entry; not a model written by pycrcnn.export_model")
-        try:
-            doc = json.loads(str(npz["__spec__"][()]))
-        except (ValueError, TypeError) as exc:
-            raise FormatError(f"{path}: __spec__ is not valid JSON ({exc})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise FormatError(f"{path}: format {doc.get('format') if isinstance(doc, dict) else None!r}, "
-                              f"expected {FORMAT_NAME!r}")
-        if not isinstance(doc.get("version"), int) or doc["version"] > FORMAT_VERSION or doc["version"] < 1:
-            raise FormatError(f"{path}: format version {doc.get('version')!r}; this pycrcnn reads 1..{FORMAT_VERSION}")
-        layers = []
-        try:
-            for entry in doc["layers"]:
-                arrs = {}
-                for what in ("weight", "bias"):
-                    key = entry.get(what)
-                    if key is None:
-                        arrs[what] = None
-                    elif key not in npz.files:
-                        raise FormatError(f"{path}: array {key!r} of layer {entry['index']} is missing")
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                with z.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
                     else:
-                        arrs[what] = np.asarray(npz[key], dtype=np.float64)
-                ltype = str(entry["type"])
-                if ltype not in SUPPORTED_TYPES and ltype != "Unsupported":
-                    raise FormatError(f"{path}: unknown layer type {ltype!r} at index {entry['index']}")
-                layers.append(LayerSpec(int(entry["index"]), ltype, _params_from_json(entry.get("params") or {}),
-                                        arrs["weight"], arrs["bias"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"{path}: malformed layer description ({exc!r})") from None
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                if dtype.hasobject:
+                    raise FormatError(f"{path}: array {name!r} holds Python objects; model files hold numbers only")
+                nbytes = int(np.prod([int(d) for d in shape], dtype=object)) * dtype.itemsize
+                if nbytes > min(info.file_size, MAX_ARRAY_BYTES):
+                    raise FormatError(f"{path}: array {name!r} declares shape {shape} ({nbytes} bytes) but the "
+                                      f"file holds {info.file_size} bytes for it (limit {MAX_ARRAY_BYTES})")
+                with z.open(info) as fh:
+                    arrays[name] = np.lib.format.read_array(fh, allow_pickle=False)
+    except FormatError:
+        raise
+    except (_CONTAINER_ERRORS + (MemoryError,)) as exc:
+        raise FormatError(f"{path}: not a readable .npz model file ({type(exc).__name__}: {exc})") from None
+    return arrays
+
+
+def _spec_from_npz(path: Path) -> ModelSpec:
+    npz = _read_npz(path)
+    if "__spec__" not in npz:
+        raise FormatError(f"{path}: no __spec__ entry; not a model written by pycrcnn.export_model")
+    try:
+        doc = json.loads(str(npz["__spec__"][()]))
+    except (ValueError, TypeError, IndexError, RecursionError) as exc:
+        raise FormatError(f"{path}: __spec__ is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: format {doc.get('format') if isinstance(doc, dict) else None!r}, "
+                          f"expected {FORMAT_NAME!r}")
+    if not _is_int(doc.get("version")) or doc["version"] > FORMAT_VERSION or doc["version"] < 1:
+        raise FormatError(f"{path}: format version {doc.get('version')!r}; this pycrcnn reads 1..{FORMAT_VERSION}")
+    entries = doc.get("layers")
+    if not isinstance(entries, list):
+        raise FormatError(f"{path}: 'layers' must be a list of layer descriptions")
+    layers: List[LayerSpec] = []
+    for k, entry in enumerate(entries):
+        layer = _layer_from_json(entry, npz, f"{path}: layer {k}")
+        if layers and layer.index <= layers[-1].index:
+            raise FormatError(f"{path}: layer indices must increase, got {layers[-1].index} then {layer.index}")
+        layers.append(layer)
+    input_shape = doc.get("input_shape")
+    if input_shape is not None and not (isinstance(input_shape, list) and 1 <= len(input_shape) <= 4
+                                        and all(_is_int(s) and 1 <= s <= 1 << 20 for s in input_shape)):
+        raise FormatError(f"{path}: input_shape must be a list of 1 to 4 positive integers, got {input_shape!r}")
+    positions = doc.get("rencrypt_positions") or []
+    if not (isinstance(positions, list) and all(_is_int(p) and 0 <= p < 1 << 31 for p in positions)):
+        raise FormatError(f"{path}: rencrypt_positions must be a list of torch module indices, got {positions!r}")
+    n_modules = doc.get("n_modules")
+    if n_modules is not None and not (_is_int(n_modules) and (not layers or layers[-1].end_index < n_modules < 1 << 31)):
+        raise FormatError(f"{path}: n_modules must be an integer above the last layer index, got {n_modules!r}")
+    metadata = doc.get("metadata") or {}
+    normalization, accuracy = doc.get("normalization"), doc.get("accuracy")
+    if (not isinstance(metadata, dict) or not isinstance(normalization, (str, type(None)))
+            or not (accuracy is None or (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool)))):
+        raise FormatError(f"{path}: metadata must be an object, normalization a string, accuracy a number")
     spec = ModelSpec(
         name=str(doc.get("name") or path.stem),
-        input_shape=tuple(int(s) for s in doc["input_shape"]) if doc.get("input_shape") else None,
+        input_shape=tuple(input_shape) if input_shape else None,
         layers=layers,
-        normalization=doc.get("normalization"),
-        rencrypt_positions=[int(p) for p in doc.get("rencrypt_positions") or []],
-        accuracy=doc.get("accuracy"),
-        metadata=dict(doc.get("metadata") or {}),
-        n_modules=doc.get("n_modules"),
+        normalization=normalization,
+        rencrypt_positions=list(positions),
+        accuracy=accuracy,
+        metadata=dict(metadata),
+        n_modules=n_modules,
     )
     # shapes of the weights against the parameters, so a bad file fails here and not in the engine
     for layer in spec.layers:
@@ -370,14 +420,60 @@ def _spec_from_npz(path: Path) -> ModelSpec:
     return spec
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _layer_from_json(entry: Any, npz: Dict[str, np.ndarray], where: str) -> LayerSpec:
+    """One layer of ``__spec__``, its parameters type-checked and its arrays
+    finite float64: what the engine gets is well-formed."""
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: a layer description must be an object, got {type(entry).__name__}")
+    index, ltype, params = entry.get("index"), entry.get("type"), entry.get("params") or {}
+    if not (_is_int(index) and 0 <= index < 1 << 31):
+        raise FormatError(f"{where}: index must be a torch module index, got {index!r}")
+    if ltype not in SUPPORTED_TYPES and ltype != "Unsupported":
+        raise FormatError(f"{where}: unknown layer type {ltype!r} at index {index}")
+    if not isinstance(params, dict):
+        raise FormatError(f"{where}: params must be an object, got {type(params).__name__}")
+    for key, value in params.items():
+        if key in _INT_PARAMS:
+            ok = _is_int(value) and _INT_PARAMS[key] <= value < 1 << 31
+        elif key in _TUPLE_PARAMS:
+            ok = (_is_int(value) and 0 <= value < 1 << 31) or (
+                isinstance(value, list) and 1 <= len(value) <= 3 and all(_is_int(x) and 0 <= x < 1 << 31 for x in value))
+        elif key == "coefficients":
+            ok = isinstance(value, list) and 0 < len(value) <= 64 and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) for c in value)
+        elif key == "bias":
+            ok = isinstance(value, bool)
+        else:
+            ok = True  # descriptive (module, class, reason, alternative, ...)
+        if not ok:
+            raise FormatError(f"{where} ({ltype}): bad parameter {key}={value!r}")
+    arrs: Dict[str, Optional[np.ndarray]] = {}
+    for what in ("weight", "bias"):
+        key = entry.get(what)
+        if key is None:
+            arrs[what] = None
+            continue
+        if not isinstance(key, str) or key not in npz:
+            raise FormatError(f"{where}: array {key!r} of layer {index} is missing")
+        arr = npz[key]
+        if arr.dtype.kind not in "fiu" or not np.all(np.isfinite(arr)):
+            raise FormatError(f"{where}: {what} of layer {index} must hold finite numbers, got dtype {arr.dtype}")
+        arrs[what] = np.asarray(arr, dtype=np.float64)
+    return LayerSpec(index, ltype, _params_from_json(params), arrs["weight"], arrs["bias"])
+
+
 def _check_weights(layer: LayerSpec, where: Any) -> None:
     p, w, t = layer.params, layer.weight, layer.type
     expected = None
     try:
-        if t == "Conv2d":
-            expected = (p["out_channels"], p["in_channels"] // p["groups"], *p["kernel_size"])
-        elif t == "Conv1d":
-            expected = (p["out_channels"], p["in_channels"] // p["groups"], *p["kernel_size"])
+        if t in ("Conv2d", "Conv1d"):
+            kernel = p["kernel_size"]
+            kernel = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,) * (2 if t == "Conv2d" else 1)
+            expected = (p["out_channels"], p["in_channels"] // p["groups"], *kernel)
         elif t == "Linear":
             expected = (p["out_features"], p["in_features"])
         elif t == "Polynomial" and not p.get("coefficients"):
