@@ -12,7 +12,6 @@ use std::sync::Arc;
 use fhe::bfv::{Ciphertext, EvaluationKey, PublicKey, RelinearizationKey, SecretKey};
 use fhe_traits::{DeserializeParametrized, Serialize as FheSerialize};
 use ndarray::{ArrayD, IxDyn};
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::context::{HeContext, Keys};
@@ -121,9 +120,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Ciphertexts serialized in parallel at a time (bounds the extra memory).
-const SERIALIZE_CHUNK: usize = 64;
-
 fn frame(kind: Kind, fingerprint: &[u8; 16], key_id: &[u8; 16], payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len() + CHECKSUM);
     out.extend_from_slice(MAGIC);
@@ -225,13 +221,9 @@ pub fn tensor_to_bytes(t: &CipherTensor) -> Vec<u8> {
         w.u64(d as u64);
     }
     w.u32(t.params().p().len() as u32);
-    // fhe.rs serializes one ciphertext at a time (about 2 ms each at m=8192):
-    // in parallel, a bounded chunk at a time (the blobs wait in memory).
-    let cts: Vec<&Ciphertext> = t.data().iter().flat_map(|e| e.iter()).collect();
-    for chunk in cts.chunks(SERIALIZE_CHUNK) {
-        let blobs: Vec<Vec<u8>> = chunk.par_iter().map(|ct| ct.to_bytes()).collect();
-        for b in &blobs {
-            w.bytes(b);
+    for e in t.data().iter() {
+        for ct in e {
+            w.bytes(&ct.to_bytes());
         }
     }
     frame(Kind::Tensor, &t.params().fingerprint(), &t.key_id(), &w.0)
@@ -311,34 +303,26 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
     if (count as usize).saturating_mul(ncomp).saturating_mul(8) > f.payload.len() {
         return Err(HeError::Format("the blob is truncated".into()));
     }
-    let mut blobs = Vec::with_capacity(count as usize * ncomp);
-    for _ in 0..count as usize * ncomp {
-        blobs.push(r.bytes()?);
-    }
-    r.done()?;
-    // fhe.rs parses one ciphertext at a time (expanding a seeded one's random
-    // part): in parallel; ciphertext i belongs to plaintext modulus i mod ncomp.
-    let parsed: Vec<(Ciphertext, usize)> = blobs
-        .par_iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let par = &params.bfv()[i % ncomp];
+    let mut elems: Vec<Element> = Vec::with_capacity(count as usize);
+    let mut level = None;
+    for _ in 0..count {
+        let mut e = Vec::with_capacity(ncomp);
+        for k in 0..ncomp {
+            let b = r.bytes()?;
+            let par = &params.bfv()[k];
             let ct = guarded("ciphertext", || Ciphertext::from_bytes(b, par))?;
             if ct.len() != 2 {
                 return Err(HeError::Format("a ciphertext must have two parts".into()));
             }
             let l = par.level_of_context(ct[0].ctx()).map_err(|e| HeError::Format(e.to_string()))?;
-            Ok((ct, l))
-        })
-        .collect::<Result<_>>()?;
-    if parsed.windows(2).any(|w| w[0].1 != w[1].1) {
-        return Err(HeError::Format("ciphertexts at different levels".into()));
+            if *level.get_or_insert(l) != l {
+                return Err(HeError::Format("ciphertexts at different levels".into()));
+            }
+            e.push(ct);
+        }
+        elems.push(e);
     }
-    let mut elems: Vec<Element> = Vec::with_capacity(count as usize);
-    let mut it = parsed.into_iter().map(|(ct, _)| ct);
-    for _ in 0..count {
-        elems.push(it.by_ref().take(ncomp).collect());
-    }
+    r.done()?;
     let data = ArrayD::from_shape_vec(IxDyn(&shape), elems).map_err(|e| HeError::Format(e.to_string()))?;
     Ok(CipherTensor::from_parts(data, batch, scale, growth, params.clone(), key_id))
 }
