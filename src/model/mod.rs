@@ -5,6 +5,7 @@
 //! prediction — goes through [`Model::run`] or [`Model::predict`].
 
 pub mod packed;
+pub mod packed_map;
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -180,15 +180,18 @@ impl PyContext {
                 .extract::<Vec<(usize, Vec<usize>)>>()
                 .map_err(|_| HEError::new_err("rotations must be True, False, None or [(level, [steps])]"))?
                 .into_iter()
-                .map(|(level, steps)| RotationNeed { level, steps })
+                .map(|(level, steps)| RotationNeed::at(level, steps))
                 .collect(),
             _ => match me.packed() {
                 Some(pm) => pm.layout(c.params()).map_err(to_py)?.rotation_needs(),
                 None => vec![],
             },
         };
-        // A packed model multiplies at the top level only: one relinearization key.
-        let levels = if me.packed().is_some() { 1 } else { usize::MAX };
+        // A packed model multiplies at the levels of its activations only.
+        let levels = match me.packed() {
+            Some(pm) => pm.layout(c.params()).map_err(to_py)?.product_levels(),
+            None => usize::MAX,
+        };
         let ctx = run(slf.py(), move || {
             c.keygen_for_levels(levels)?;
             if !needs.is_empty() {
