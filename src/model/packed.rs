@@ -53,7 +53,7 @@ use crate::he::tensor::Element;
 use crate::he::{CipherTensor, Encoding, HeContext, HeError, HeParameters, Multiplier, Result};
 
 /// The square as an activation: 0 + 0·z + 1·z².
-pub const SQUARE: [i64; 3] = [0, 0, 1];
+pub const SQUARE: [i128; 3] = [0, 0, 1];
 
 /// A linear map between two activations, fused by the planner.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +63,7 @@ pub struct HiddenMap {
     /// Per output feature, its (input feature, integer weight) terms (weights ≠ 0).
     pub rows: Vec<Vec<(usize, i64)>>,
     /// Integer bias per output feature.
-    pub bias: Vec<i64>,
+    pub bias: Vec<i128>,
 }
 
 /// The integers of a planned model: what the planner fixed.
@@ -83,14 +83,14 @@ pub struct PackedSpec {
     pub padding: usize,
     /// The activations, one after the convolution and one after every hidden
     /// map: integer coefficients [c0, c1, c2] of c0 + c1·z + c2·z² (c2 ≠ 0).
-    pub activations: Vec<[i64; 3]>,
+    pub activations: Vec<[i128; 3]>,
     /// The linear maps between activations (one fewer than activations).
     pub maps: Vec<HiddenMap>,
     /// The fused linear map after the last activation, [classes, features]
     /// row-major over (class, channel, row, column).
     pub linear_weight: Vec<i64>,
-    /// Its integer bias, one per class.
-    pub linear_bias: Vec<i64>,
+    /// Its integer bias, one per class (at the output scale: may pass 64 bits).
+    pub linear_bias: Vec<i128>,
     /// Inputs are encrypted as round(x · 2^input_bits).
     pub input_bits: u32,
     /// Output integers are logits · 2^output_bits.
@@ -287,17 +287,17 @@ impl PackedSpec {
                 }
             }
         }
-        let act = |z: Vec<i128>, a: &[i64; 3]| -> Result<Vec<i128>> {
+        let act = |z: Vec<i128>, a: &[i128; 3]| -> Result<Vec<i128>> {
             z.into_iter()
                 .map(|v| {
-                    let sq = v.checked_mul(v).and_then(|q| q.checked_mul(a[2] as i128)).ok_or_else(overflow)?;
-                    let lin = v.checked_mul(a[1] as i128).ok_or_else(overflow)?;
-                    sq.checked_add(lin).and_then(|u| u.checked_add(a[0] as i128)).ok_or_else(overflow)
+                    let sq = v.checked_mul(v).and_then(|q| q.checked_mul(a[2])).ok_or_else(overflow)?;
+                    let lin = v.checked_mul(a[1]).ok_or_else(overflow)?;
+                    sq.checked_add(lin).and_then(|u| u.checked_add(a[0])).ok_or_else(overflow)
                 })
                 .collect()
         };
-        fn dot(terms: impl Iterator<Item = (i64, i128)>, bias: i64) -> Result<i128> {
-            let mut acc = bias as i128;
+        fn dot(terms: impl Iterator<Item = (i64, i128)>, bias: i128) -> Result<i128> {
+            let mut acc = bias;
             for (w, v) in terms {
                 acc = v.checked_mul(w as i128).and_then(|u| u.checked_add(acc)).ok_or_else(overflow)?;
             }
@@ -424,6 +424,64 @@ fn add_into(acc: &mut Option<Ciphertext>, term: Ciphertext) {
     }
 }
 
+/// Σ ct ⊙ mask over `terms` (polynomial masks in NTT form), with one
+/// modular reduction per coefficient at the end: the products (each below
+/// q_i² < 2^124) are summed in u128, which holds 16 of them before a
+/// reduction is needed.
+fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a Multiplier)>, par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+    let mut acc: Option<(Vec<Vec<u128>>, Arc<fhe_math::rq::Context>, usize)> = None;
+    let mut count = 0usize;
+    for (ct, m) in terms {
+        let Multiplier::Poly(w) = m else {
+            return Err(HeError::Backend("a diagonal mask must be a polynomial".into()));
+        };
+        let ctx = ct[0].ctx();
+        let moduli = ctx.moduli();
+        let degree = ct[0].coefficients().shape()[1];
+        if w.shape() != [moduli.len(), degree] {
+            return Err(HeError::Value("a multiplier was prepared for another ciphertext level".into()));
+        }
+        let (sums, _, _) = acc.get_or_insert_with(|| (vec![vec![0u128; moduli.len() * degree]; ct.len()], ctx.clone(), ct.len()));
+        if sums.len() != ct.len() {
+            return Err(HeError::Backend("ciphertexts of different sizes in one sum".into()));
+        }
+        count += 1;
+        let reduce = count % 16 == 0;
+        for (part, sum) in ct.iter().zip(sums.iter_mut()) {
+            let c = part.coefficients();
+            for j in 0..moduli.len() {
+                let (cr, wr) = (c.row(j), w.row(j));
+                let (cr, wr) = (cr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?, wr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?);
+                let s = &mut sum[j * degree..(j + 1) * degree];
+                for i in 0..degree {
+                    s[i] += cr[i] as u128 * wr[i] as u128;
+                }
+                if reduce {
+                    let q = moduli[j] as u128;
+                    s.iter_mut().for_each(|v| *v %= q);
+                }
+            }
+        }
+    }
+    let (sums, ctx, _) = acc.ok_or_else(|| HeError::Backend("an empty masked sum".into()))?;
+    let moduli = ctx.moduli().to_vec();
+    let degree = sums[0].len() / moduli.len();
+    let parts = sums
+        .into_iter()
+        .map(|sum| {
+            let mut a = ndarray::Array2::<u64>::zeros((moduli.len(), degree));
+            for (j, mut row) in a.outer_iter_mut().enumerate() {
+                let q = moduli[j] as u128;
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = (sum[j * degree + i] % q) as u64;
+                }
+            }
+            Ok(Poly::try_convert_from(a, &ctx, true, Representation::Ntt)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Ciphertext::new(parts, par)?)
+}
+
 /// The constants of one activation for one prime.
 struct ActConsts {
     c2: Option<Multiplier>,
@@ -543,10 +601,11 @@ impl PackedModel {
         for (j, a) in sp.activations.iter().enumerate() {
             let out = self.level_after_act(lay, j);
             let ctx = par.context_at_level(out)?;
+            let small = |c: i128| i64::try_from(c).map_err(|_| HeError::Value(format!("packed model: activation {j}'s coefficient {c} exceeds 64 bits")));
             acts.push(ActConsts {
-                c2: (a[2] != 1).then(|| Multiplier::scalar(a[2], ctx)),
-                c1: (a[1] != 0).then(|| Multiplier::scalar(a[1], ctx)),
-                c0: if a[0] != 0 { Some(plaintext_at(&vec![a[0] as i128; slots], par, out)?) } else { None },
+                c2: if a[2] != 1 { Some(Multiplier::scalar(small(a[2])?, ctx)) } else { None },
+                c1: if a[1] != 0 { Some(Multiplier::scalar(small(a[1])?, ctx)) } else { None },
+                c0: if a[0] != 0 { Some(plaintext_at(&vec![a[0]; slots], par, out)?) } else { None },
             });
         }
         // Hidden maps: D_k[pos_out[f']] = w for k = pos_in[f] − pos_out[f'];
@@ -577,7 +636,7 @@ impl PackedModel {
             }
             let mut bias = vec![0i128; slots];
             for (fo, &b) in m.bias.iter().enumerate() {
-                bias[plan.pos_out[fo]] = b as i128;
+                bias[plan.pos_out[fo]] = b;
             }
             maps.push(MapMasks { giants, bias: plaintext_at(&bias, par, level)? });
             pos_in = plan.pos_out.clone();
@@ -806,18 +865,22 @@ impl PackedModel {
                     let prev = babies[(b + 1 - lo) as usize].as_ref().ok_or_else(|| HeError::Backend("baby step".into()))?;
                     babies[(b - lo) as usize] = Some(rot.rotate(prev, level, n - 1)?);
                 }
+                let babies: Vec<Ciphertext> = babies.into_iter().map(|b| b.ok_or_else(|| HeError::Backend("baby step".into()))).collect::<Result<_>>()?;
+                // Each giant's sum of masked babies (in parallel, lazily reduced), then Horner.
+                let inners: Vec<Ciphertext> = mm
+                    .giants
+                    .par_iter()
+                    .map(|terms| masked_sum(terms.iter().map(|(b, m)| (&babies[(b - lo) as usize], m)), par))
+                    .collect::<Result<_>>()?;
                 let mut acc: Option<Ciphertext> = None;
-                for (gi, terms) in mm.giants.iter().enumerate() {
+                for (gi, inner) in inners.into_iter().enumerate() {
                     if let Some(mut a) = acc.take() {
                         for &s in &plan.horner[gi - 1] {
                             a = rot.rotate(&a, level, s)?;
                         }
                         acc = Some(a);
                     }
-                    for (b, m) in terms {
-                        let xb = babies[(b - lo) as usize].as_ref().ok_or_else(|| HeError::Backend("baby step".into()))?;
-                        add_into(&mut acc, m.apply(xb, par)?);
-                    }
+                    add_into(&mut acc, inner);
                 }
                 let mut acc = match acc {
                     Some(a) => a,
@@ -910,7 +973,7 @@ impl PackedModel {
             sums[p % lay.d] = (sums[p % lay.d] + r) % t;
         }
         for k in 0..lay.d {
-            let b = self.spec.linear_bias.get(k).map_or(0, |&b| reduce_i128(b as i128, t));
+            let b = self.spec.linear_bias.get(k).map_or(0, |&b| reduce_i128(b, t));
             v[k] = (b + t - sums[k]) % t;
         }
         Ok(Plaintext::try_encode(&v[..], FheEncoding::simd_at_level(lay.lin_level), par)?)
@@ -1071,7 +1134,7 @@ mod tests_support {
             activations: vec![SQUARE],
             maps: vec![],
             linear_weight: vec![],
-            linear_bias: rnd(classes, -1000, 1000),
+            linear_bias: rnd(classes, -1000, 1000).into_iter().map(i128::from).collect(),
             input_bits: 0,
             output_bits: 0,
         };
@@ -1117,15 +1180,15 @@ mod tests_support {
                 }
             }
         }
-        HiddenMap { out_shape: [co, oh, ow], bias: rnd(co * oh * ow, -wb, wb), rows }
+        HiddenMap { out_shape: [co, oh, ow], bias: rnd(co * oh * ow, -wb, wb).into_iter().map(i128::from).collect(), rows }
     }
 
     /// A model conv → act → (map → act)* → linear with the given maps.
-    pub(super) fn deep(sp: PackedSpec, maps: Vec<HiddenMap>, acts: Vec<[i64; 3]>, classes: usize, wb: i64) -> PackedSpec {
+    pub(super) fn deep(sp: PackedSpec, maps: Vec<HiddenMap>, acts: Vec<[i128; 3]>, classes: usize, wb: i64) -> PackedSpec {
         let mut sp = PackedSpec { maps, activations: acts, ..sp };
         let f: usize = sp.shape_after(sp.maps.len()).iter().product();
         sp.linear_weight = rnd(classes * f, -wb, wb);
-        sp.linear_bias = rnd(classes, -1000, 1000);
+        sp.linear_bias = rnd(classes, -1000, 1000).into_iter().map(i128::from).collect();
         sp
     }
 

@@ -138,7 +138,8 @@ fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
             let gs: Vec<usize> = giants.keys().rev().copied().collect();
             let mut gaps: Vec<usize> = gs.windows(2).map(|p| p[0] - p[1]).collect();
             gaps.push(*gs.last().unwrap_or(&0));
-            let cost_upper = (b_hi - b_lo) as usize + gaps.iter().filter(|&&g| g > 0).count();
+            // Baby steps use special-prime keys (about twice a giant step's cost).
+            let cost_upper = 2 * (b_hi - b_lo) as usize + gaps.iter().filter(|&&g| g > 0).count();
             if best.as_ref().is_some_and(|(c, _)| cost_upper >= *c) {
                 continue;
             }
@@ -150,7 +151,7 @@ fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
                 horner,
                 diagonals: ks.len(),
             };
-            let cost = plan.rotations();
+            let cost = plan.rotations() + (b_hi - b_lo) as usize;
             if best.as_ref().is_none_or(|(c, _)| cost < *c) {
                 best = Some((cost, plan));
             }

@@ -63,7 +63,7 @@ fn stage_names(pm: &PackedModel) -> Vec<String> {
 }
 
 /// A hidden map from Python: (out_shape, dense int64 weight [out, in], bias [out]).
-type PyMap<'py> = ((usize, usize, usize), PyReadonlyArrayDyn<'py, i64>, PyReadonlyArrayDyn<'py, i64>);
+type PyMap<'py> = ((usize, usize, usize), PyReadonlyArrayDyn<'py, i64>, Vec<i128>);
 
 fn hidden_map(m: PyMap<'_>) -> PyResult<HiddenMap> {
     let (shape, w, b) = m;
@@ -72,13 +72,14 @@ fn hidden_map(m: PyMap<'_>) -> PyResult<HiddenMap> {
         return Err(super::errors::HEError::new_err(format!("a hidden map's weight must be 2-d [out, in], got shape {:?}", w.shape())));
     }
     let rows = w.outer_iter().map(|r| r.iter().enumerate().filter(|(_, &v)| v != 0).map(|(f, &v)| (f, v)).collect()).collect();
-    Ok(HiddenMap { out_shape: [shape.0, shape.1, shape.2], rows, bias: ints(&b) })
+    Ok(HiddenMap { out_shape: [shape.0, shape.1, shape.2], rows, bias: b })
 }
 
 #[pymethods]
 impl PyPackedModel {
     /// Integer weights (int64 arrays): conv weight [out, in, kh, kw], conv
-    /// bias [out], fused linear weight [classes, out·Ho·Wo], its bias [classes].
+    /// bias [out], fused linear weight [classes, features]; its bias [classes]
+    /// (Python ints: at the output scale they may pass 64 bits).
     #[new]
     /// `activations`: [c0, c1, c2] integers per activation (default one
     /// square); `maps`: the hidden maps between activations, each
@@ -92,10 +93,10 @@ impl PyPackedModel {
         stride: usize,
         padding: usize,
         linear_weight: PyReadonlyArrayDyn<'_, i64>,
-        linear_bias: PyReadonlyArrayDyn<'_, i64>,
+        linear_bias: Vec<i128>,
         input_bits: u32,
         output_bits: u32,
-        activations: Option<Vec<[i64; 3]>>,
+        activations: Option<Vec<[i128; 3]>>,
         maps: Option<Vec<PyMap<'_>>>,
     ) -> PyResult<PyPackedModel> {
         let shape = conv_weight.as_array().shape().to_vec();
@@ -112,7 +113,7 @@ impl PyPackedModel {
             activations: activations.unwrap_or_else(|| vec![SQUARE]),
             maps: maps.unwrap_or_default().into_iter().map(hidden_map).collect::<PyResult<_>>()?,
             linear_weight: ints(&linear_weight),
-            linear_bias: ints(&linear_bias),
+            linear_bias,
             input_bits,
             output_bits,
         };
@@ -172,7 +173,7 @@ impl PyPackedModel {
 
     /// The activations' integer coefficients [c0, c1, c2].
     #[getter]
-    fn activations(&self) -> Vec<[i64; 3]> {
+    fn activations(&self) -> Vec<[i128; 3]> {
         self.inner.spec().activations.clone()
     }
 
