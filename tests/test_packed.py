@@ -110,13 +110,22 @@ def test_models_outside_the_family_are_refused():
 
 def test_too_deep_is_refused_naming_the_stage():
     nn = torch.nn
-    layers = [nn.Conv2d(1, 2, 3, padding=1), pycrcnn.nn.Square()]
-    for _ in range(6):
-        layers += [nn.Conv2d(2, 2, 3, padding=1), pycrcnn.nn.Square()]
-    net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(2 * 8 * 8, 2)).eval()
-    with pytest.raises(pycrcnn.PlanError, match="noise budget runs out at layer") as exc:
-        pycrcnn.plan(net, np.random.default_rng(0).uniform(0, 1, (2, 1, 8, 8)), layout="packed", measure=False)
-    assert exc.value.layer is not None and exc.value.layer_name in ("Square", "Conv2d", "Linear") and exc.value.fix
+
+    def net(squares):
+        layers = [nn.Conv2d(1, 2, 3, padding=1), pycrcnn.nn.Square()]
+        for _ in range(squares - 1):
+            layers += [nn.Conv2d(2, 2, 3, padding=1), pycrcnn.nn.Square()]
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(2 * 8 * 8, 2)).eval()
+
+    x = np.random.default_rng(0).uniform(0, 1, (2, 1, 8, 8))
+    # Three squares at m=8192: its 4 moduli give levels to two activations only.
+    with pytest.raises(pycrcnn.PlanError, match=r"moduli run out at layer 5 \(Square\)") as exc:
+        pycrcnn.plan(net(3), x, layout="packed", m=8192, measure=False, input_bits=3, weight_bits=3, map_bits=3)
+    assert exc.value.layer == 5 and exc.value.layer_name == "Square" and "larger m" in exc.value.fix
+    # Seven squares: the integers outgrow the range at the activation that doubles them past it.
+    with pytest.raises(pycrcnn.PlanError, match=r"pass 120 bits at layer \d+ \(Square\)") as exc:
+        pycrcnn.plan(net(7), x, layout="packed", measure=False)
+    assert exc.value.layer is not None and exc.value.fix
 
 
 def test_two_square_lenet_is_exact(digits):

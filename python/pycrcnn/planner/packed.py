@@ -289,7 +289,12 @@ def _size(acts: int, conv_rotates: bool, layers: Sequence[LayerSpec], m: Optiona
             return mm, sizes, t
         worst = (mm, t, left)
     if worst is None:
-        raise PlanError(f"{acts} activations need at least {acts + 2} ciphertext moduli", fix="fewer activations")
+        most = max(len(sizes) for _, sizes in candidates)
+        act = layers[1 + 2 * max(0, most - 2)]
+        raise PlanError(f"the ciphertext moduli run out at layer {act.index} ({act.type}): {acts} activations need "
+                        f"{acts + 2} moduli (one level each, the linear part above the last), m={m or 16384} has {most}",
+                        layer=act.index, layer_name=act.type,
+                        fix="fewer activations, a larger m, or layout='batch' with a rencryption before this layer")
     mm, t, left = worst
     stage = next(i for i, v in enumerate(left) if v < noise_margin)
     layer = layers[stage]
@@ -391,6 +396,11 @@ def _integers(spec: ModelSpec, conv: LayerSpec, segments: Sequence[Tuple[LayerSp
     for j, (act, tail) in enumerate(segments):
         a = _activation_coefficients(act)
         e = 0 if act.type == "Square" else _bits_for(abs(a[2]), weight_bits)
+        if 2 * scale + e > 120:
+            raise PlanError(f"the integers pass 120 bits at layer {act.index} ({act.type}): each activation doubles "
+                            f"the scale (2^{scale} before it)", layer=act.index, layer_name=act.type,
+                            fix="fewer bits (input_bits, weight_bits, map_bits), fewer activations, or "
+                                "layout='batch' with a rencryption before this layer")
         coeffs = [round(a[0] * 2.0 ** (2 * scale + e)), round(a[1] * 2.0 ** (scale + e)), round(a[2] * 2.0 ** e)]
         if any(abs(c) >= 2 ** 62 for c in coeffs[1:]) or abs(coeffs[0]) >= 2 ** 126:
             raise PlanError(f"the polynomial at layer {act.index} needs coefficients beyond 62 bits at this depth "
