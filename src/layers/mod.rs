@@ -93,7 +93,8 @@ impl Layer {
             // Flattening moves values without changing them.
             Layer::Flatten => Ok(probe.clone()),
             Layer::Packed(_) => Err(crate::he::HeError::Value(
-                "packed stages are not predicted on probes: the packed plan's report predicts them".into(),
+                "packed stages are not predicted on probes: the packed plan's report predicts them"
+                    .into(),
             )),
             _ => self.forward(ctx, probe),
         }

@@ -104,8 +104,10 @@ pub struct Layout {
     pub n: usize,
     /// Conv output height and width.
     pub ho: usize,
-    /// Conv output width (the row pitch in the slots).
+    /// Conv output width.
     pub wo: usize,
+    /// Slots between two rows (Wo, or the power of two above it with hidden maps).
+    pub pitch: usize,
     /// Rows per block (Ho plus the rows the kernel reaches below).
     pub rows: usize,
     /// Slots per output channel.
@@ -146,22 +148,39 @@ impl PackedSpec {
         let [c, h, w] = self.in_shape;
         let [co, ci, kh, kw] = self.conv_shape;
         if c == 0 || h == 0 || w == 0 || co == 0 || kh == 0 || kw == 0 || self.stride == 0 {
-            return spec_err(format!("packed model: zero-sized input {:?}, kernel {:?} or stride {}", self.in_shape, self.conv_shape, self.stride));
+            return spec_err(format!(
+                "packed model: zero-sized input {:?}, kernel {:?} or stride {}",
+                self.in_shape, self.conv_shape, self.stride
+            ));
         }
         if ci != c {
-            return spec_err(format!("packed model: the convolution takes {ci} channels but the input has {c}"));
+            return spec_err(format!(
+                "packed model: the convolution takes {ci} channels but the input has {c}"
+            ));
         }
         if h + 2 * self.padding < kh || w + 2 * self.padding < kw {
-            return spec_err(format!("packed model: a {kh}×{kw} kernel does not fit the padded {h}×{w} input"));
+            return spec_err(format!(
+                "packed model: a {kh}×{kw} kernel does not fit the padded {h}×{w} input"
+            ));
         }
         if self.input_bits > 40 || self.output_bits > 250 {
-            return spec_err(format!("packed model: input_bits {} (≤ 40) or output_bits {} (≤ 250) out of range", self.input_bits, self.output_bits));
+            return spec_err(format!(
+                "packed model: input_bits {} (≤ 40) or output_bits {} (≤ 250) out of range",
+                self.input_bits, self.output_bits
+            ));
         }
         if self.conv_weight.len() != co * ci * kh * kw || self.conv_bias.len() != co {
-            return spec_err("packed model: convolution weights or bias do not match its shape".into());
+            return spec_err(
+                "packed model: convolution weights or bias do not match its shape".into(),
+            );
         }
         if self.activations.len() != self.maps.len() + 1 {
-            return spec_err(format!("packed model: {} activations need {} maps between them, got {}", self.activations.len(), self.activations.len().saturating_sub(1), self.maps.len()));
+            return spec_err(format!(
+                "packed model: {} activations need {} maps between them, got {}",
+                self.activations.len(),
+                self.activations.len().saturating_sub(1),
+                self.maps.len()
+            ));
         }
         if let Some(j) = self.activations.iter().position(|a| a[2] == 0) {
             return spec_err(format!("packed model: activation {j} has no square term (c2 = 0): fuse it into the linear map"));
@@ -171,14 +190,21 @@ impl PackedSpec {
         for (j, m) in self.maps.iter().enumerate() {
             let out: usize = m.out_shape.iter().product();
             if out == 0 || m.rows.len() != out || m.bias.len() != out {
-                return spec_err(format!("packed model: map {j} must have one row and one bias per output of {:?}", m.out_shape));
+                return spec_err(format!(
+                    "packed model: map {j} must have one row and one bias per output of {:?}",
+                    m.out_shape
+                ));
             }
             if m.rows.iter().flatten().any(|&(f, _)| f >= features) {
-                return spec_err(format!("packed model: map {j} reads an input feature beyond its {features} inputs"));
+                return spec_err(format!(
+                    "packed model: map {j} reads an input feature beyond its {features} inputs"
+                ));
             }
             features = out;
         }
-        if self.linear_bias.is_empty() || self.linear_weight.len() != self.linear_bias.len() * features {
+        if self.linear_bias.is_empty()
+            || self.linear_weight.len() != self.linear_bias.len() * features
+        {
             return spec_err(format!(
                 "packed model: the linear map must be [classes, {features}] with one bias per class; got {} weights and {} biases",
                 self.linear_weight.len(),
@@ -192,7 +218,10 @@ impl PackedSpec {
     pub fn conv_out(&self) -> (usize, usize) {
         let [_, h, w] = self.in_shape;
         let [_, _, kh, kw] = self.conv_shape;
-        ((h + 2 * self.padding - kh) / self.stride + 1, (w + 2 * self.padding - kw) / self.stride + 1)
+        (
+            (h + 2 * self.padding - kh) / self.stride + 1,
+            (w + 2 * self.padding - kw) / self.stride + 1,
+        )
     }
 
     /// Output classes.
@@ -221,6 +250,11 @@ impl PackedSpec {
         let n = m / 2;
         let wrap = n / co.next_power_of_two();
         let block = if wrap >= rows * wo { wrap } else { rows * wo };
+        // With hidden maps, rows are `pitch` slots apart, a power of two
+        // dividing the block when it fits: the maps' diagonals then repeat with
+        // the same period across rows and channel blocks, and baby steps line
+        // up with giant steps (two-square LeNet-1: 66 → 55 rotations).
+        let pitch = if self.maps.is_empty() || block != wrap { wo } else { Some(wo.next_power_of_two()).filter(|&p| rows * p <= block).unwrap_or(wo) };
         if co * block > n {
             return Err(HeError::Parameter(format!(
                 "packed layout: {co} channels of {rows}×{wo} slots need {} slots, more than the {n} of one SIMD row at m={m}; use a larger m",
@@ -241,19 +275,41 @@ impl PackedSpec {
         let classes = self.classes();
         let d = classes.next_power_of_two();
         if d > n {
-            return Err(HeError::Parameter(format!("packed layout: {classes} classes do not fit {n} slots")));
+            return Err(HeError::Parameter(format!(
+                "packed layout: {classes} classes do not fit {n} slots"
+            )));
         }
-        let mut pos: Vec<usize> = (0..co).flat_map(|o| (0..ho).flat_map(move |i| (0..wo).map(move |j| o * block + i * wo + j))).collect();
+        let mut pos: Vec<usize> = (0..co)
+            .flat_map(|o| (0..ho).flat_map(move |i| (0..wo).map(move |j| o * block + i * pitch + j)))
+            .collect();
         let mut maps = Vec::with_capacity(self.maps.len());
         for (j, m) in self.maps.iter().enumerate() {
-            let plan = plan_map(&m.rows, m.out_shape, &pos, n).map_err(|e| HeError::Parameter(format!("packed layout, map {j}: {e}")))?;
+            let plan = plan_map(&m.rows, m.out_shape, &pos, n)
+                .map_err(|e| HeError::Parameter(format!("packed layout, map {j}: {e}")))?;
             pos = plan.pos_out.clone();
             maps.push(plan);
         }
         let log_d = d.trailing_zeros();
         let d1 = 1usize << log_d.div_ceil(2);
         let d2 = d / d1;
-        Ok(Layout { n, ho, wo, rows, block, amax, inputs: c * self.stride * kw, classes, d, d1, d2, act_levels, maps, pos_last: pos, lin_level })
+        Ok(Layout {
+            n,
+            ho,
+            wo,
+            pitch,
+            rows,
+            block,
+            amax,
+            inputs: c * self.stride * kw,
+            classes,
+            d,
+            d1,
+            d2,
+            act_levels,
+            maps,
+            pos_last: pos,
+            lin_level,
+        })
     }
 
     /// Exact integer evaluation in i128: conv + bias, activations, maps, A·z + b.
@@ -261,7 +317,10 @@ impl PackedSpec {
         self.validate()?;
         let [c, h, w] = self.in_shape;
         if x.len() != c * h * w {
-            return spec_err(format!("packed model: the input has {} values, the model takes {c}×{h}×{w}", x.len()));
+            return spec_err(format!(
+                "packed model: the input has {} values, the model takes {c}×{h}×{w}",
+                x.len()
+            ));
         }
         let [co, _, kh, kw] = self.conv_shape;
         let (ho, wo) = self.conv_out();
@@ -274,12 +333,16 @@ impl PackedSpec {
                     for ch in 0..c {
                         for a in 0..kh {
                             for b in 0..kw {
-                                let (y, xx) = (s * i as isize + a as isize - p, s * j as isize + b as isize - p);
+                                let (y, xx) = (
+                                    s * i as isize + a as isize - p,
+                                    s * j as isize + b as isize - p,
+                                );
                                 if y < 0 || xx < 0 || y >= h as isize || xx >= w as isize {
                                     continue;
                                 }
                                 let v = x[(ch * h + y as usize) * w + xx as usize] as i128;
-                                acc += v * self.conv_weight[((o * c + ch) * kh + a) * kw + b] as i128;
+                                acc +=
+                                    v * self.conv_weight[((o * c + ch) * kh + a) * kw + b] as i128;
                             }
                         }
                     }
@@ -290,26 +353,49 @@ impl PackedSpec {
         let act = |z: Vec<i128>, a: &[i128; 3]| -> Result<Vec<i128>> {
             z.into_iter()
                 .map(|v| {
-                    let sq = v.checked_mul(v).and_then(|q| q.checked_mul(a[2])).ok_or_else(overflow)?;
+                    let sq = v
+                        .checked_mul(v)
+                        .and_then(|q| q.checked_mul(a[2]))
+                        .ok_or_else(overflow)?;
                     let lin = v.checked_mul(a[1]).ok_or_else(overflow)?;
-                    sq.checked_add(lin).and_then(|u| u.checked_add(a[0])).ok_or_else(overflow)
+                    sq.checked_add(lin)
+                        .and_then(|u| u.checked_add(a[0]))
+                        .ok_or_else(overflow)
                 })
                 .collect()
         };
         fn dot(terms: impl Iterator<Item = (i64, i128)>, bias: i128) -> Result<i128> {
             let mut acc = bias;
             for (w, v) in terms {
-                acc = v.checked_mul(w as i128).and_then(|u| u.checked_add(acc)).ok_or_else(overflow)?;
+                acc = v
+                    .checked_mul(w as i128)
+                    .and_then(|u| u.checked_add(acc))
+                    .ok_or_else(overflow)?;
             }
             Ok(acc)
         }
         let mut z = act(z, &self.activations[0])?;
         for (j, m) in self.maps.iter().enumerate() {
-            let y = m.rows.iter().zip(&m.bias).map(|(r, &b)| dot(r.iter().map(|&(f, w)| (w, z[f])), b)).collect::<Result<Vec<_>>>()?;
+            let y = m
+                .rows
+                .iter()
+                .zip(&m.bias)
+                .map(|(r, &b)| dot(r.iter().map(|&(f, w)| (w, z[f])), b))
+                .collect::<Result<Vec<_>>>()?;
             z = act(y, &self.activations[j + 1])?;
         }
         let f = z.len();
-        (0..self.classes()).map(|k| dot(self.linear_weight[k * f..(k + 1) * f].iter().zip(&z).map(|(&a, &v)| (a, v)), self.linear_bias[k])).collect()
+        (0..self.classes())
+            .map(|k| {
+                dot(
+                    self.linear_weight[k * f..(k + 1) * f]
+                        .iter()
+                        .zip(&z)
+                        .map(|(&a, &v)| (a, v)),
+                    self.linear_bias[k],
+                )
+            })
+            .collect()
     }
 }
 
@@ -322,11 +408,14 @@ impl Layout {
         let mut plain: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         let mut baby: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         if self.amax > 0 {
-            plain.entry(0).or_default().push(self.wo);
+            plain.entry(0).or_default().push(self.pitch);
         }
         for (j, m) in self.maps.iter().enumerate() {
             let level = self.act_levels[j + 1];
-            plain.entry(level).or_default().extend(m.horner.iter().flatten());
+            plain
+                .entry(level)
+                .or_default()
+                .extend(m.horner.iter().flatten());
             let b = baby.entry(level).or_default();
             if m.babies.1 > 0 {
                 b.push(1);
@@ -355,7 +444,11 @@ impl Layout {
                 p.retain(|s| !steps.contains(s));
             }
             if !steps.is_empty() {
-                out.push(RotationNeed { level, steps, key_level: Some(level.saturating_sub(1)) });
+                out.push(RotationNeed {
+                    level,
+                    steps,
+                    key_level: Some(level.saturating_sub(1)),
+                });
             }
         }
         for (level, mut steps) in plain {
@@ -371,7 +464,10 @@ impl Layout {
 
     /// Rotations per plaintext prime in one run.
     pub fn rotations(&self) -> usize {
-        self.amax + self.maps.iter().map(MapPlan::rotations).sum::<usize>() + (self.d1 - 1) + (self.d2 - 1)
+        self.amax
+            + self.maps.iter().map(MapPlan::rotations).sum::<usize>()
+            + (self.d1 - 1)
+            + (self.d2 - 1)
     }
 
     /// Ciphertext × plaintext products of the hidden maps (their diagonals).
@@ -400,7 +496,12 @@ fn simd_coefficients(slots: &[u64], par: &Arc<BfvParameters>) -> Result<Vec<i64>
     let mut c0 = prod[0].clone();
     c0.change_representation(Representation::PowerBasis);
     let t = par.plaintext();
-    Ok(c0.coefficients().row(0).iter().map(|&v| centre(v, t)).collect())
+    Ok(c0
+        .coefficients()
+        .row(0)
+        .iter()
+        .map(|&v| centre(v, t))
+        .collect())
 }
 
 fn slots_mod(values: &[i128], t: u64) -> Vec<u64> {
@@ -414,7 +515,11 @@ fn mask(values: &[i128], par: &Arc<BfvParameters>, level: usize) -> Result<Multi
 }
 
 fn plaintext_at(values: &[i128], par: &Arc<BfvParameters>, level: usize) -> Result<Plaintext> {
-    Ok(Plaintext::try_encode(&slots_mod(values, par.plaintext())[..], FheEncoding::simd_at_level(level), par)?)
+    Ok(Plaintext::try_encode(
+        &slots_mod(values, par.plaintext())[..],
+        FheEncoding::simd_at_level(level),
+        par,
+    )?)
 }
 
 fn add_into(acc: &mut Option<Ciphertext>, term: Ciphertext) {
@@ -428,22 +533,37 @@ fn add_into(acc: &mut Option<Ciphertext>, term: Ciphertext) {
 /// modular reduction per coefficient at the end: the products (each below
 /// q_i² < 2^124) are summed in u128, which holds 16 of them before a
 /// reduction is needed.
-fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a Multiplier)>, par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+fn masked_sum<'a>(
+    terms: impl Iterator<Item = (&'a Ciphertext, &'a Multiplier)>,
+    par: &Arc<BfvParameters>,
+) -> Result<Ciphertext> {
     let mut acc: Option<(Vec<Vec<u128>>, Arc<fhe_math::rq::Context>, usize)> = None;
     let mut count = 0usize;
     for (ct, m) in terms {
         let Multiplier::Poly(w) = m else {
-            return Err(HeError::Backend("a diagonal mask must be a polynomial".into()));
+            return Err(HeError::Backend(
+                "a diagonal mask must be a polynomial".into(),
+            ));
         };
         let ctx = ct[0].ctx();
         let moduli = ctx.moduli();
         let degree = ct[0].coefficients().shape()[1];
         if w.shape() != [moduli.len(), degree] {
-            return Err(HeError::Value("a multiplier was prepared for another ciphertext level".into()));
+            return Err(HeError::Value(
+                "a multiplier was prepared for another ciphertext level".into(),
+            ));
         }
-        let (sums, _, _) = acc.get_or_insert_with(|| (vec![vec![0u128; moduli.len() * degree]; ct.len()], ctx.clone(), ct.len()));
+        let (sums, _, _) = acc.get_or_insert_with(|| {
+            (
+                vec![vec![0u128; moduli.len() * degree]; ct.len()],
+                ctx.clone(),
+                ct.len(),
+            )
+        });
         if sums.len() != ct.len() {
-            return Err(HeError::Backend("ciphertexts of different sizes in one sum".into()));
+            return Err(HeError::Backend(
+                "ciphertexts of different sizes in one sum".into(),
+            ));
         }
         count += 1;
         let reduce = count % 16 == 0;
@@ -451,7 +571,12 @@ fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a Multiplier)>,
             let c = part.coefficients();
             for j in 0..moduli.len() {
                 let (cr, wr) = (c.row(j), w.row(j));
-                let (cr, wr) = (cr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?, wr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?);
+                let (cr, wr) = (
+                    cr.as_slice()
+                        .ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                    wr.as_slice()
+                        .ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                );
                 let s = &mut sum[j * degree..(j + 1) * degree];
                 for i in 0..degree {
                     s[i] += cr[i] as u128 * wr[i] as u128;
@@ -511,7 +636,12 @@ type Cache<T> = Mutex<Vec<([u8; 16], Arc<T>)>>;
 
 fn cached<T>(cache: &Cache<T>, fp: [u8; 16], make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
     let poisoned = || HeError::Backend("packed model cache poisoned".into());
-    if let Some((_, v)) = cache.lock().map_err(|_| poisoned())?.iter().find(|(f, _)| *f == fp) {
+    if let Some((_, v)) = cache
+        .lock()
+        .map_err(|_| poisoned())?
+        .iter()
+        .find(|(f, _)| *f == fp)
+    {
         return Ok(v.clone());
     }
     let built = Arc::new(make()?);
@@ -534,7 +664,11 @@ impl PackedModel {
     /// A validated model.
     pub fn new(spec: PackedSpec) -> Result<PackedModel> {
         spec.validate()?;
-        Ok(PackedModel { spec, layouts: Mutex::new(Vec::new()), cache: Mutex::new(Vec::new()) })
+        Ok(PackedModel {
+            spec,
+            layouts: Mutex::new(Vec::new()),
+            cache: Mutex::new(Vec::new()),
+        })
     }
 
     /// Its integers.
@@ -545,14 +679,24 @@ impl PackedModel {
     /// The layout under `params`.
     pub fn layout(&self, params: &HeParameters) -> Result<Arc<Layout>> {
         if !matches!(params.encoding(), Encoding::Batch { .. }) {
-            return Err(HeError::Parameter("the packed layout needs SIMD parameters (the batch encoding's primes)".into()));
+            return Err(HeError::Parameter(
+                "the packed layout needs SIMD parameters (the batch encoding's primes)".into(),
+            ));
         }
-        cached(&self.layouts, params.fingerprint(), || self.spec.layout(params.m(), params.moduli().len()))
+        cached(&self.layouts, params.fingerprint(), || {
+            self.spec.layout(params.m(), params.moduli().len())
+        })
     }
 
     fn masks(&self, params: &HeParameters) -> Result<Arc<Vec<PrimeMasks>>> {
         let lay = self.layout(params)?;
-        cached(&self.cache, params.fingerprint(), || params.bfv().par_iter().map(|par| self.build_masks(&lay, par)).collect::<Result<Vec<_>>>())
+        cached(&self.cache, params.fingerprint(), || {
+            params
+                .bfv()
+                .par_iter()
+                .map(|par| self.build_masks(&lay, par))
+                .collect::<Result<Vec<_>>>()
+        })
     }
 
     fn build_masks(&self, lay: &Layout, par: &Arc<BfvParameters>) -> Result<PrimeMasks> {
@@ -573,7 +717,9 @@ impl PackedModel {
                         continue;
                     }
                     for b in 0..kw {
-                        let wv: Vec<i128> = (0..co).map(|o| sp.conv_weight[((o * ci + ch) * kh + a) * kw + b] as i128).collect();
+                        let wv: Vec<i128> = (0..co)
+                            .map(|o| sp.conv_weight[((o * ci + ch) * kh + a) * kw + b] as i128)
+                            .collect();
                         if wv.iter().all(|&v| v == 0) {
                             continue;
                         }
@@ -601,17 +747,40 @@ impl PackedModel {
         for (j, a) in sp.activations.iter().enumerate() {
             let out = self.level_after_act(lay, j);
             let ctx = par.context_at_level(out)?;
-            let small = |c: i128| i64::try_from(c).map_err(|_| HeError::Value(format!("packed model: activation {j}'s coefficient {c} exceeds 64 bits")));
+            let small = |c: i128| {
+                i64::try_from(c).map_err(|_| {
+                    HeError::Value(format!(
+                        "packed model: activation {j}'s coefficient {c} exceeds 64 bits"
+                    ))
+                })
+            };
             acts.push(ActConsts {
-                c2: if a[2] != 1 { Some(Multiplier::scalar(small(a[2])?, ctx)) } else { None },
-                c1: if a[1] != 0 { Some(Multiplier::scalar(small(a[1])?, ctx)) } else { None },
-                c0: if a[0] != 0 { Some(plaintext_at(&vec![a[0]; slots], par, out)?) } else { None },
+                c2: if a[2] != 1 {
+                    Some(Multiplier::scalar(small(a[2])?, ctx))
+                } else {
+                    None
+                },
+                c1: if a[1] != 0 {
+                    Some(Multiplier::scalar(small(a[1])?, ctx))
+                } else {
+                    None
+                },
+                c0: if a[0] != 0 {
+                    Some(plaintext_at(&vec![a[0]; slots], par, out)?)
+                } else {
+                    None
+                },
             });
         }
         // Hidden maps: D_k[pos_out[f']] = w for k = pos_in[f] − pos_out[f'];
         // the mask of (giant g, diagonal k) is D_k rotated by −g.
         let mut maps = Vec::with_capacity(sp.maps.len());
-        let mut pos_in: Vec<usize> = (0..co).flat_map(|o| (0..lay.ho).flat_map(move |i| (0..lay.wo).map(move |j| o * lay.block + i * lay.wo + j))).collect();
+        let mut pos_in: Vec<usize> = (0..co)
+            .flat_map(|o| {
+                (0..lay.ho)
+                    .flat_map(move |i| (0..lay.wo).map(move |j| o * lay.block + i * lay.pitch + j))
+            })
+            .collect();
         for (j, m) in sp.maps.iter().enumerate() {
             let plan = &lay.maps[j];
             let level = lay.act_levels[j + 1];
@@ -619,7 +788,9 @@ impl PackedModel {
             for (fo, row) in m.rows.iter().enumerate() {
                 let q = plan.pos_out[fo];
                 for &(f, w) in row {
-                    by_k.entry((pos_in[f] + n - q) % n).or_default().push((q, w));
+                    by_k.entry((pos_in[f] + n - q) % n)
+                        .or_default()
+                        .push((q, w));
                 }
             }
             let mut giants = Vec::with_capacity(plan.giants.len());
@@ -638,7 +809,10 @@ impl PackedModel {
             for (fo, &b) in m.bias.iter().enumerate() {
                 bias[plan.pos_out[fo]] = b;
             }
-            maps.push(MapMasks { giants, bias: plaintext_at(&bias, par, level)? });
+            maps.push(MapMasks {
+                giants,
+                bias: plaintext_at(&bias, par, level)?,
+            });
             pos_in = plan.pos_out.clone();
         }
         // Final linear map: column q of A sits at slot pos_last[q]; D_g[p] = A[p mod d, col at slot p+g].
@@ -667,11 +841,21 @@ impl PackedModel {
                         }
                     }
                 }
-                row.push(if any { Some(mask(&v, par, lay.lin_level)?) } else { None });
+                row.push(if any {
+                    Some(mask(&v, par, lay.lin_level)?)
+                } else {
+                    None
+                });
             }
             diag.push(row);
         }
-        Ok(PrimeMasks { conv, conv_bias, acts, maps, diag })
+        Ok(PrimeMasks {
+            conv,
+            conv_bias,
+            acts,
+            maps,
+            diag,
+        })
     }
 
     /// The level activation j's output is at (the next map's, or the linear part's).
@@ -687,7 +871,10 @@ impl PackedModel {
         let sp = &self.spec;
         let [c, h, w] = sp.in_shape;
         if x.len() != c * h * w {
-            return spec_err(format!("the packed model takes one [{c}, {h}, {w}] image; got {} values", x.len()));
+            return spec_err(format!(
+                "the packed model takes one [{c}, {h}, {w}] image; got {} values",
+                x.len()
+            ));
         }
         let [co, _, _, kw] = sp.conv_shape;
         let (s, pad) = (sp.stride, sp.padding as isize);
@@ -710,7 +897,7 @@ impl PackedModel {
                         }
                         let val = x[(ch * h + y as usize) * w + xx as usize] as i128;
                         for o in 0..co {
-                            v[o * lay.block + i * lay.wo + j] = val;
+                            v[o * lay.block + i * lay.pitch + j] = val;
                         }
                     }
                 }
@@ -729,18 +916,36 @@ impl PackedModel {
                     .collect::<Result<Element>>()
             })
             .collect::<Result<_>>()?;
-        let data = ArrayD::from_shape_vec(IxDyn(&[lay.inputs]), elems).map_err(|e| HeError::Value(e.to_string()))?;
-        Ok(CipherTensor::from_parts(data, Some(params.m()), 1.0, Growth::Integer(0.0), params.clone(), key_id))
+        let data = ArrayD::from_shape_vec(IxDyn(&[lay.inputs]), elems)
+            .map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(CipherTensor::from_parts(
+            data,
+            Some(params.m()),
+            1.0,
+            Growth::Integer(0.0),
+            params.clone(),
+            key_id,
+        ))
     }
 
-    fn check_input(&self, ctx: &HeContext, x: &CipherTensor, count: usize, level: usize, stage: &str) -> Result<Arc<Layout>> {
+    fn check_input(
+        &self,
+        ctx: &HeContext,
+        x: &CipherTensor,
+        count: usize,
+        level: usize,
+        stage: &str,
+    ) -> Result<Arc<Layout>> {
         ctx.check(x)?;
         let lay = self.layout(ctx.params())?;
         if x.batch() != Some(ctx.params().m()) || x.data().shape() != [count] {
             return spec_err(format!("the packed {stage} takes {count} packed ciphertexts (encrypt with the plan's context); got shape {:?}", x.data().shape()));
         }
         if x.level()? != level {
-            return spec_err(format!("the packed {stage} takes ciphertexts at level {level}, got level {}", x.level()?));
+            return spec_err(format!(
+                "the packed {stage} takes ciphertexts at level {level}, got level {}",
+                x.level()?
+            ));
         }
         Ok(lay)
     }
@@ -759,9 +964,9 @@ impl PackedModel {
         Ok(())
     }
 
-
     fn wrap(&self, x: &CipherTensor, out: Element) -> Result<CipherTensor> {
-        let data = ArrayD::from_shape_vec(IxDyn(&[1]), vec![out]).map_err(|e| HeError::Value(e.to_string()))?;
+        let data = ArrayD::from_shape_vec(IxDyn(&[1]), vec![out])
+            .map_err(|e| HeError::Value(e.to_string()))?;
         Ok(x.with_data(data, 1.0, Growth::Integer(0.0)))
     }
 
@@ -780,13 +985,15 @@ impl PackedModel {
                 let mut acc: Option<Ciphertext> = None;
                 for ap in (0..=lay.amax).rev() {
                     if let Some(a) = acc.take() {
-                        acc = Some(keys.rotations[k].rotate(&a, 0, lay.wo)?);
+                        acc = Some(keys.rotations[k].rotate(&a, 0, lay.pitch)?);
                     }
                     for (idx, m) in &pm.conv[ap] {
                         add_into(&mut acc, m.apply(&inputs[*idx][k], par)?);
                     }
                 }
-                let acc = acc.ok_or_else(|| HeError::Value("the convolution has only zero weights".into()))?;
+                let acc = acc.ok_or_else(|| {
+                    HeError::Value("the convolution has only zero weights".into())
+                })?;
                 Ok(&acc + &pm.conv_bias)
             })
             .collect::<Result<_>>()?;
@@ -797,7 +1004,10 @@ impl PackedModel {
     /// prime, switched down to the next stage's level.
     pub fn activation(&self, ctx: &HeContext, x: &CipherTensor, j: usize) -> Result<CipherTensor> {
         let lay0 = self.layout(ctx.params())?;
-        let level = *lay0.act_levels.get(j).ok_or_else(|| HeError::Value(format!("the packed model has no activation {j}")))?;
+        let level = *lay0
+            .act_levels
+            .get(j)
+            .ok_or_else(|| HeError::Value(format!("the packed model has no activation {j}")))?;
         let lay = self.check_input(ctx, x, 1, level, "activation")?;
         let out_level = self.level_after_act(&lay, j);
         let masks = self.masks(ctx.params())?;
@@ -858,19 +1068,31 @@ impl PackedModel {
                 let mut babies: Vec<Option<Ciphertext>> = vec![None; (hi - lo + 1) as usize];
                 babies[(-lo) as usize] = Some(e[k].clone());
                 for b in 1..=hi {
-                    let prev = babies[(b - 1 - lo) as usize].as_ref().ok_or_else(|| HeError::Backend("baby step".into()))?;
+                    let prev = babies[(b - 1 - lo) as usize]
+                        .as_ref()
+                        .ok_or_else(|| HeError::Backend("baby step".into()))?;
                     babies[(b - lo) as usize] = Some(rot.rotate(prev, level, 1)?);
                 }
                 for b in (lo..0).rev() {
-                    let prev = babies[(b + 1 - lo) as usize].as_ref().ok_or_else(|| HeError::Backend("baby step".into()))?;
+                    let prev = babies[(b + 1 - lo) as usize]
+                        .as_ref()
+                        .ok_or_else(|| HeError::Backend("baby step".into()))?;
                     babies[(b - lo) as usize] = Some(rot.rotate(prev, level, n - 1)?);
                 }
-                let babies: Vec<Ciphertext> = babies.into_iter().map(|b| b.ok_or_else(|| HeError::Backend("baby step".into()))).collect::<Result<_>>()?;
+                let babies: Vec<Ciphertext> = babies
+                    .into_iter()
+                    .map(|b| b.ok_or_else(|| HeError::Backend("baby step".into())))
+                    .collect::<Result<_>>()?;
                 // Each giant's sum of masked babies (in parallel, lazily reduced), then Horner.
                 let inners: Vec<Ciphertext> = mm
                     .giants
                     .par_iter()
-                    .map(|terms| masked_sum(terms.iter().map(|(b, m)| (&babies[(b - lo) as usize], m)), par))
+                    .map(|terms| {
+                        masked_sum(
+                            terms.iter().map(|(b, m)| (&babies[(b - lo) as usize], m)),
+                            par,
+                        )
+                    })
                     .collect::<Result<_>>()?;
                 let mut acc: Option<Ciphertext> = None;
                 for (gi, inner) in inners.into_iter().enumerate() {
@@ -900,7 +1122,13 @@ impl PackedModel {
     /// The fused linear map: diagonals with baby/giant steps, the sum over
     /// each class's slots, the bias; switched to the last modulus.
     pub fn linear(&self, ctx: &HeContext, x: &CipherTensor) -> Result<CipherTensor> {
-        let lay = self.check_input(ctx, x, 1, self.layout(ctx.params())?.lin_level, "linear map")?;
+        let lay = self.check_input(
+            ctx,
+            x,
+            1,
+            self.layout(ctx.params())?.lin_level,
+            "linear map",
+        )?;
         self.require_steps(ctx, &lay)?;
         let masks = self.masks(ctx.params())?;
         let keys = ctx.keys()?;
@@ -956,7 +1184,11 @@ impl PackedModel {
         let last = params.moduli().len() - 1;
         let t_bits = params.p().iter().copied().map(bits).max().unwrap_or(0);
         let q_bits = params.moduli().last().copied().map(bits).unwrap_or(0);
-        if q_bits >= t_bits + 20 { last } else { last.saturating_sub(1).max(lin_level) }
+        if q_bits >= t_bits + 20 {
+            last
+        } else {
+            last.saturating_sub(1).max(lin_level)
+        }
     }
 
     /// The linear bias (class k in slot k) plus a uniformly random mask whose
@@ -973,10 +1205,18 @@ impl PackedModel {
             sums[p % lay.d] = (sums[p % lay.d] + r) % t;
         }
         for k in 0..lay.d {
-            let b = self.spec.linear_bias.get(k).map_or(0, |&b| reduce_i128(b, t));
+            let b = self
+                .spec
+                .linear_bias
+                .get(k)
+                .map_or(0, |&b| reduce_i128(b, t));
             v[k] = (b + t - sums[k]) % t;
         }
-        Ok(Plaintext::try_encode(&v[..], FheEncoding::simd_at_level(lay.lin_level), par)?)
+        Ok(Plaintext::try_encode(
+            &v[..],
+            FheEncoding::simd_at_level(lay.lin_level),
+            par,
+        )?)
     }
 
     /// The stages in order.
@@ -1016,7 +1256,10 @@ impl PackedModel {
         ctx.check(t)?;
         let classes = self.spec.classes();
         if t.batch() != Some(ctx.params().m()) || t.data().shape() != [1] {
-            return spec_err(format!("not a packed result (one packed ciphertext): shape {:?}", t.data().shape()));
+            return spec_err(format!(
+                "not a packed result (one packed ciphertext): shape {:?}",
+                t.data().shape()
+            ));
         }
         let budget = ctx.noise_budget(t)?;
         if budget <= 0 {
@@ -1037,9 +1280,21 @@ impl PackedModel {
         let sums: Vec<Vec<u64>> = residues
             .iter()
             .zip(p)
-            .map(|(r, &t)| (0..classes).map(|k| r[..lay.n].iter().skip(k).step_by(lay.d).fold(0u64, |a, &x| (a + x) % t)).collect())
+            .map(|(r, &t)| {
+                (0..classes)
+                    .map(|k| {
+                        r[..lay.n]
+                            .iter()
+                            .skip(k)
+                            .step_by(lay.d)
+                            .fold(0u64, |a, &x| (a + x) % t)
+                    })
+                    .collect()
+            })
             .collect();
-        Ok((0..classes).map(|k| crt_centred(&sums.iter().map(|r| r[k]).collect::<Vec<_>>(), p)).collect())
+        Ok((0..classes)
+            .map(|k| crt_centred(&sums.iter().map(|r| r[k]).collect::<Vec<_>>(), p))
+            .collect())
     }
 }
 
@@ -1122,7 +1377,15 @@ mod tests_support {
         (0..n).map(|_| rng.random_range(lo..=hi)).collect()
     }
 
-    pub(super) fn spec(in_shape: [usize; 3], co: usize, k: usize, stride: usize, padding: usize, classes: usize, wb: i64) -> PackedSpec {
+    pub(super) fn spec(
+        in_shape: [usize; 3],
+        co: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        classes: usize,
+        wb: i64,
+    ) -> PackedSpec {
         let [c, _, _] = in_shape;
         let mut sp = PackedSpec {
             in_shape,
@@ -1134,7 +1397,10 @@ mod tests_support {
             activations: vec![SQUARE],
             maps: vec![],
             linear_weight: vec![],
-            linear_bias: rnd(classes, -1000, 1000).into_iter().map(i128::from).collect(),
+            linear_bias: rnd(classes, -1000, 1000)
+                .into_iter()
+                .map(i128::from)
+                .collect(),
             input_bits: 0,
             output_bits: 0,
         };
@@ -1143,21 +1409,37 @@ mod tests_support {
         sp
     }
 
-
     /// A hidden map: conv (co, k×k, stride, padding) on `in_shape`, then an
     /// optional 2×2 sum-pool (stride 2), with random weights in [−wb, wb].
-    pub(super) fn conv_map(in_shape: [usize; 3], co: usize, k: usize, stride: usize, pad: usize, pool: bool, wb: i64) -> HiddenMap {
+    pub(super) fn conv_map(
+        in_shape: [usize; 3],
+        co: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        pool: bool,
+        wb: i64,
+    ) -> HiddenMap {
         let [c, h, w] = in_shape;
         let wts = rnd(co * c * k * k, -wb, wb);
-        let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+        let (ho, wo) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
         let conv_row = |o: usize, i: usize, j: usize| -> Vec<(usize, i64)> {
             let mut r = Vec::new();
             for ch in 0..c {
                 for a in 0..k {
                     for b in 0..k {
-                        let (y, x) = ((stride * i + a) as isize - pad as isize, (stride * j + b) as isize - pad as isize);
+                        let (y, x) = (
+                            (stride * i + a) as isize - pad as isize,
+                            (stride * j + b) as isize - pad as isize,
+                        );
                         if y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w {
-                            r.push(((ch * h + y as usize) * w + x as usize, wts[((o * c + ch) * k + a) * k + b]));
+                            r.push((
+                                (ch * h + y as usize) * w + x as usize,
+                                wts[((o * c + ch) * k + a) * k + b],
+                            ));
                         }
                     }
                 }
@@ -1170,7 +1452,16 @@ mod tests_support {
             for i in 0..oh {
                 for j in 0..ow {
                     let mut acc: BTreeMap<usize, i64> = BTreeMap::new();
-                    let cells: Vec<(usize, usize)> = if pool { vec![(2 * i, 2 * j), (2 * i, 2 * j + 1), (2 * i + 1, 2 * j), (2 * i + 1, 2 * j + 1)] } else { vec![(i, j)] };
+                    let cells: Vec<(usize, usize)> = if pool {
+                        vec![
+                            (2 * i, 2 * j),
+                            (2 * i, 2 * j + 1),
+                            (2 * i + 1, 2 * j),
+                            (2 * i + 1, 2 * j + 1),
+                        ]
+                    } else {
+                        vec![(i, j)]
+                    };
                     for (y, x) in cells {
                         for (f, v) in conv_row(o, y, x) {
                             *acc.entry(f).or_default() += v;
@@ -1180,25 +1471,63 @@ mod tests_support {
                 }
             }
         }
-        HiddenMap { out_shape: [co, oh, ow], bias: rnd(co * oh * ow, -wb, wb).into_iter().map(i128::from).collect(), rows }
+        HiddenMap {
+            out_shape: [co, oh, ow],
+            bias: rnd(co * oh * ow, -wb, wb)
+                .into_iter()
+                .map(i128::from)
+                .collect(),
+            rows,
+        }
     }
 
     /// A model conv → act → (map → act)* → linear with the given maps.
-    pub(super) fn deep(sp: PackedSpec, maps: Vec<HiddenMap>, acts: Vec<[i128; 3]>, classes: usize, wb: i64) -> PackedSpec {
-        let mut sp = PackedSpec { maps, activations: acts, ..sp };
+    pub(super) fn deep(
+        sp: PackedSpec,
+        maps: Vec<HiddenMap>,
+        acts: Vec<[i128; 3]>,
+        classes: usize,
+        wb: i64,
+    ) -> PackedSpec {
+        let mut sp = PackedSpec {
+            maps,
+            activations: acts,
+            ..sp
+        };
         let f: usize = sp.shape_after(sp.maps.len()).iter().product();
         sp.linear_weight = rnd(classes * f, -wb, wb);
-        sp.linear_bias = rnd(classes, -1000, 1000).into_iter().map(i128::from).collect();
+        sp.linear_bias = rnd(classes, -1000, 1000)
+            .into_iter()
+            .map(i128::from)
+            .collect();
         sp
     }
 
-    pub(super) fn context(m: usize, sizes: Vec<usize>, primes: usize, sp: &PackedSpec) -> HeContext {
+    pub(super) fn context(
+        m: usize,
+        sizes: Vec<usize>,
+        primes: usize,
+        sp: &PackedSpec,
+    ) -> HeContext {
         context_bits(m, sizes, primes, 31, sp)
     }
 
-    pub(super) fn context_bits(m: usize, sizes: Vec<usize>, primes: usize, bits: u32, sp: &PackedSpec) -> HeContext {
+    pub(super) fn context_bits(
+        m: usize,
+        sizes: Vec<usize>,
+        primes: usize,
+        bits: u32,
+        sp: &PackedSpec,
+    ) -> HeContext {
         let p = crate::he::params::batch_primes_below(m, 1 << bits, primes);
-        let req = ParametersRequest { m, p, n_plaintext_moduli: primes, sec: 128, encoding: BATCH, moduli_sizes: Some(sizes) };
+        let req = ParametersRequest {
+            m,
+            p,
+            n_plaintext_moduli: primes,
+            sec: 128,
+            encoding: BATCH,
+            moduli_sizes: Some(sizes),
+        };
         let params = req.build().unwrap();
         let lay = sp.layout(params.m(), params.moduli().len()).unwrap();
         let mut ctx = HeContext::new(params);
@@ -1206,7 +1535,6 @@ mod tests_support {
         ctx.rotation_keygen(&lay.rotation_needs()).unwrap();
         ctx
     }
-
 }
 
 #[cfg(test)]
@@ -1229,7 +1557,10 @@ mod tests {
             }
             eprintln!("noise budgets per stage: {budgets:?}");
             assert!(ctx.noise_budget(&out).unwrap() > 0);
-            assert_eq!(model.decrypt_integers(ctx, &out).unwrap(), sp.reference(&x).unwrap());
+            assert_eq!(
+                model.decrypt_integers(ctx, &out).unwrap(),
+                sp.reference(&x).unwrap()
+            );
         }
     }
 
@@ -1243,7 +1574,6 @@ mod tests {
         let ctx = context(8192, vec![55, 55, 54, 54], 1, &sp);
         check(sp, &ctx, 3);
     }
-
 
     #[test]
     fn deeper_models_are_exact() {
@@ -1266,7 +1596,14 @@ mod tests {
     #[test]
     fn missing_rotation_key_is_named() {
         let sp = spec([1, 8, 8], 2, 3, 1, 0, 4, 3);
-        let req = ParametersRequest { m: 8192, p: vec![], n_plaintext_moduli: 1, sec: 128, encoding: BATCH, moduli_sizes: Some(vec![55, 55, 54, 54]) };
+        let req = ParametersRequest {
+            m: 8192,
+            p: vec![],
+            n_plaintext_moduli: 1,
+            sec: 128,
+            encoding: BATCH,
+            moduli_sizes: Some(vec![55, 55, 54, 54]),
+        };
         let mut ctx = HeContext::new(req.build().unwrap());
         ctx.keygen().unwrap();
         let model = PackedModel::new(sp.clone()).unwrap();

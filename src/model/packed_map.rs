@@ -62,15 +62,28 @@ impl MapPlan {
 /// Places the outputs of a map (rows: per output feature, its (input
 /// feature, weight) terms) of logical shape `out_shape` [C, H, W], inputs at
 /// `pos_in`, in a row of `n` slots; plans its rotations.
-pub fn plan_map(rows: &[Vec<(usize, i64)>], out_shape: [usize; 3], pos_in: &[usize], n: usize) -> Result<MapPlan> {
+pub fn plan_map(
+    rows: &[Vec<(usize, i64)>],
+    out_shape: [usize; 3],
+    pos_in: &[usize],
+    n: usize,
+) -> Result<MapPlan> {
     let [co, h, w] = out_shape;
     let hw = h * w;
     if co * hw != rows.len() || rows.len() > n {
-        return Err(HeError::Parameter(format!("packed map: {} outputs do not fit {n} slots (or the shape {out_shape:?} is wrong)", rows.len())));
+        return Err(HeError::Parameter(format!(
+            "packed map: {} outputs do not fit {n} slots (or the shape {out_shape:?} is wrong)",
+            rows.len()
+        )));
     }
     // Anchor of spatial position s: its receptive field's first input slot (over all channels).
     let anchor: Vec<usize> = (0..hw)
-        .map(|s| (0..co).flat_map(|o| rows[o * hw + s].iter().map(|&(f, _)| pos_in[f])).min().unwrap_or(s))
+        .map(|s| {
+            (0..co)
+                .flat_map(|o| rows[o * hw + s].iter().map(|&(f, _)| pos_in[f]))
+                .min()
+                .unwrap_or(s)
+        })
         .collect();
     let mut occupied = vec![false; n];
     let mut diag = vec![false; n];
@@ -104,7 +117,11 @@ pub fn plan_map(rows: &[Vec<(usize, i64)>], out_shape: [usize; 3], pos_in: &[usi
                 }
             }
         }
-        let (_, off) = best.ok_or_else(|| HeError::Parameter(format!("packed map: no room for output channel {o} in {n} slots")))?;
+        let (_, off) = best.ok_or_else(|| {
+            HeError::Parameter(format!(
+                "packed map: no room for output channel {o} in {n} slots"
+            ))
+        })?;
         for s in 0..hw {
             let p = (anchor[s] + off) % n;
             occupied[p] = true;
@@ -120,44 +137,61 @@ pub fn plan_map(rows: &[Vec<(usize, i64)>], out_shape: [usize; 3], pos_in: &[usi
 
 /// Chooses the baby window and Horner's keys for the diagonal set `ks`.
 fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
-    let signed = |k: usize| if k > n / 2 { k as i64 - n as i64 } else { k as i64 };
+    // Diagonals read as signed (−n/2, n/2] or as [0, n): the periods of the
+    // two readings differ when d1 does not divide n.
     let mut best: Option<(usize, MapPlan)> = None;
-    for d1 in 1..=64usize.min(n) {
-        for lo in -(d1 as i64 - 1)..=0 {
-            // b(k) ∈ [lo, lo + d1): k − b ≡ 0 (mod d1) in the signed sense.
-            let mut giants: BTreeMap<usize, Vec<(i64, usize)>> = BTreeMap::new();
-            let (mut b_lo, mut b_hi) = (0i64, 0i64);
-            for &k in &ks {
-                let sk = signed(k);
-                let b = (sk - lo).rem_euclid(d1 as i64) + lo;
-                b_lo = b_lo.min(b);
-                b_hi = b_hi.max(b);
-                let g = (sk - b).rem_euclid(n as i64) as usize;
-                giants.entry(g).or_default().push((b, k));
+    for signed_mode in [false, true] {
+        let signed = |k: usize| {
+            if signed_mode && k > n / 2 {
+                k as i64 - n as i64
+            } else {
+                k as i64
             }
-            let gs: Vec<usize> = giants.keys().rev().copied().collect();
-            let mut gaps: Vec<usize> = gs.windows(2).map(|p| p[0] - p[1]).collect();
-            gaps.push(*gs.last().unwrap_or(&0));
-            // Baby steps use special-prime keys (about twice a giant step's cost).
-            let cost_upper = 2 * (b_hi - b_lo) as usize + gaps.iter().filter(|&&g| g > 0).count();
-            if best.as_ref().is_some_and(|(c, _)| cost_upper >= *c) {
-                continue;
-            }
-            let horner = horner_steps(&gaps);
-            let plan = MapPlan {
-                pos_out: pos_out.clone(),
-                giants: gs.iter().map(|g| (*g, giants[g].clone())).collect(),
-                babies: (b_lo, b_hi),
-                horner,
-                diagonals: ks.len(),
-            };
-            let cost = plan.rotations() + (b_hi - b_lo) as usize;
-            if best.as_ref().is_none_or(|(c, _)| cost < *c) {
-                best = Some((cost, plan));
+        };
+        for d1 in 1..=64usize.min(n) {
+            for lo in -(d1 as i64 - 1)..=0 {
+                // b(k) ∈ [lo, lo + d1): k − b ≡ 0 (mod d1) in the signed sense.
+                let mut giants: BTreeMap<usize, Vec<(i64, usize)>> = BTreeMap::new();
+                let (mut b_lo, mut b_hi) = (0i64, 0i64);
+                for &k in &ks {
+                    let sk = signed(k);
+                    let b = (sk - lo).rem_euclid(d1 as i64) + lo;
+                    b_lo = b_lo.min(b);
+                    b_hi = b_hi.max(b);
+                    let g = (sk - b).rem_euclid(n as i64) as usize;
+                    giants.entry(g).or_default().push((b, k));
+                }
+                let gs: Vec<usize> = giants.keys().rev().copied().collect();
+                let mut gaps: Vec<usize> = gs.windows(2).map(|p| p[0] - p[1]).collect();
+                gaps.push(*gs.last().unwrap_or(&0));
+                // Baby steps use special-prime keys (about twice a giant step's cost).
+                let cost_upper =
+                    2 * (b_hi - b_lo) as usize + gaps.iter().filter(|&&g| g > 0).count();
+                if best.as_ref().is_some_and(|(c, _)| cost_upper >= *c) {
+                    continue;
+                }
+                let horner = horner_steps(&gaps);
+                let plan = MapPlan {
+                    pos_out: pos_out.clone(),
+                    giants: gs.iter().map(|g| (*g, giants[g].clone())).collect(),
+                    babies: (b_lo, b_hi),
+                    horner,
+                    diagonals: ks.len(),
+                };
+                let cost = plan.rotations() + (b_hi - b_lo) as usize;
+                if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+                    best = Some((cost, plan));
+                }
             }
         }
     }
-    best.map(|(_, p)| p).unwrap_or(MapPlan { pos_out, giants: vec![], babies: (0, 0), horner: vec![], diagonals: 0 })
+    best.map(|(_, p)| p).unwrap_or(MapPlan {
+        pos_out,
+        giants: vec![],
+        babies: (0, 0),
+        horner: vec![],
+        diagonals: 0,
+    })
 }
 
 /// Key steps for each gap: the three most frequent gaps get keys of their
@@ -169,7 +203,12 @@ fn horner_steps(gaps: &[usize]) -> Vec<Vec<usize>> {
     }
     let mut by: Vec<(usize, usize)> = freq.into_iter().collect();
     by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let direct: Vec<usize> = by.iter().take(3).filter(|(g, c)| *c > 1 || g.count_ones() > 1).map(|(g, _)| *g).collect();
+    let direct: Vec<usize> = by
+        .iter()
+        .take(3)
+        .filter(|(g, c)| *c > 1 || g.count_ones() > 1)
+        .map(|(g, _)| *g)
+        .collect();
     gaps.iter()
         .map(|&g| {
             if g == 0 {
@@ -177,7 +216,10 @@ fn horner_steps(gaps: &[usize]) -> Vec<Vec<usize>> {
             } else if direct.contains(&g) {
                 vec![g]
             } else {
-                (0..usize::BITS).filter(|b| g >> b & 1 == 1).map(|b| 1usize << b).collect()
+                (0..usize::BITS)
+                    .filter(|b| g >> b & 1 == 1)
+                    .map(|b| 1usize << b)
+                    .collect()
             }
         })
         .collect()
@@ -191,7 +233,9 @@ mod tests {
     fn evaluating_the_plan_in_the_clear_gives_the_map() {
         // A 2-channel 6×6 input at two blocks of 64, a 3×3 stride-1 conv to 3 channels.
         let n = 128;
-        let pos_in: Vec<usize> = (0..2).flat_map(|c| (0..6).flat_map(move |i| (0..6).map(move |j| c * 64 + i * 8 + j))).collect();
+        let pos_in: Vec<usize> = (0..2)
+            .flat_map(|c| (0..6).flat_map(move |i| (0..6).map(move |j| c * 64 + i * 8 + j)))
+            .collect();
         let mut rows = Vec::new();
         for o in 0..3 {
             for i in 0..4 {
@@ -200,7 +244,10 @@ mod tests {
                     for c in 0..2 {
                         for a in 0..3 {
                             for b in 0..3 {
-                                r.push((c * 36 + (i + a) * 6 + j + b, (o * 7 + c * 3 + a * 2 + b) as i64 - 9));
+                                r.push((
+                                    c * 36 + (i + a) * 6 + j + b,
+                                    (o * 7 + c * 3 + a * 2 + b) as i64 - 9,
+                                ));
                             }
                         }
                     }
@@ -228,7 +275,10 @@ mod tests {
                     // D_k[(p − g)] with D_k[pos_out[f']] = w for pos_in[f] − pos_out[f'] = k.
                     let q = (p + n - g) % n;
                     if let Some(fo) = plan.pos_out.iter().position(|&s| s == q) {
-                        if let Some(&(_, w)) = rows[fo].iter().find(|&&(f, _)| (pos_in[f] + n - q) % n == k) {
+                        if let Some(&(_, w)) = rows[fo]
+                            .iter()
+                            .find(|&&(f, _)| (pos_in[f] + n - q) % n == k)
+                        {
                             inner[p] += w * xb[p];
                         }
                     }

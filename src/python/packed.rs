@@ -42,11 +42,17 @@ fn stage_of(name: &str, pm: &PackedModel) -> PyResult<Stage> {
         _ => name
             .strip_prefix("act")
             .and_then(|j| j.parse().ok().map(Stage::Act))
-            .or_else(|| name.strip_prefix("map").and_then(|j| j.parse().ok().map(Stage::Map))),
+            .or_else(|| {
+                name.strip_prefix("map")
+                    .and_then(|j| j.parse().ok().map(Stage::Map))
+            }),
     };
     match parsed {
         Some(s) if pm.stages().contains(&s) => Ok(s),
-        _ => Err(super::errors::HEError::new_err(format!("stage must be one of {:?}, got {name:?}", stage_names(pm)))),
+        _ => Err(super::errors::HEError::new_err(format!(
+            "stage must be one of {:?}, got {name:?}",
+            stage_names(pm)
+        ))),
     }
 }
 
@@ -63,16 +69,36 @@ fn stage_names(pm: &PackedModel) -> Vec<String> {
 }
 
 /// A hidden map from Python: (out_shape, dense int64 weight [out, in], bias [out]).
-type PyMap<'py> = ((usize, usize, usize), PyReadonlyArrayDyn<'py, i64>, Vec<i128>);
+type PyMap<'py> = (
+    (usize, usize, usize),
+    PyReadonlyArrayDyn<'py, i64>,
+    Vec<i128>,
+);
 
 fn hidden_map(m: PyMap<'_>) -> PyResult<HiddenMap> {
     let (shape, w, b) = m;
     let w = w.as_array();
     if w.ndim() != 2 {
-        return Err(super::errors::HEError::new_err(format!("a hidden map's weight must be 2-d [out, in], got shape {:?}", w.shape())));
+        return Err(super::errors::HEError::new_err(format!(
+            "a hidden map's weight must be 2-d [out, in], got shape {:?}",
+            w.shape()
+        )));
     }
-    let rows = w.outer_iter().map(|r| r.iter().enumerate().filter(|(_, &v)| v != 0).map(|(f, &v)| (f, v)).collect()).collect();
-    Ok(HiddenMap { out_shape: [shape.0, shape.1, shape.2], rows, bias: b })
+    let rows = w
+        .outer_iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .filter(|(_, &v)| v != 0)
+                .map(|(f, &v)| (f, v))
+                .collect()
+        })
+        .collect();
+    Ok(HiddenMap {
+        out_shape: [shape.0, shape.1, shape.2],
+        rows,
+        bias: b,
+    })
 }
 
 #[pymethods]
@@ -101,7 +127,9 @@ impl PyPackedModel {
     ) -> PyResult<PyPackedModel> {
         let shape = conv_weight.as_array().shape().to_vec();
         if shape.len() != 4 {
-            return Err(super::errors::HEError::new_err(format!("conv_weight must be 4-d [out, in, kh, kw], got shape {shape:?}")));
+            return Err(super::errors::HEError::new_err(format!(
+                "conv_weight must be 4-d [out, in, kh, kw], got shape {shape:?}"
+            )));
         }
         let spec = PackedSpec {
             in_shape: [in_shape.0, in_shape.1, in_shape.2],
@@ -111,13 +139,19 @@ impl PyPackedModel {
             stride,
             padding,
             activations: activations.unwrap_or_else(|| vec![SQUARE]),
-            maps: maps.unwrap_or_default().into_iter().map(hidden_map).collect::<PyResult<_>>()?,
+            maps: maps
+                .unwrap_or_default()
+                .into_iter()
+                .map(hidden_map)
+                .collect::<PyResult<_>>()?,
             linear_weight: ints(&linear_weight),
             linear_bias,
             input_bits,
             output_bits,
         };
-        Ok(PyPackedModel { inner: Arc::new(PackedModel::new(spec).map_err(to_py)?) })
+        Ok(PyPackedModel {
+            inner: Arc::new(PackedModel::new(spec).map_err(to_py)?),
+        })
     }
 
     /// The exact output integers for one integer image [C, H, W] (Python ints).
@@ -127,12 +161,18 @@ impl PyPackedModel {
 
     /// The layout at degree m with n_moduli ciphertext primes: slots, blocks,
     /// diagonals, rotations and the keys needed (`rotation_needs`: [(level, steps)]).
-    fn layout<'py>(&self, py: Python<'py>, m: usize, n_moduli: usize) -> PyResult<Bound<'py, PyDict>> {
+    fn layout<'py>(
+        &self,
+        py: Python<'py>,
+        m: usize,
+        n_moduli: usize,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let lay = self.inner.spec().layout(m, n_moduli).map_err(to_py)?;
         let d = PyDict::new(py);
         d.set_item("slots", lay.n)?;
         d.set_item("block", lay.block)?;
         d.set_item("conv_out", (lay.ho, lay.wo))?;
+        d.set_item("row_pitch", lay.pitch)?;
         d.set_item("input_ciphertexts", lay.inputs)?;
         d.set_item("classes", lay.classes)?;
         d.set_item("diagonals", (lay.d, lay.d1, lay.d2))?;
@@ -140,9 +180,24 @@ impl PyPackedModel {
         d.set_item("linear_level", lay.lin_level)?;
         d.set_item("activation_levels", lay.act_levels.clone())?;
         d.set_item("map_diagonals", lay.map_diagonals())?;
-        d.set_item("map_rotations", lay.maps.iter().map(|m| m.rotations()).collect::<Vec<_>>())?;
+        d.set_item(
+            "map_rotations",
+            lay.maps.iter().map(|m| m.rotations()).collect::<Vec<_>>(),
+        )?;
+        d.set_item(
+            "map_baby_steps",
+            lay.maps.iter().map(|m| m.babies).collect::<Vec<_>>(),
+        )?;
+        d.set_item(
+            "map_giant_steps",
+            lay.maps.iter().map(|m| m.giants.len()).collect::<Vec<_>>(),
+        )?;
         d.set_item("product_levels", lay.product_levels())?;
-        let needs: Vec<(usize, Vec<usize>)> = lay.rotation_needs().into_iter().map(|n| (n.level, n.steps)).collect();
+        let needs: Vec<(usize, Vec<usize>)> = lay
+            .rotation_needs()
+            .into_iter()
+            .map(|n| (n.level, n.steps))
+            .collect();
         d.set_item("rotation_needs", needs)?;
         Ok(d)
     }
@@ -180,7 +235,11 @@ impl PyPackedModel {
     /// One stage (a name of `stages`; "square" is "act0") as an engine layer of `ctx`.
     fn layer(&self, py: Python<'_>, ctx: &Bound<'_, PyAny>, stage: &str) -> PyResult<PyLayer> {
         let s = stage_of(stage, &self.inner)?;
-        PyLayer::from_engine(py, ctx, Layer::Packed(PackedStage::new(self.inner.clone(), s)))
+        PyLayer::from_engine(
+            py,
+            ctx,
+            Layer::Packed(PackedStage::new(self.inner.clone(), s)),
+        )
     }
 
     fn __repr__(&self) -> String {
@@ -196,4 +255,3 @@ impl PyPackedModel {
         )
     }
 }
-
