@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import pycrcnn
+import pycrcnn.nn  # noqa: F401  (the Square and Polynomial modules the built models use)
 from pycrcnn import datasets
 from pycrcnn import FormatError, HEError
 from pycrcnn.models import load_torch_model, shipped_model_path

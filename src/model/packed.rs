@@ -529,79 +529,82 @@ fn add_into(acc: &mut Option<Ciphertext>, term: Ciphertext) {
     }
 }
 
-/// Σ ct ⊙ mask over `terms` (polynomial masks in NTT form), with one
-/// modular reduction per coefficient at the end: the products (each below
-/// q_i² < 2^124) are summed in u128, which holds 16 of them before a
-/// reduction is needed.
-fn masked_sum<'a>(
-    terms: impl Iterator<Item = (&'a Ciphertext, &'a Multiplier)>,
-    par: &Arc<BfvParameters>,
-) -> Result<Ciphertext> {
-    let mut acc: Option<(Vec<Vec<u128>>, Arc<fhe_math::rq::Context>, usize)> = None;
-    let mut count = 0usize;
-    for (ct, m) in terms {
+/// A diagonal mask in NTT form with its Shoup representation (w·2^64/q),
+/// so that products need no division.
+struct ShoupMask {
+    w: ndarray::Array2<u64>,
+    w_shoup: ndarray::Array2<u64>,
+}
+
+impl ShoupMask {
+    fn new(m: Multiplier, ctx: &Arc<fhe_math::rq::Context>) -> Result<ShoupMask> {
         let Multiplier::Poly(w) = m else {
-            return Err(HeError::Backend(
-                "a diagonal mask must be a polynomial".into(),
-            ));
+            return Err(HeError::Backend("a diagonal mask must be a polynomial".into()));
         };
-        let ctx = ct[0].ctx();
-        let moduli = ctx.moduli();
-        let degree = ct[0].coefficients().shape()[1];
-        if w.shape() != [moduli.len(), degree] {
-            return Err(HeError::Value(
-                "a multiplier was prepared for another ciphertext level".into(),
-            ));
+        let mut w_shoup = w.clone();
+        for (j, mut row) in w_shoup.outer_iter_mut().enumerate() {
+            let q = &ctx.moduli_operators()[j];
+            row.iter_mut().for_each(|v| *v = q.shoup(*v));
         }
-        let (sums, _, _) = acc.get_or_insert_with(|| {
-            (
-                vec![vec![0u128; moduli.len() * degree]; ct.len()],
-                ctx.clone(),
-                ct.len(),
-            )
+        Ok(ShoupMask { w, w_shoup })
+    }
+}
+
+/// Σ ct ⊙ mask over `terms`: lazy Shoup products (each in [0, 2q)) summed
+/// in u64 and reduced every `batch` terms, which keeps the sum below 2^64
+/// (255 terms for 55-bit moduli).
+fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a ShoupMask)>, par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+    let mut acc: Option<(Vec<ndarray::Array2<u64>>, Arc<fhe_math::rq::Context>)> = None;
+    let mut count = 0u64;
+    let mut batch = 1u64;
+    for (ct, m) in terms {
+        let ctx = ct[0].ctx();
+        let ops = ctx.moduli_operators();
+        let shape = ct[0].coefficients().shape().to_vec();
+        if m.w.shape() != shape.as_slice() {
+            return Err(HeError::Value("a multiplier was prepared for another ciphertext level".into()));
+        }
+        let (sums, _) = acc.get_or_insert_with(|| {
+            let qmax = ctx.moduli().iter().copied().max().unwrap_or(1);
+            batch = (u64::MAX / (2 * qmax)).max(1);
+            (vec![ndarray::Array2::<u64>::zeros((shape[0], shape[1])); ct.len()], ctx.clone())
         });
         if sums.len() != ct.len() {
-            return Err(HeError::Backend(
-                "ciphertexts of different sizes in one sum".into(),
-            ));
+            return Err(HeError::Backend("ciphertexts of different sizes in one sum".into()));
         }
         count += 1;
-        let reduce = count % 16 == 0;
+        let reduce = count % batch == 0;
         for (part, sum) in ct.iter().zip(sums.iter_mut()) {
             let c = part.coefficients();
-            for j in 0..moduli.len() {
-                let (cr, wr) = (c.row(j), w.row(j));
-                let (cr, wr) = (
-                    cr.as_slice()
-                        .ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
-                    wr.as_slice()
-                        .ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+            for (j, op) in ops.iter().enumerate() {
+                let (cr, wr, sr) = (c.row(j), m.w.row(j), m.w_shoup.row(j));
+                let mut s = sum.row_mut(j);
+                let s = s.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous".into()))?;
+                let (cr, wr, sr) = (
+                    cr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                    wr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                    sr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
                 );
-                let s = &mut sum[j * degree..(j + 1) * degree];
-                for i in 0..degree {
-                    s[i] += cr[i] as u128 * wr[i] as u128;
+                for i in 0..s.len() {
+                    s[i] += op.lazy_mul_shoup(cr[i], wr[i], sr[i]);
                 }
                 if reduce {
-                    let q = moduli[j] as u128;
+                    let q = ctx.moduli()[j];
                     s.iter_mut().for_each(|v| *v %= q);
                 }
             }
         }
     }
-    let (sums, ctx, _) = acc.ok_or_else(|| HeError::Backend("an empty masked sum".into()))?;
+    let (mut sums, ctx) = acc.ok_or_else(|| HeError::Backend("an empty masked sum".into()))?;
     let moduli = ctx.moduli().to_vec();
-    let degree = sums[0].len() / moduli.len();
     let parts = sums
-        .into_iter()
+        .iter_mut()
         .map(|sum| {
-            let mut a = ndarray::Array2::<u64>::zeros((moduli.len(), degree));
-            for (j, mut row) in a.outer_iter_mut().enumerate() {
-                let q = moduli[j] as u128;
-                for (i, v) in row.iter_mut().enumerate() {
-                    *v = (sum[j * degree + i] % q) as u64;
-                }
+            for (j, mut row) in sum.outer_iter_mut().enumerate() {
+                let q = moduli[j];
+                row.iter_mut().for_each(|v| *v %= q);
             }
-            Ok(Poly::try_convert_from(a, &ctx, true, Representation::Ntt)?)
+            Ok(Poly::try_convert_from(std::mem::take(sum), &ctx, true, Representation::Ntt)?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Ciphertext::new(parts, par)?)
@@ -617,7 +620,7 @@ struct ActConsts {
 /// The masks of one hidden map for one prime: per giant (as in the plan),
 /// per term, the baby step and its mask; the bias at the output slots.
 struct MapMasks {
-    giants: Vec<Vec<(i64, Multiplier)>>,
+    giants: Vec<Vec<(i64, ShoupMask)>>,
     bias: Plaintext,
 }
 
@@ -801,7 +804,7 @@ impl PackedModel {
                     for &(q, w) in by_k.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
                         v[(q + g) % n] = w as i128;
                     }
-                    row.push((b, mask(&v, par, level)?));
+                    row.push((b, ShoupMask::new(mask(&v, par, level)?, par.context_at_level(level)?)?));
                 }
                 giants.push(row);
             }
