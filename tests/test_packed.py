@@ -162,6 +162,13 @@ def test_built_deep_architecture_two_convolutions_polynomial_channels():
     assert (client.decrypt_integers(out) == plan.reference(x[4:5])).all()
     with pytest.raises(FormatError, match="newer than this build"):
         pycrcnn.Context.from_plan({**plan.info, "version": 99})
+    # A server holding only the public context (special-prime baby-step keys included) computes it.
+    server = pycrcnn.Context.from_public(client.public_context())
+    server.attach_packed(pycrcnn.planner.packed.packed_model_from_info(plan.info))
+    e = pycrcnn.CipherTensor.from_bytes(client.encrypt(x[3:4]).to_bytes(), server)
+    out = pycrcnn.build_from_pytorch(server, net)(e)
+    back = pycrcnn.CipherTensor.from_bytes(out.to_bytes(), client)
+    assert (client.decrypt_integers(back) == plan.reference(x[3:4])).all()
 
 
 @pytest.fixture(scope="module")

@@ -436,7 +436,8 @@ fn read_rotation_keys(
     par: &Arc<fhe::bfv::BfvParameters>,
 ) -> Result<RotationKeys> {
     let n = r.u32()? as usize;
-    if n > params.levels() {
+    // At most two keys per level: plain giant steps and special-prime baby steps (galois.rs).
+    if n > 2 * params.levels() {
         return Err(HeError::Format("too many rotation keys".into()));
     }
     let mut parts = Vec::with_capacity(n);
