@@ -110,7 +110,7 @@ pub fn plan_map(
                 continue;
             }
             let cost = rel.iter().filter(|&&r| !diag[(r + n - off) % n]).count();
-            if best.is_none_or(|(c, _)| cost < c) {
+            if best.map_or(true, |(c, _)| cost < c) {
                 best = Some((cost, off));
                 if cost == 0 {
                     break;
@@ -179,7 +179,7 @@ fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
                     diagonals: ks.len(),
                 };
                 let cost = plan.rotations() + (b_hi - b_lo) as usize;
-                if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+                if best.as_ref().map_or(true, |(c, _)| cost < *c) {
                     best = Some((cost, plan));
                 }
             }
