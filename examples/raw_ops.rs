@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Instant;
 
-use fhe::bfv::{dot_product_scalar, Ciphertext, Encoding, Multiplicator, Plaintext, RelinearizationKey, SecretKey};
+use fhe::bfv::{
+    dot_product_scalar, Ciphertext, Encoding, Multiplicator, Plaintext, RelinearizationKey,
+    SecretKey,
+};
 use fhe_traits::{FheEncoder, FheEncrypter};
 use num_bigint::BigUint;
 use pycrcnn::he::{params::Encoding as Enc, ParametersRequest};
@@ -34,7 +37,10 @@ fn measure(m: usize, n: usize) -> BTreeMap<&'static str, f64> {
         p: vec![],
         n_plaintext_moduli: 1,
         sec: 128,
-        encoding: Enc::Batch { scale_bits: 16, weight_scale_bits: 8 },
+        encoding: Enc::Batch {
+            scale_bits: 16,
+            weight_scale_bits: 8,
+        },
         moduli_sizes: None,
     };
     let params = req.build().expect("parameters");
@@ -49,7 +55,9 @@ fn measure(m: usize, n: usize) -> BTreeMap<&'static str, f64> {
         mult.enable_mod_switching().expect("mod switching");
     }
 
-    let slots: Vec<Vec<u64>> = (0..n as u64).map(|j| (0..m as u64).map(|i| (i * 7919 + j) % t).collect()).collect();
+    let slots: Vec<Vec<u64>> = (0..n as u64)
+        .map(|j| (0..m as u64).map(|i| (i * 7919 + j) % t).collect())
+        .collect();
     let mut out = BTreeMap::new();
     let mut encrypt_all = || -> Vec<Ciphertext> {
         slots
@@ -86,13 +94,24 @@ fn measure(m: usize, n: usize) -> BTreeMap<&'static str, f64> {
         }),
     );
     let pts: Vec<Plaintext> = (0..25u64)
-        .map(|k| Plaintext::try_encode(&vec![(k * 37 + 1) % t; m][..], Encoding::simd(), &par).unwrap())
+        .map(|k| {
+            Plaintext::try_encode(&vec![(k * 37 + 1) % t; m][..], Encoding::simd(), &par).unwrap()
+        })
         .collect();
     out.insert(
         "weighted_sum_25",
-        time_us(n, 2, || (0..n).map(|_| dot_product_scalar(cts[..25].iter(), pts.iter()).unwrap()).collect()),
+        time_us(n, 2, || {
+            (0..n)
+                .map(|_| dot_product_scalar(cts[..25].iter(), pts.iter()).unwrap())
+                .collect()
+        }),
     );
-    out.insert("square_relin", time_us(n, 1, || cts.iter().map(|c| mult.multiply(c, c).unwrap()).collect()));
+    out.insert(
+        "square_relin",
+        time_us(n, 1, || {
+            cts.iter().map(|c| mult.multiply(c, c).unwrap()).collect()
+        }),
+    );
     out
 }
 

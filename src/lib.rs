@@ -32,9 +32,18 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tensor::_tensor_from_pickle, m)?)?;
     m.add_function(wrap_pyfunction!(python::shapes::layer_output_shape, m)?)?;
     m.add("HEError", py.get_type::<errors::HEError>())?;
-    m.add("SecretKeyRequired", py.get_type::<errors::SecretKeyRequired>())?;
-    m.add("NoiseBudgetExhausted", py.get_type::<errors::NoiseBudgetExhausted>())?;
-    m.add("PlaintextOverflow", py.get_type::<errors::PlaintextOverflow>())?;
+    m.add(
+        "SecretKeyRequired",
+        py.get_type::<errors::SecretKeyRequired>(),
+    )?;
+    m.add(
+        "NoiseBudgetExhausted",
+        py.get_type::<errors::NoiseBudgetExhausted>(),
+    )?;
+    m.add(
+        "PlaintextOverflow",
+        py.get_type::<errors::PlaintextOverflow>(),
+    )?;
     m.add("ParameterError", py.get_type::<errors::ParameterError>())?;
     m.add("FormatError", py.get_type::<errors::FormatError>())?;
     m.add("RunCancelled", py.get_type::<errors::RunCancelled>())?;

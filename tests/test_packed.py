@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import pycrcnn
+import pycrcnn.nn  # noqa: F401  (the Square and Polynomial modules the built models use)
 from pycrcnn import datasets
 from pycrcnn import FormatError, HEError
 from pycrcnn.models import load_torch_model, shipped_model_path
@@ -88,15 +89,86 @@ def test_built_architectures_stride_padding_channels_batchnorm():
 
 
 def test_models_outside_the_family_are_refused():
-    for name in ("lenet1_two_square", "tiny_mlp"):
-        with pytest.raises(UnsupportedLayerError, match="layout='packed' runs Conv2d → Square → linear"):
-            pycrcnn.plan(load_torch_model(shipped_model_path(name)), np.zeros((1, 1, 28, 28)), layout="packed")
+    with pytest.raises(UnsupportedLayerError, match="layout='packed' runs Conv2d → Square/Polynomial"):
+        pycrcnn.plan(load_torch_model(shipped_model_path("tiny_mlp")), np.zeros((1, 1, 28, 28)), layout="packed")
     nn = torch.nn
     with pytest.raises(HEError, match="ReLU"):
         pycrcnn.plan(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 2)),
                      np.zeros((1, 1, 8, 8)), layout="packed")
     with pytest.raises(ValueError, match="layout"):
         pycrcnn.plan(nn.Sequential(nn.Linear(2, 2)), np.zeros((1, 2)), layout="diagonal")
+    # A cubic activation, two activations in a row: refused naming the layer.
+    cubic = nn.Sequential(nn.Conv2d(1, 2, 3), pycrcnn.nn.Polynomial([0.0, 1.0, 0.5, 0.1]), nn.Flatten(),
+                          nn.Linear(2 * 6 * 6, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"layer 1 \(Polynomial of degree 3\)") as exc:
+        pycrcnn.plan(cubic, np.zeros((1, 1, 8, 8)), layout="packed")
+    assert exc.value.index == 1
+    twice = nn.Sequential(nn.Conv2d(1, 2, 3), pycrcnn.nn.Square(), pycrcnn.nn.Square(), nn.Flatten(),
+                          nn.Linear(2 * 6 * 6, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"layer 2 \(Square\) follows another activation"):
+        pycrcnn.plan(twice, np.zeros((1, 1, 8, 8)), layout="packed")
+
+
+def test_too_deep_is_refused_naming_the_stage():
+    nn = torch.nn
+
+    def net(squares):
+        layers = [nn.Conv2d(1, 2, 3, padding=1), pycrcnn.nn.Square()]
+        for _ in range(squares - 1):
+            layers += [nn.Conv2d(2, 2, 3, padding=1), pycrcnn.nn.Square()]
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(2 * 8 * 8, 2)).eval()
+
+    x = np.random.default_rng(0).uniform(0, 1, (2, 1, 8, 8))
+    # Three squares at m=8192: its 4 moduli give levels to two activations only.
+    with pytest.raises(pycrcnn.PlanError, match=r"moduli run out at layer 5 \(Square\)") as exc:
+        pycrcnn.plan(net(3), x, layout="packed", m=8192, measure=False, input_bits=3, weight_bits=3, map_bits=3)
+    assert exc.value.layer == 5 and exc.value.layer_name == "Square" and "larger m" in exc.value.fix
+    # Seven squares: the integers outgrow the range at the activation that doubles them past it.
+    with pytest.raises(pycrcnn.PlanError, match=r"pass 120 bits at layer \d+ \(Square\)") as exc:
+        pycrcnn.plan(net(7), x, layout="packed", measure=False)
+    assert exc.value.layer is not None and exc.value.fix
+
+
+def test_two_square_lenet_is_exact(digits):
+    x, labels = digits
+    net = load_torch_model(shipped_model_path("lenet1_two_square"))
+    plan, ctx, model = _check(net, x[:2], x, measure=False)
+    assert [r["stage"] for r in plan.report] == ["pack", "conv", "square", "map1", "square2", "linear"]
+    assert [r["name"] for r in model.last_report] == ["PackedConv2d", "PackedSquare", "PackedMap", "PackedSquare",
+                                                      "PackedLinear"]
+    assert plan.report[-1]["argmax_agreement"] >= 0.95
+    assert plan.info["version"] == 2 and len(plan.context.p) >= 3
+
+
+def test_built_deep_architecture_two_convolutions_polynomial_channels():
+    nn = torch.nn
+    torch.manual_seed(2)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1), pycrcnn.nn.Square(),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), pycrcnn.nn.Polynomial([0.1, 0.5, 0.25]),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
+    ).eval()
+    with torch.no_grad():
+        net[3].running_mean.uniform_(-0.5, 0.5)
+        net[3].running_var.uniform_(0.5, 2.0)
+    x = np.random.default_rng(3).uniform(-1, 1, size=(5, 2, 15, 15))
+    plan, ctx, model = _check(net, x[:2], x)
+    assert [r["stage"] for r in plan.report] == ["pack", "conv", "square", "map1", "polynomial2", "linear"]
+    assert all(r["noise_budget"] > 0 for r in plan.report)
+    # The saved plan (version 2) makes the same context elsewhere.
+    client = pycrcnn.Context.from_plan(plan.info)
+    client.keygen()
+    out = pycrcnn.build_from_pytorch(client, net)(client.encrypt(x[4:5]))
+    assert (client.decrypt_integers(out) == plan.reference(x[4:5])).all()
+    with pytest.raises(FormatError, match="newer than this build"):
+        pycrcnn.Context.from_plan({**plan.info, "version": 99})
+    # A server holding only the public context (special-prime baby-step keys included) computes it.
+    server = pycrcnn.Context.from_public(client.public_context())
+    server.attach_packed(pycrcnn.planner.packed.packed_model_from_info(plan.info))
+    e = pycrcnn.CipherTensor.from_bytes(client.encrypt(x[3:4]).to_bytes(), server)
+    out = pycrcnn.build_from_pytorch(server, net)(e)
+    back = pycrcnn.CipherTensor.from_bytes(out.to_bytes(), client)
+    assert (client.decrypt_integers(back) == plan.reference(x[3:4])).all()
 
 
 @pytest.fixture(scope="module")

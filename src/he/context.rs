@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use fhe::bfv::{Ciphertext, Encoding as FheEncoding, Multiplicator, Plaintext, PublicKey, RelinearizationKey, SecretKey};
+use fhe::bfv::{
+    Ciphertext, Encoding as FheEncoding, Multiplicator, Plaintext, PublicKey, RelinearizationKey,
+    SecretKey,
+};
 use fhe_traits::{FheDecoder, FheDecrypter, FheEncoder, FheEncrypter, Serialize as FheSerialize};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
@@ -45,7 +48,12 @@ impl Keys {
     /// at level l switches down to l+1 when that leaves two moduli or more:
     /// the next layers then run on smaller ciphertexts (faster, less memory)
     /// at no cost in noise budget.
-    pub fn new(secret: Option<Vec<SecretKey>>, public: Vec<PublicKey>, relin: Vec<Vec<RelinearizationKey>>, n_moduli: usize) -> Result<Keys> {
+    pub fn new(
+        secret: Option<Vec<SecretKey>>,
+        public: Vec<PublicKey>,
+        relin: Vec<Vec<RelinearizationKey>>,
+        n_moduli: usize,
+    ) -> Result<Keys> {
         let mut mult = Vec::with_capacity(relin.len());
         for rks in &relin {
             let mut per_level = Vec::with_capacity(rks.len());
@@ -67,7 +75,14 @@ impl Keys {
         let mut key_id = [0u8; 16];
         key_id.copy_from_slice(&d[..16]);
         let rotations = public.iter().map(|_| RotationKeys::default()).collect();
-        Ok(Keys { secret, public, relin, mult, key_id, rotations })
+        Ok(Keys {
+            secret,
+            public,
+            relin,
+            mult,
+            key_id,
+            rotations,
+        })
     }
 }
 
@@ -80,18 +95,27 @@ pub struct HeContext {
 impl HeContext {
     /// A context without keys.
     pub fn new(params: HeParameters) -> HeContext {
-        HeContext { params: Arc::new(params), keys: None }
+        HeContext {
+            params: Arc::new(params),
+            keys: None,
+        }
     }
 
     /// A context with the same parameters (the same `Arc`: tensors of either
     /// are compatible) and no keys.
     pub fn without_keys(&self) -> HeContext {
-        HeContext { params: self.params.clone(), keys: None }
+        HeContext {
+            params: self.params.clone(),
+            keys: None,
+        }
     }
 
     /// A context with loaded keys (public context or secret key blobs).
     pub(crate) fn with_keys(params: Arc<HeParameters>, keys: Keys) -> HeContext {
-        HeContext { params, keys: Some(keys) }
+        HeContext {
+            params,
+            keys: Some(keys),
+        }
     }
 
     /// The validated parameters.
@@ -127,14 +151,23 @@ impl HeContext {
             relin.push(rks);
             secret.push(sk);
         }
-        self.keys = Some(Keys::new(Some(secret), public, relin, self.params.levels())?);
+        self.keys = Some(Keys::new(
+            Some(secret),
+            public,
+            relin,
+            self.params.levels(),
+        )?);
         Ok(())
     }
 
     /// Generates rotation keys for `needs` (key holder), replacing any held.
     pub fn rotation_keygen(&mut self, needs: &[RotationNeed]) -> Result<()> {
         let sks = self.secret()?;
-        let rotations = sks.iter().zip(self.params.bfv()).map(|(sk, par)| RotationKeys::generate(sk, par, needs)).collect::<Result<Vec<_>>>()?;
+        let rotations = sks
+            .iter()
+            .zip(self.params.bfv())
+            .map(|(sk, par)| RotationKeys::generate(sk, par, needs))
+            .collect::<Result<Vec<_>>>()?;
         if let Some(k) = self.keys.as_mut() {
             k.rotations = rotations;
         }
@@ -143,12 +176,20 @@ impl HeContext {
 
     /// The rotation steps held, per level (the same for every plaintext modulus).
     pub fn rotation_steps(&self) -> Vec<RotationNeed> {
-        self.keys.as_ref().and_then(|k| k.rotations.first()).map(|r| r.held()).unwrap_or_default()
+        self.keys
+            .as_ref()
+            .and_then(|k| k.rotations.first())
+            .map(|r| r.held())
+            .unwrap_or_default()
     }
 
     /// The keys, or an error that says to generate them.
     pub fn keys(&self) -> Result<&Keys> {
-        self.keys.as_ref().ok_or_else(|| HeError::SecretKeyRequired("this context has no keys yet: call keygen() or load a key".into()))
+        self.keys.as_ref().ok_or_else(|| {
+            HeError::SecretKeyRequired(
+                "this context has no keys yet: call keygen() or load a key".into(),
+            )
+        })
     }
 
     /// The secret keys, or [`HeError::SecretKeyRequired`].
@@ -178,7 +219,9 @@ impl HeContext {
             ));
         }
         if t.key_id() != self.key_id()? {
-            return Err(HeError::Value("this ciphertext was encrypted under another key".into()));
+            return Err(HeError::Value(
+                "this ciphertext was encrypted under another key".into(),
+            ));
         }
         Ok(())
     }
@@ -208,13 +251,22 @@ impl HeContext {
                 }
                 let n = x.shape()[0];
                 if n == 0 || n > par.m() {
-                    return value_err(format!("the batch axis holds 1 to m={} images, got {n}", par.m()));
+                    return value_err(format!(
+                        "the batch axis holds 1 to m={} images, got {n}",
+                        par.m()
+                    ));
                 }
                 let scale = (scale_bits as f64).exp2();
                 let phys_shape = x.shape()[1..].to_vec();
                 let phys: usize = phys_shape.iter().product();
-                let flat = x.to_shape((n, phys)).map_err(|e| HeError::Value(e.to_string()))?.to_owned();
-                let bound = flat.iter().map(|v| (v * scale).round().abs()).fold(0.0, f64::max);
+                let flat = x
+                    .to_shape((n, phys))
+                    .map_err(|e| HeError::Value(e.to_string()))?
+                    .to_owned();
+                let bound = flat
+                    .iter()
+                    .map(|v| (v * scale).round().abs())
+                    .fold(0.0, f64::max);
                 if bound >= par.plaintext_product() as f64 / 2.0 {
                     let limit = par.plaintext_product() as f64 / 2.0;
                     return Err(HeError::PlaintextOverflow {
@@ -226,25 +278,47 @@ impl HeContext {
                 let elems: Result<Vec<Element>> = (0..phys)
                     .into_par_iter()
                     .map(|j| {
-                        let ints: Vec<i128> = flat.column(j).iter().map(|v| (v * scale).round() as i128).collect();
+                        let ints: Vec<i128> = flat
+                            .column(j)
+                            .iter()
+                            .map(|v| (v * scale).round() as i128)
+                            .collect();
                         par.p()
                             .iter()
                             .enumerate()
                             .map(|(k, &t)| {
-                                let slots: Vec<u64> = ints.iter().map(|&v| reduce_i128(v, t)).collect();
-                                let pt = Plaintext::try_encode(&slots[..], FheEncoding::simd(), &par.bfv()[k])?;
+                                let slots: Vec<u64> =
+                                    ints.iter().map(|&v| reduce_i128(v, t)).collect();
+                                let pt = Plaintext::try_encode(
+                                    &slots[..],
+                                    FheEncoding::simd(),
+                                    &par.bfv()[k],
+                                )?;
                                 self.encrypt_pt(k, &pt)
                             })
                             .collect()
                     })
                     .collect();
                 let data = shaped(&phys_shape, elems?)?;
-                Ok(CipherTensor::from_parts(data, Some(n), scale, Growth::Integer(bound), par.clone(), key_id))
+                Ok(CipherTensor::from_parts(
+                    data,
+                    Some(n),
+                    scale,
+                    Growth::Integer(bound),
+                    par.clone(),
+                    key_id,
+                ))
             }
-            Encoding::Fractional { base, int_digits, frac_digits } => {
+            Encoding::Fractional {
+                base,
+                int_digits,
+                frac_digits,
+            } => {
                 let vals: Vec<f64> = x.iter().cloned().collect();
-                let encoded: Vec<Vec<i64>> =
-                    vals.par_iter().map(|&v| fractional_encode(v, par.m(), base, int_digits, frac_digits)).collect::<Result<_>>()?;
+                let encoded: Vec<Vec<i64>> = vals
+                    .par_iter()
+                    .map(|&v| fractional_encode(v, par.m(), base, int_digits, frac_digits))
+                    .collect::<Result<_>>()?;
                 let mut g = vec![0.0; par.m()];
                 for c in &encoded {
                     for (gi, &ci) in g.iter_mut().zip(c) {
@@ -268,7 +342,14 @@ impl HeContext {
                     })
                     .collect();
                 let data = shaped(x.shape(), elems?)?;
-                Ok(CipherTensor::from_parts(data, None, 1.0, Growth::Poly(g), par.clone(), key_id))
+                Ok(CipherTensor::from_parts(
+                    data,
+                    None,
+                    1.0,
+                    Growth::Poly(g),
+                    par.clone(),
+                    key_id,
+                ))
             }
         }
     }
@@ -288,8 +369,12 @@ impl HeContext {
     pub fn noise_budget(&self, t: &CipherTensor) -> Result<i64> {
         self.secret()?;
         self.check(t)?;
-        let all: Vec<(usize, &Ciphertext)> = t.data().iter().flat_map(|e| e.iter().enumerate()).collect();
-        let budgets: Result<Vec<i64>> = all.par_iter().map(|&(k, ct)| self.budget_of(k, ct)).collect();
+        let all: Vec<(usize, &Ciphertext)> =
+            t.data().iter().flat_map(|e| e.iter().enumerate()).collect();
+        let budgets: Result<Vec<i64>> = all
+            .par_iter()
+            .map(|&(k, ct)| self.budget_of(k, ct))
+            .collect();
         Ok(budgets?.into_iter().min().unwrap_or(0))
     }
 
@@ -306,7 +391,11 @@ impl HeContext {
                 });
             }
             let pt = sk[k].try_decrypt(ct)?;
-            let enc = if batch.is_some() { FheEncoding::simd() } else { FheEncoding::poly() };
+            let enc = if batch.is_some() {
+                FheEncoding::simd()
+            } else {
+                FheEncoding::poly()
+            };
             residues.push(Vec::<u64>::try_decode(&pt, enc)?);
         }
         match (par.encoding(), batch) {
@@ -334,7 +423,10 @@ impl HeContext {
             return value_err("decrypt_integers reads the batch encoding's integers; use decrypt for the fractional encoding");
         };
         let elems: Vec<&Element> = t.data().iter().collect();
-        let vals: Vec<Vec<i128>> = elems.par_iter().map(|e| self.decrypt_slots(e, n)).collect::<Result<_>>()?;
+        let vals: Vec<Vec<i128>> = elems
+            .par_iter()
+            .map(|e| self.decrypt_slots(e, n))
+            .collect::<Result<_>>()?;
         let mut out = Vec::with_capacity(n * vals.len());
         for i in 0..n {
             out.extend(vals.iter().map(|v| v[i]));
@@ -350,14 +442,21 @@ impl HeContext {
             let budget = self.budget_of(k, ct)?;
             if budget <= 0 {
                 return Err(HeError::NoiseBudgetExhausted {
-                    message: "a ciphertext's noise budget is exhausted: decrypting it would give garbage".into(),
+                    message:
+                        "a ciphertext's noise budget is exhausted: decrypting it would give garbage"
+                            .into(),
                     budget,
                 });
             }
-            residues.push(Vec::<u64>::try_decode(&sk[k].try_decrypt(ct)?, FheEncoding::simd())?);
+            residues.push(Vec::<u64>::try_decode(
+                &sk[k].try_decrypt(ct)?,
+                FheEncoding::simd(),
+            )?);
         }
         let p = self.params.p();
-        Ok((0..n).map(|i| crt_centred(&residues.iter().map(|v| v[i]).collect::<Vec<u64>>(), p)).collect())
+        Ok((0..n)
+            .map(|i| crt_centred(&residues.iter().map(|v| v[i]).collect::<Vec<u64>>(), p))
+            .collect())
     }
 
     /// Decrypts to float64 of the logical shape. Raises
@@ -366,7 +465,10 @@ impl HeContext {
         self.secret()?;
         self.check(t)?;
         let elems: Vec<&Element> = t.data().iter().collect();
-        let vals: Vec<Vec<f64>> = elems.par_iter().map(|e| self.decrypt_element(e, t.batch(), t.scale())).collect::<Result<_>>()?;
+        let vals: Vec<Vec<f64>> = elems
+            .par_iter()
+            .map(|e| self.decrypt_element(e, t.batch(), t.scale()))
+            .collect::<Result<_>>()?;
         let shape = t.shape();
         match t.batch() {
             None => shaped(&shape, vals.into_iter().flatten().collect()),
@@ -401,7 +503,11 @@ impl HeContext {
 
     /// The relinearized product of two elements at `level`, component by component.
     fn product(&self, x: &Element, y: &Element, level: usize) -> Result<Element> {
-        x.iter().zip(y).enumerate().map(|(k, (cx, cy))| Ok(self.multiplicator(k, level)?.multiply(cx, cy)?)).collect()
+        x.iter()
+            .zip(y)
+            .enumerate()
+            .map(|(k, (cx, cy))| Ok(self.multiplicator(k, level)?.multiply(cx, cy)?))
+            .collect()
     }
 
     /// Element-wise product of two tensors (relinearized). Batch scales multiply.
@@ -409,7 +515,11 @@ impl HeContext {
         self.check(a)?;
         self.check(b)?;
         if a.shape() != b.shape() {
-            return value_err(format!("shapes differ: {:?} and {:?}", a.shape(), b.shape()));
+            return value_err(format!(
+                "shapes differ: {:?} and {:?}",
+                a.shape(),
+                b.shape()
+            ));
         }
         // Products switch down a level: the operand that sits higher up comes
         // down to the other's level (x · x² in a polynomial, Pyfhel's power).
@@ -419,7 +529,10 @@ impl HeContext {
         let scale = a.scale() * b.scale();
         check_fits(&self.params, &growth, scale, "square/product")?;
         let xs: Vec<(&Element, &Element)> = a.data().iter().zip(b.data().iter()).collect();
-        let out: Result<Vec<Element>> = xs.par_iter().map(|(x, y)| self.product(x, y, level)).collect();
+        let out: Result<Vec<Element>> = xs
+            .par_iter()
+            .map(|(x, y)| self.product(x, y, level))
+            .collect();
         let data = shaped(a.data().shape(), out?)?;
         Ok(a.with_data(data, scale, growth))
     }
@@ -435,13 +548,24 @@ impl HeContext {
         for k in 0..self.params.p().len() {
             self.multiplicator(k, level)?;
         }
-        let template = x.with_data(ndarray::ArrayD::default(IxDyn(&[0])), x.scale() * x.scale(), growth);
+        let template = x.with_data(
+            ndarray::ArrayD::default(IxDyn(&[0])),
+            x.scale() * x.scale(),
+            growth,
+        );
         let data = x.into_data();
         let shape = data.shape().to_vec();
-        let data = if data.is_standard_layout() { data } else { data.as_standard_layout().into_owned() };
+        let data = if data.is_standard_layout() {
+            data
+        } else {
+            data.as_standard_layout().into_owned()
+        };
         let (elems, _) = data.into_raw_vec_and_offset();
         // Each input element is dropped as soon as its square exists.
-        let out: Vec<Element> = elems.into_par_iter().map(|e| self.product(&e, &e, level)).collect::<Result<_>>()?;
+        let out: Vec<Element> = elems
+            .into_par_iter()
+            .map(|e| self.product(&e, &e, level))
+            .collect::<Result<_>>()?;
         let data = shaped(&shape, out)?;
         Ok(template.with_data(data, template.scale(), template.growth().clone()))
     }
@@ -466,7 +590,9 @@ impl HeContext {
                     .map(|e| {
                         let pt = sk[0].try_decrypt(&e[0])?;
                         let c = Vec::<u64>::try_decode(&pt, FheEncoding::poly())?;
-                        Ok(c.iter().map(|&x| centre(x, p).unsigned_abs() as f64).collect())
+                        Ok(c.iter()
+                            .map(|&x| centre(x, p).unsigned_abs() as f64)
+                            .collect())
                     })
                     .collect::<Result<_>>()?;
                 let mut maxes = vec![0.0f64; par.m()];
@@ -480,7 +606,11 @@ impl HeContext {
                 let mut risk = 0.0;
                 for (i, &x) in maxes.iter().enumerate() {
                     if x > p as f64 / 4.0 {
-                        let w = if i < m / 2 { b.powi(i as i32) } else { b.powi(-((m - i) as i32)) };
+                        let w = if i < m / 2 {
+                            b.powi(i as i32)
+                        } else {
+                            b.powi(-((m - i) as i32))
+                        };
                         risk += (p as f64 / 2.0) * w;
                     }
                 }
@@ -489,7 +619,11 @@ impl HeContext {
             Encoding::Batch { .. } => {
                 let d = self.decrypt(t)?;
                 let mx = d.iter().map(|v| (v * t.scale()).abs()).fold(0.0, f64::max);
-                Ok((mx, limit, if mx > limit / 2.0 { f64::INFINITY } else { 0.0 }))
+                Ok((
+                    mx,
+                    limit,
+                    if mx > limit / 2.0 { f64::INFINITY } else { 0.0 },
+                ))
             }
         }
     }
@@ -502,7 +636,6 @@ impl HeContext {
     }
 }
 
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -510,17 +643,42 @@ pub(crate) mod tests {
     use ndarray::ArrayD;
     use rand::Rng;
 
-    pub(crate) const FRAC: Encoding = Encoding::Fractional { base: 2, int_digits: 64, frac_digits: 32 };
-    pub(crate) const BATCH: Encoding = Encoding::Batch { scale_bits: 16, weight_scale_bits: 8 };
+    pub(crate) const FRAC: Encoding = Encoding::Fractional {
+        base: 2,
+        int_digits: 64,
+        frac_digits: 32,
+    };
+    pub(crate) const BATCH: Encoding = Encoding::Batch {
+        scale_bits: 16,
+        weight_scale_bits: 8,
+    };
 
     /// A keyed context.
-    pub(crate) fn make(m: usize, p: Vec<u64>, encoding: Encoding, sizes: Option<Vec<usize>>) -> HeContext {
+    pub(crate) fn make(
+        m: usize,
+        p: Vec<u64>,
+        encoding: Encoding,
+        sizes: Option<Vec<usize>>,
+    ) -> HeContext {
         let n = p.len().max(1);
         make_n(m, p, n, encoding, sizes)
     }
 
-    pub(crate) fn make_n(m: usize, p: Vec<u64>, n: usize, encoding: Encoding, sizes: Option<Vec<usize>>) -> HeContext {
-        let req = ParametersRequest { m, p, n_plaintext_moduli: n, sec: 128, encoding, moduli_sizes: sizes };
+    pub(crate) fn make_n(
+        m: usize,
+        p: Vec<u64>,
+        n: usize,
+        encoding: Encoding,
+        sizes: Option<Vec<usize>>,
+    ) -> HeContext {
+        let req = ParametersRequest {
+            m,
+            p,
+            n_plaintext_moduli: n,
+            sec: 128,
+            encoding,
+            moduli_sizes: sizes,
+        };
         let mut ctx = HeContext::new(req.build().expect("parameters"));
         ctx.keygen().expect("keygen");
         ctx
@@ -533,7 +691,10 @@ pub(crate) mod tests {
 
     fn max_err(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
         assert_eq!(a.shape(), b.shape());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]
@@ -544,7 +705,9 @@ pub(crate) mod tests {
         assert_eq!(t.shape(), vec![2, 3]);
         assert!(max_err(&ctx.decrypt(&t).unwrap(), &x) <= 2f64.powi(-32));
         // Integers are exact, including 0 and negative values.
-        let ints = ArrayD::from_shape_vec(IxDyn(&[5]), vec![0.0, 1.0, -1.0, 123456789.0, -987654321.0]).unwrap();
+        let ints =
+            ArrayD::from_shape_vec(IxDyn(&[5]), vec![0.0, 1.0, -1.0, 123456789.0, -987654321.0])
+                .unwrap();
         let t = ctx.encrypt(ints.view()).unwrap();
         assert_eq!(ctx.decrypt(&t).unwrap(), ints);
     }
@@ -562,7 +725,10 @@ pub(crate) mod tests {
         let t = ctx.encrypt(x.view()).unwrap();
         assert!(max_err(&ctx.decrypt(&t).unwrap(), &x) <= 0.5 / 65536.0 + 1e-12);
         let too_many = random(&[2049, 1], -1.0, 1.0);
-        assert!(matches!(ctx.encrypt(too_many.view()), Err(HeError::Value(_))));
+        assert!(matches!(
+            ctx.encrypt(too_many.view()),
+            Err(HeError::Value(_))
+        ));
     }
 
     #[test]
@@ -574,7 +740,9 @@ pub(crate) mod tests {
         assert!(t_bits > 90.0, "{p:?}");
         // Values far beyond one modulus: k · 2^10 at scale 2^16 = k · 2^26, exact in f64.
         let mut rng = rand::rng();
-        let x = ArrayD::from_shape_fn(IxDyn(&[5, 3]), |_| (rng.random_range(-(1i64 << 40)..(1i64 << 40)) as f64) * 1024.0);
+        let x = ArrayD::from_shape_fn(IxDyn(&[5, 3]), |_| {
+            (rng.random_range(-(1i64 << 40)..(1i64 << 40)) as f64) * 1024.0
+        });
         let t = ctx.encrypt(x.view()).unwrap();
         assert_eq!(t.n_ciphertexts(), 9);
         assert_eq!(ctx.decrypt(&t).unwrap(), x);
@@ -595,7 +763,11 @@ pub(crate) mod tests {
     #[test]
     fn square_at_2048_fractional() {
         let ctx = make(2048, vec![65537], FRAC, None);
-        assert!(ctx.params.moduli().len() >= 3, "m=2048 needs small primes for one square: {:?}", ctx.params.moduli());
+        assert!(
+            ctx.params.moduli().len() >= 3,
+            "m=2048 needs small primes for one square: {:?}",
+            ctx.params.moduli()
+        );
         let x = random(&[1, 6], -10.0, 10.0);
         let t = ctx.encrypt(x.view()).unwrap();
         let fresh = ctx.noise_budget(&t).unwrap();
@@ -628,12 +800,18 @@ pub(crate) mod tests {
             t = ctx.square(t.clone()).unwrap();
             expect.mapv_inplace(|v| v * v);
             let b = ctx.noise_budget(&t).unwrap();
-            assert!(b < last, "budget must fall with every product: {last} → {b}");
+            assert!(
+                b < last,
+                "budget must fall with every product: {last} → {b}"
+            );
             last = b;
             match ctx.decrypt(&t) {
                 Ok(d) => {
                     assert!(b > 0);
-                    assert!(max_err(&d, &expect) < 1e-3 * expect.iter().fold(1.0, |a, v| f64::max(a, v.abs())));
+                    assert!(
+                        max_err(&d, &expect)
+                            < 1e-3 * expect.iter().fold(1.0, |a, v| f64::max(a, v.abs()))
+                    );
                 }
                 Err(HeError::NoiseBudgetExhausted { message: msg, .. }) => {
                     assert!(b <= 0, "{b}");
@@ -645,7 +823,10 @@ pub(crate) mod tests {
             }
         }
         assert!(exhausted, "4 squares at m=4096 must exhaust the budget");
-        assert!(matches!(ctx.rencrypt(&t), Err(HeError::NoiseBudgetExhausted { .. })));
+        assert!(matches!(
+            ctx.rencrypt(&t),
+            Err(HeError::NoiseBudgetExhausted { .. })
+        ));
     }
 
     #[test]
@@ -669,19 +850,46 @@ pub(crate) mod tests {
         assert_eq!(server.key_id().unwrap(), client.key_id().unwrap());
         let x = random(&[1, 3], -4.0, 4.0);
         let t = client.encrypt(x.view()).unwrap();
-        let on_server = crate::he::serialize::tensor_from_bytes(&crate::he::serialize::tensor_to_bytes(&t), &server).unwrap();
+        let on_server = crate::he::serialize::tensor_from_bytes(
+            &crate::he::serialize::tensor_to_bytes(&t),
+            &server,
+        )
+        .unwrap();
         let sq = server.square(on_server.clone()).unwrap();
         let w = ArrayD::from_shape_vec(IxDyn(&[3]), vec![0.5, -2.0, 1.25]).unwrap();
-        let y = sq.mul_plain(&w).unwrap().add_plain(&ArrayD::from_elem(IxDyn(&[]), 1.5)).unwrap();
-        assert!(matches!(server.decrypt(&y), Err(HeError::SecretKeyRequired(_))));
-        assert!(matches!(server.noise_budget(&y), Err(HeError::SecretKeyRequired(_))));
-        assert!(matches!(server.rencrypt(&y), Err(HeError::SecretKeyRequired(_))));
+        let y = sq
+            .mul_plain(&w)
+            .unwrap()
+            .add_plain(&ArrayD::from_elem(IxDyn(&[]), 1.5))
+            .unwrap();
+        assert!(matches!(
+            server.decrypt(&y),
+            Err(HeError::SecretKeyRequired(_))
+        ));
+        assert!(matches!(
+            server.noise_budget(&y),
+            Err(HeError::SecretKeyRequired(_))
+        ));
+        assert!(matches!(
+            server.rencrypt(&y),
+            Err(HeError::SecretKeyRequired(_))
+        ));
         // The server's encryptions use the public key; the client decrypts everything.
-        let back = crate::he::serialize::tensor_from_bytes(&crate::he::serialize::tensor_to_bytes(&y), &client).unwrap();
-        let expect = ndarray::Array::from_shape_fn(IxDyn(&[1, 3]), |i| x[[0, i[1]]].powi(2) * w[[i[1]]] + 1.5);
+        let back = crate::he::serialize::tensor_from_bytes(
+            &crate::he::serialize::tensor_to_bytes(&y),
+            &client,
+        )
+        .unwrap();
+        let expect = ndarray::Array::from_shape_fn(IxDyn(&[1, 3]), |i| {
+            x[[0, i[1]]].powi(2) * w[[i[1]]] + 1.5
+        });
         assert!(max_err(&client.decrypt(&back).unwrap(), &expect) < 1e-7);
         let pk = server.encrypt(x.view()).unwrap();
-        let back = crate::he::serialize::tensor_from_bytes(&crate::he::serialize::tensor_to_bytes(&pk), &client).unwrap();
+        let back = crate::he::serialize::tensor_from_bytes(
+            &crate::he::serialize::tensor_to_bytes(&pk),
+            &client,
+        )
+        .unwrap();
         assert!(max_err(&client.decrypt(&back).unwrap(), &x) <= 2f64.powi(-32));
     }
 

@@ -7,9 +7,17 @@ use super::error::{HeError, Result};
 /// Digits of `v` in the fractional encoding as centred integer coefficients of
 /// a length-`m` polynomial. Errors if the integer part needs more than
 /// `int_digits` digits or `v` is not finite.
-pub fn fractional_encode(v: f64, m: usize, base: u32, int_digits: usize, frac_digits: usize) -> Result<Vec<i64>> {
+pub fn fractional_encode(
+    v: f64,
+    m: usize,
+    base: u32,
+    int_digits: usize,
+    frac_digits: usize,
+) -> Result<Vec<i64>> {
     if !v.is_finite() {
-        return Err(HeError::Value(format!("cannot encode {v}: only finite numbers")));
+        return Err(HeError::Value(format!(
+            "cannot encode {v}: only finite numbers"
+        )));
     }
     let b = base as f64;
     let sign: i64 = if v < 0.0 { -1 } else { 1 };
@@ -21,7 +29,9 @@ pub fn fractional_encode(v: f64, m: usize, base: u32, int_digits: usize, frac_di
     while n >= 1.0 {
         if i >= int_digits {
             return Err(HeError::PlaintextOverflow {
-                message: format!("{v} needs more than int_digits={int_digits} base-{base} integer digits"),
+                message: format!(
+                    "{v} needs more than int_digits={int_digits} base-{base} integer digits"
+                ),
                 bound: v.abs(),
                 limit: (base as f64).powi(int_digits as i32),
             });

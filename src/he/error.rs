@@ -61,7 +61,11 @@ impl HeError {
     pub fn at_layer(self, index: i64, name: &str) -> HeError {
         match self {
             e @ HeError::AtLayer { .. } => e,
-            e => HeError::AtLayer { index, name: name.to_string(), source: Box::new(e) },
+            e => HeError::AtLayer {
+                index,
+                name: name.to_string(),
+                source: Box::new(e),
+            },
         }
     }
 

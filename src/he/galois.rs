@@ -19,12 +19,31 @@ pub struct RotationNeed {
     pub level: usize,
     /// Column-rotation steps (slot s+k moves to slot s), each in 1..m/2.
     pub steps: Vec<usize>,
+    /// The level the key is made at, when below `level`: the moduli between
+    /// act as special primes, so a rotation adds ≈ 2^11 of noise instead of
+    /// ≈ 2^65 (and costs about twice as much). `None`: the ciphertext's level.
+    /// Known when generating; a loaded key reports `None` (fhe.rs keeps it inside).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_level: Option<usize>,
+}
+
+impl RotationNeed {
+    /// Steps at `level` with keys at that level.
+    pub fn at(level: usize, steps: Vec<usize>) -> RotationNeed {
+        RotationNeed {
+            level,
+            steps,
+            key_level: None,
+        }
+    }
 }
 
 /// Power-of-two steps at the top level: the default when no plan says more.
 pub fn power_of_two_needs(m: usize) -> Vec<RotationNeed> {
-    let steps = std::iter::successors(Some(1usize), |s| Some(s * 2)).take_while(|&s| s < m / 2).collect();
-    vec![RotationNeed { level: 0, steps }]
+    let steps = std::iter::successors(Some(1usize), |s| Some(s * 2))
+        .take_while(|&s| s < m / 2)
+        .collect();
+    vec![RotationNeed::at(0, steps)]
 }
 
 /// One evaluation key: the steps it holds at one level.
@@ -49,15 +68,27 @@ fn check_need(par: &BfvParameters, need: &RotationNeed) -> Result<()> {
             par.moduli().len()
         )));
     }
+    if need.key_level.is_some_and(|k| k > need.level) {
+        return Err(HeError::Parameter(format!(
+            "a rotation key for level {} cannot be made at the lower level {:?}",
+            need.level, need.key_level
+        )));
+    }
     if let Some(bad) = need.steps.iter().find(|&&s| s == 0 || s >= half) {
-        return Err(HeError::Parameter(format!("rotation step {bad} is outside 1..{half} (m/2)")));
+        return Err(HeError::Parameter(format!(
+            "rotation step {bad} is outside 1..{half} (m/2)"
+        )));
     }
     Ok(())
 }
 
 impl RotationKeys {
     /// Generates keys for `needs` (key switching at the ciphertext's own level).
-    pub fn generate(sk: &SecretKey, par: &Arc<BfvParameters>, needs: &[RotationNeed]) -> Result<RotationKeys> {
+    pub fn generate(
+        sk: &SecretKey,
+        par: &Arc<BfvParameters>,
+        needs: &[RotationNeed],
+    ) -> Result<RotationKeys> {
         let mut rng = rand::rng();
         let mut levels = Vec::new();
         for need in needs {
@@ -68,25 +99,45 @@ impl RotationKeys {
             if steps.is_empty() {
                 continue;
             }
-            let mut b = EvaluationKeyBuilder::new_leveled(sk, need.level, need.level)?;
+            let mut b = EvaluationKeyBuilder::new_leveled(
+                sk,
+                need.level,
+                need.key_level.unwrap_or(need.level),
+            )?;
             for &s in &steps {
                 b.enable_column_rotation(s)?;
             }
-            levels.push(LevelKey { level: need.level, steps, key: b.build(&mut rng)? });
+            levels.push(LevelKey {
+                level: need.level,
+                steps,
+                key: b.build(&mut rng)?,
+            });
         }
         Ok(RotationKeys { levels })
     }
 
     /// Assembles loaded keys, checking that each holds the steps it claims.
-    pub(crate) fn from_parts(parts: Vec<(usize, Vec<usize>, EvaluationKey)>, par: &BfvParameters) -> Result<RotationKeys> {
+    pub(crate) fn from_parts(
+        parts: Vec<(usize, Vec<usize>, EvaluationKey)>,
+        par: &BfvParameters,
+    ) -> Result<RotationKeys> {
         let mut levels = Vec::with_capacity(parts.len());
         for (level, steps, key) in parts {
-            check_need(par, &RotationNeed { level, steps: steps.clone() }).map_err(|e| HeError::Format(e.to_string()))?;
+            check_need(par, &RotationNeed::at(level, steps.clone()))
+                .map_err(|e| HeError::Format(e.to_string()))?;
             if let Some(s) = steps.iter().find(|&&s| !key.supports_column_rotation_by(s)) {
-                return Err(HeError::Format(format!("the rotation key of level {level} does not hold step {s} it claims")));
+                return Err(HeError::Format(format!(
+                    "the rotation key of level {level} does not hold step {s} it claims"
+                )));
             }
-            if levels.iter().any(|l: &LevelKey| l.level == level) {
-                return Err(HeError::Format(format!("two rotation keys for level {level}")));
+            // Two keys may serve one level (special-prime baby steps and plain giant steps), for different steps.
+            if levels
+                .iter()
+                .any(|l: &LevelKey| l.level == level && l.steps.iter().any(|s| steps.contains(s)))
+            {
+                return Err(HeError::Format(format!(
+                    "two rotation keys for the same step at level {level}"
+                )));
             }
             levels.push(LevelKey { level, steps, key });
         }
@@ -95,7 +146,10 @@ impl RotationKeys {
 
     /// The (level, steps) held.
     pub fn held(&self) -> Vec<RotationNeed> {
-        self.levels.iter().map(|l| RotationNeed { level: l.level, steps: l.steps.clone() }).collect()
+        self.levels
+            .iter()
+            .map(|l| RotationNeed::at(l.level, l.steps.clone()))
+            .collect()
     }
 
     /// Serialized size of the keys, in bytes.
@@ -105,12 +159,18 @@ impl RotationKeys {
 
     /// Whether `step` can be applied to ciphertexts at `level`.
     pub fn supports(&self, level: usize, step: usize) -> bool {
-        self.levels.iter().any(|l| l.level == level && l.steps.contains(&step))
+        self.levels
+            .iter()
+            .any(|l| l.level == level && l.steps.contains(&step))
     }
 
     /// Rotates `ct` (at `level`) by `step` columns, or says which key is missing.
     pub fn rotate(&self, ct: &Ciphertext, level: usize, step: usize) -> Result<Ciphertext> {
-        let l = self.levels.iter().find(|l| l.level == level && l.steps.contains(&step)).ok_or_else(|| missing(level, step))?;
+        let l = self
+            .levels
+            .iter()
+            .find(|l| l.level == level && l.steps.contains(&step))
+            .ok_or_else(|| missing(level, step))?;
         Ok(l.key.rotates_columns_by(ct, step)?)
     }
 }
@@ -131,16 +191,27 @@ mod tests {
     #[test]
     fn rotation_keys_travel_with_the_public_context() {
         let mut ctx = make_n(4096, vec![], 2, BATCH, None);
-        let needs = vec![RotationNeed { level: 0, steps: vec![3, 1] }, RotationNeed { level: 1, steps: vec![8] }];
+        let needs = vec![
+            RotationNeed::at(0, vec![3, 1]),
+            RotationNeed::at(1, vec![8]),
+        ];
         ctx.rotation_keygen(&needs).unwrap();
         let held = ctx.rotation_steps();
-        assert_eq!(held, vec![RotationNeed { level: 0, steps: vec![1, 3] }, RotationNeed { level: 1, steps: vec![8] }]);
+        assert_eq!(
+            held,
+            vec![
+                RotationNeed::at(0, vec![1, 3]),
+                RotationNeed::at(1, vec![8])
+            ]
+        );
         let blob = public_context_to_bytes(&ctx).unwrap();
         let server = context_from_bytes(&blob, false).unwrap();
         assert_eq!(server.rotation_steps(), held);
         let rot = &server.keys().unwrap().rotations[1];
         assert!(rot.supports(0, 3) && !rot.supports(1, 3));
-        let x = ctx.encrypt(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 1])).view()).unwrap();
+        let x = ctx
+            .encrypt(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 1])).view())
+            .unwrap();
         let ct = &x.data().iter().next().unwrap()[1];
         assert!(rot.rotate(ct, 0, 1).is_ok());
         match rot.rotate(ct, 0, 2) {
@@ -148,8 +219,15 @@ mod tests {
             other => panic!("{:?}", other.map(|_| ())),
         }
         // Steps outside 1..m/2 and levels without room are refused when generating.
-        assert!(ctx.rotation_keygen(&[RotationNeed { level: 0, steps: vec![2048] }]).is_err());
-        assert!(ctx.rotation_keygen(&[RotationNeed { level: 5, steps: vec![1] }]).is_err());
-        assert_eq!(power_of_two_needs(2048)[0].steps, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
+        assert!(ctx
+            .rotation_keygen(&[RotationNeed::at(0, vec![2048])])
+            .is_err());
+        assert!(ctx
+            .rotation_keygen(&[RotationNeed::at(5, vec![1])])
+            .is_err());
+        assert_eq!(
+            power_of_two_needs(2048)[0].steps,
+            vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+        );
     }
 }

@@ -38,7 +38,11 @@ impl GrowthReport {
 }
 
 fn nonzero(v: &[f64]) -> Vec<(usize, f64)> {
-    v.iter().enumerate().filter(|(_, &x)| x != 0.0).map(|(i, &x)| (i, x)).collect()
+    v.iter()
+        .enumerate()
+        .filter(|(_, &x)| x != 0.0)
+        .map(|(i, &x)| (i, x))
+        .collect()
 }
 
 /// Bound of |a·b| coefficient-wise modulo x^m + 1 given bounds on |a| and |b|.
@@ -59,7 +63,9 @@ impl Growth {
     pub fn add(&self, other: &Growth) -> Growth {
         match (self, other) {
             (Growth::Integer(a), Growth::Integer(b)) => Growth::Integer(a + b),
-            (Growth::Poly(a), Growth::Poly(b)) => Growth::Poly(a.iter().zip(b).map(|(x, y)| x + y).collect()),
+            (Growth::Poly(a), Growth::Poly(b)) => {
+                Growth::Poly(a.iter().zip(b).map(|(x, y)| x + y).collect())
+            }
             (a, _) => a.clone(),
         }
     }
@@ -85,18 +91,30 @@ impl Growth {
     pub fn report(&self, t: f64, base: u32) -> GrowthReport {
         let limit = t / 2.0;
         match self {
-            Growth::Integer(a) => GrowthReport { coeff_bound: *a, limit, wrap_error_bound: if *a < limit { 0.0 } else { f64::INFINITY } },
+            Growth::Integer(a) => GrowthReport {
+                coeff_bound: *a,
+                limit,
+                wrap_error_bound: if *a < limit { 0.0 } else { f64::INFINITY },
+            },
             Growth::Poly(v) => {
                 let m = v.len();
                 let b = base as f64;
                 let mut err = 0.0;
                 for (i, &x) in v.iter().enumerate() {
                     if x >= limit {
-                        let w = if i < m / 2 { b.powi(i as i32) } else { b.powi(-((m - i) as i32)) };
+                        let w = if i < m / 2 {
+                            b.powi(i as i32)
+                        } else {
+                            b.powi(-((m - i) as i32))
+                        };
                         err += x * w;
                     }
                 }
-                GrowthReport { coeff_bound: v.iter().cloned().fold(0.0, f64::max), limit, wrap_error_bound: err }
+                GrowthReport {
+                    coeff_bound: v.iter().cloned().fold(0.0, f64::max),
+                    limit,
+                    wrap_error_bound: err,
+                }
             }
         }
     }

@@ -13,6 +13,6 @@ pub mod tensor;
 
 pub use context::HeContext;
 pub use error::{HeError, Result};
-pub use params::{Encoding, HeParameters, ParametersRequest};
 pub use multiplier::Multiplier;
+pub use params::{Encoding, HeParameters, ParametersRequest};
 pub use tensor::CipherTensor;

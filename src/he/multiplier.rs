@@ -23,7 +23,12 @@ pub enum Multiplier {
 impl Multiplier {
     /// An integer multiplier for the context `ctx`.
     pub fn scalar(w: i64, ctx: &Arc<Context>) -> Multiplier {
-        Multiplier::Scalar(ctx.moduli().iter().map(|&q| (w as i128).rem_euclid(q as i128) as u64).collect())
+        Multiplier::Scalar(
+            ctx.moduli()
+                .iter()
+                .map(|&q| (w as i128).rem_euclid(q as i128) as u64)
+                .collect(),
+        )
     }
 
     /// A polynomial multiplier (centred coefficients, length ≤ degree) for `ctx`.
@@ -53,23 +58,34 @@ impl Multiplier {
         let moduli = ctx.moduli_operators();
         let degree = ct[0].coefficients().shape()[1];
         if !self.fits(moduli.len(), degree) {
-            return Err(HeError::Value("a multiplier was prepared for another ciphertext level".into()));
+            return Err(HeError::Value(
+                "a multiplier was prepared for another ciphertext level".into(),
+            ));
         }
         let mut parts = Vec::with_capacity(ct.len());
         for part in ct.iter() {
             let mut out = part.coefficients().to_owned();
             for (j, mut row) in out.outer_iter_mut().enumerate() {
-                let row = row.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
+                let row = row
+                    .as_slice_mut()
+                    .ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
                 match self {
                     Multiplier::Scalar(r) => moduli[j].scalar_mul_vec(row, r[j]),
                     Multiplier::Poly(a) => {
                         let w = a.row(j);
-                        let w = w.as_slice().ok_or_else(|| HeError::Backend("non-contiguous multiplier".into()))?;
+                        let w = w
+                            .as_slice()
+                            .ok_or_else(|| HeError::Backend("non-contiguous multiplier".into()))?;
                         moduli[j].mul_vec(row, w);
                     }
                 }
             }
-            parts.push(Poly::try_convert_from(out, &ctx, true, Representation::Ntt)?);
+            parts.push(Poly::try_convert_from(
+                out,
+                &ctx,
+                true,
+                Representation::Ntt,
+            )?);
         }
         Ok(Ciphertext::new(parts, par)?)
     }

@@ -211,14 +211,20 @@ fn default_moduli_sizes(m: usize, budget: usize, p_bits: usize) -> Vec<usize> {
     // noise grows with the size of each prime. At m=2048 two 27-bit primes
     // leave no budget after one square; three 18-bit primes leave a few bits
     // (for p ≤ 17 bits; larger p falls back to two primes below).
-    let min_count = if m >= 4096 || (m == 2048 && p_bits > 0) { 3 } else { 2 };
+    let min_count = if m >= 4096 || (m == 2048 && p_bits > 0) {
+        3
+    } else {
+        2
+    };
     let mut count = min_count.max(budget.div_ceil(MAX_PRIME_BITS));
     // fhe.rs needs p below every ciphertext prime: fewer, larger primes for a large p.
     while count > 1 && budget / count < p_bits + 1 {
         count -= 1;
     }
     let even = budget / count;
-    (0..count).map(|i| (even + usize::from(i < budget % count)).min(62)).collect()
+    (0..count)
+        .map(|i| (even + usize::from(i < budget % count)).min(62))
+        .collect()
 }
 
 fn generate_moduli(sizes: &[usize], m: usize) -> Result<Vec<u64>> {
@@ -255,9 +261,15 @@ impl ParametersRequest {
     pub fn build(&self) -> Result<HeParameters> {
         let budget = max_log_q(self.m, self.sec)?;
         match self.encoding {
-            Encoding::Fractional { base, int_digits, frac_digits } => {
+            Encoding::Fractional {
+                base,
+                int_digits,
+                frac_digits,
+            } => {
                 if base < 2 {
-                    return Err(HeError::Parameter(format!("base must be at least 2, got {base}")));
+                    return Err(HeError::Parameter(format!(
+                        "base must be at least 2, got {base}"
+                    )));
                 }
                 if int_digits == 0 || frac_digits == 0 || int_digits + frac_digits > self.m {
                     return Err(HeError::Parameter(format!(
@@ -271,10 +283,16 @@ impl ParametersRequest {
                     ));
                 }
                 if self.p[0] < 3 {
-                    return Err(HeError::Parameter(format!("p must be at least 3, got {}", self.p[0])));
+                    return Err(HeError::Parameter(format!(
+                        "p must be at least 3, got {}",
+                        self.p[0]
+                    )));
                 }
             }
-            Encoding::Batch { scale_bits, weight_scale_bits } => {
+            Encoding::Batch {
+                scale_bits,
+                weight_scale_bits,
+            } => {
                 if scale_bits > 40 || weight_scale_bits > 40 {
                     return Err(HeError::Parameter(format!(
                         "scale_bits ({scale_bits}) and weight_scale_bits ({weight_scale_bits}) must be at most 40"
@@ -313,10 +331,13 @@ impl ParametersRequest {
                 // fewer, larger primes when the ones generated are too small.
                 let p_max = self.p.iter().copied().max().unwrap_or(0);
                 while s.len() > 2
-                    && generate_moduli(&s, self.m).map_or(true, |q| q.iter().copied().min().unwrap_or(0) / 2 <= p_max)
+                    && generate_moduli(&s, self.m)
+                        .map_or(true, |q| q.iter().copied().min().unwrap_or(0) / 2 <= p_max)
                 {
                     let count = s.len() - 1;
-                    s = (0..count).map(|i| (budget / count + usize::from(i < budget % count)).min(62)).collect();
+                    s = (0..count)
+                        .map(|i| (budget / count + usize::from(i < budget % count)).min(62))
+                        .collect();
                 }
                 if s.len() < 2 && self.m > 1024 {
                     return Err(HeError::Parameter(format!(
@@ -367,10 +388,14 @@ impl ParametersRequest {
                 )));
             }
             if moduli.contains(&pi) {
-                return Err(HeError::Parameter(format!("p={pi} must differ from the ciphertext moduli")));
+                return Err(HeError::Parameter(format!(
+                    "p={pi} must differ from the ciphertext moduli"
+                )));
             }
             if p[..i].contains(&pi) {
-                return Err(HeError::Parameter(format!("plaintext moduli must be distinct; {pi} repeats")));
+                return Err(HeError::Parameter(format!(
+                    "plaintext moduli must be distinct; {pi} repeats"
+                )));
             }
             if let Encoding::Batch { .. } = self.encoding {
                 if !is_prime(pi) || pi % (2 * self.m as u64) != 1 {
@@ -400,13 +425,31 @@ impl ParametersRequest {
                 .map_err(|e| HeError::Parameter(format!("fhe.rs rejected the parameters: {e}")))?;
             bfv.push(par);
         }
-        let spec = ParametersSpec { m: self.m, sec: self.sec, p: p.clone(), moduli: moduli.clone(), encoding: self.encoding };
-        Ok(HeParameters { m: self.m, sec: self.sec, p, moduli, encoding: self.encoding, bfv, fingerprint: fingerprint(&spec) })
+        let spec = ParametersSpec {
+            m: self.m,
+            sec: self.sec,
+            p: p.clone(),
+            moduli: moduli.clone(),
+            encoding: self.encoding,
+        };
+        Ok(HeParameters {
+            m: self.m,
+            sec: self.sec,
+            p,
+            moduli,
+            encoding: self.encoding,
+            bfv,
+            fingerprint: fingerprint(&spec),
+        })
     }
 }
 
 /// The NTT implementation compiled in: ciphertexts of one do not decrypt under the other.
-pub const NTT_FEATURES: &str = if cfg!(feature = "tfhe-ntt") { "tfhe-ntt" } else { "native-ntt" };
+pub const NTT_FEATURES: &str = if cfg!(feature = "tfhe-ntt") {
+    "tfhe-ntt"
+} else {
+    "native-ntt"
+};
 
 fn fingerprint(spec: &ParametersSpec) -> [u8; 16] {
     let mut h = Sha256::new();
@@ -469,14 +512,22 @@ impl HeParameters {
         };
         let built = req.build()?;
         if built.moduli != spec.moduli {
-            return Err(HeError::Format("the ciphertext moduli in the blob are not the ones these sizes generate".into()));
+            return Err(HeError::Format(
+                "the ciphertext moduli in the blob are not the ones these sizes generate".into(),
+            ));
         }
         Ok(built)
     }
 
     /// The serializable description.
     pub fn spec(&self) -> ParametersSpec {
-        ParametersSpec { m: self.m, sec: self.sec, p: self.p.clone(), moduli: self.moduli.clone(), encoding: self.encoding }
+        ParametersSpec {
+            m: self.m,
+            sec: self.sec,
+            p: self.p.clone(),
+            moduli: self.moduli.clone(),
+            encoding: self.encoding,
+        }
     }
 
     /// Product of the plaintext moduli (what CRT reconstruction works modulo).
@@ -501,10 +552,24 @@ mod tests {
     use super::*;
 
     fn req(m: usize, p: Vec<u64>, sec: u32, encoding: Encoding) -> ParametersRequest {
-        ParametersRequest { m, p, n_plaintext_moduli: 1, sec, encoding, moduli_sizes: None }
+        ParametersRequest {
+            m,
+            p,
+            n_plaintext_moduli: 1,
+            sec,
+            encoding,
+            moduli_sizes: None,
+        }
     }
-    const FRAC: Encoding = Encoding::Fractional { base: 2, int_digits: 64, frac_digits: 32 };
-    const BATCH: Encoding = Encoding::Batch { scale_bits: 16, weight_scale_bits: 8 };
+    const FRAC: Encoding = Encoding::Fractional {
+        base: 2,
+        int_digits: 64,
+        frac_digits: 32,
+    };
+    const BATCH: Encoding = Encoding::Batch {
+        scale_bits: 16,
+        weight_scale_bits: 8,
+    };
 
     #[test]
     fn moduli_respect_the_standard() {
@@ -531,7 +596,10 @@ mod tests {
         assert!(req(3000, vec![257], 128, FRAC).build().is_err());
         assert!(req(4096, vec![257], 100, FRAC).build().is_err());
         assert!(req(4096, vec![12], 128, BATCH).build().is_err());
-        let e = req(4096, vec![12289 * 2], 128, BATCH).build().unwrap_err().to_string();
+        let e = req(4096, vec![12289 * 2], 128, BATCH)
+            .build()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Nearest valid primes"), "{e}");
         assert!(req(2048, vec![1u64 << 40], 128, FRAC).build().is_err());
     }
@@ -539,7 +607,9 @@ mod tests {
     #[test]
     fn auto_batch_prime() {
         let p = req(4096, vec![], 128, BATCH).build().unwrap();
-        assert!(p.p[0] < p.moduli[0] && p.p[0] < (1 << 40) && p.p[0] % 8192 == 1 && is_prime(p.p[0]));
+        assert!(
+            p.p[0] < p.moduli[0] && p.p[0] < (1 << 40) && p.p[0] % 8192 == 1 && is_prime(p.p[0])
+        );
         let mut r = req(4096, vec![], 128, BATCH);
         r.n_plaintext_moduli = 3;
         let p = r.build().unwrap();
@@ -563,20 +633,39 @@ mod tests {
     #[test]
     fn p_must_stay_below_half_of_every_prime() {
         let sizes = Some(vec![27, 27]);
-        let probe = ParametersRequest { moduli_sizes: sizes.clone(), ..req(2048, vec![], 128, BATCH) }.build().unwrap();
+        let probe = ParametersRequest {
+            moduli_sizes: sizes.clone(),
+            ..req(2048, vec![], 128, BATCH)
+        }
+        .build()
+        .unwrap();
         let q0 = *probe.moduli.iter().min().unwrap();
         assert!(probe.p[0] < q0 / 2);
         for frac in [0.55, 0.7, 0.9] {
             let p = batch_primes_below(2048, (q0 as f64 * frac) as u64, 1)[0];
-            let e = ParametersRequest { moduli_sizes: sizes.clone(), ..req(2048, vec![p], 128, BATCH) }.build().unwrap_err();
+            let e = ParametersRequest {
+                moduli_sizes: sizes.clone(),
+                ..req(2048, vec![p], 128, BATCH)
+            }
+            .build()
+            .unwrap_err();
             assert!(matches!(e, HeError::Parameter(_)));
             assert!(e.to_string().contains("half"), "{e}");
         }
         // The primes an error message suggests are valid.
-        let e = req(4096, vec![40961 + 2], 128, BATCH).build().unwrap_err().to_string();
-        let list = e.split("Nearest valid primes: [").nth(1).unwrap().trim_end_matches(']');
+        let e = req(4096, vec![40961 + 2], 128, BATCH)
+            .build()
+            .unwrap_err()
+            .to_string();
+        let list = e
+            .split("Nearest valid primes: [")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(']');
         for q in list.split(", ").map(|x| x.parse::<u64>().unwrap()) {
-            req(4096, vec![q], 128, BATCH).build().unwrap_or_else(|e| panic!("suggested {q}: {e}"));
+            req(4096, vec![q], 128, BATCH)
+                .build()
+                .unwrap_or_else(|e| panic!("suggested {q}: {e}"));
         }
     }
 
@@ -591,7 +680,12 @@ mod tests {
         let mut rng = rand::rng();
         for (frac, ok) in [(0.45, true), (0.6, true), (0.75, false)] {
             let t = batch_primes_below(2048, (q0 as f64 * frac) as u64, 1)[0];
-            let par = BfvParametersBuilder::new().set_degree(2048).set_plaintext_modulus(t).set_moduli(&moduli).build_arc().unwrap();
+            let par = BfvParametersBuilder::new()
+                .set_degree(2048)
+                .set_plaintext_modulus(t)
+                .set_moduli(&moduli)
+                .build_arc()
+                .unwrap();
             let sk = SecretKey::random(&par, &mut rng);
             let v: Vec<u64> = (0..2048u64).map(|i| (i * 2654435761) % t).collect();
             let pt = Plaintext::try_encode(&v[..], E::simd(), &par).unwrap();

@@ -97,13 +97,25 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| HeError::Format("bad u32".into()))?))
+        Ok(u32::from_le_bytes(
+            self.take(4)?
+                .try_into()
+                .map_err(|_| HeError::Format("bad u32".into()))?,
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| HeError::Format("bad u64".into()))?))
+        Ok(u64::from_le_bytes(
+            self.take(8)?
+                .try_into()
+                .map_err(|_| HeError::Format("bad u64".into()))?,
+        ))
     }
     fn f64(&mut self) -> Result<f64> {
-        Ok(f64::from_le_bytes(self.take(8)?.try_into().map_err(|_| HeError::Format("bad f64".into()))?))
+        Ok(f64::from_le_bytes(
+            self.take(8)?
+                .try_into()
+                .map_err(|_| HeError::Format("bad f64".into()))?,
+        ))
     }
     fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.u64()?;
@@ -149,34 +161,57 @@ pub struct Frame<'a> {
 /// Checks magic, version, length and checksum before anything is parsed.
 pub fn open_frame(data: &[u8]) -> Result<Frame<'_>> {
     if data.len() < HEADER + CHECKSUM {
-        return Err(HeError::Format(format!("{} bytes is too short to be a pycrcnn blob", data.len())));
+        return Err(HeError::Format(format!(
+            "{} bytes is too short to be a pycrcnn blob",
+            data.len()
+        )));
     }
     if &data[..4] != MAGIC {
         return Err(HeError::Format("not a pycrcnn blob (bad magic)".into()));
     }
     let version = u16::from_le_bytes([data[4], data[5]]);
     if version != VERSION {
-        return Err(HeError::Format(format!("format version {version} is not supported (this build reads {VERSION})")));
+        return Err(HeError::Format(format!(
+            "format version {version} is not supported (this build reads {VERSION})"
+        )));
     }
-    let len = u64::from_le_bytes(data[39..47].try_into().map_err(|_| HeError::Format("bad header".into()))?);
+    let len = u64::from_le_bytes(
+        data[39..47]
+            .try_into()
+            .map_err(|_| HeError::Format("bad header".into()))?,
+    );
     if len != (data.len() - HEADER - CHECKSUM) as u64 {
-        return Err(HeError::Format("the blob is truncated or has extra bytes".into()));
+        return Err(HeError::Format(
+            "the blob is truncated or has extra bytes".into(),
+        ));
     }
     let body = &data[..data.len() - CHECKSUM];
     if Sha256::digest(body).as_slice() != &data[data.len() - CHECKSUM..] {
-        return Err(HeError::Format("checksum mismatch: the blob is corrupted".into()));
+        return Err(HeError::Format(
+            "checksum mismatch: the blob is corrupted".into(),
+        ));
     }
-    let kind = Kind::from_u8(data[6]).ok_or_else(|| HeError::Format(format!("unknown blob kind {}", data[6])))?;
+    let kind = Kind::from_u8(data[6])
+        .ok_or_else(|| HeError::Format(format!("unknown blob kind {}", data[6])))?;
     let mut fingerprint = [0u8; 16];
     fingerprint.copy_from_slice(&data[7..23]);
     let mut key_id = [0u8; 16];
     key_id.copy_from_slice(&data[23..39]);
-    Ok(Frame { kind, fingerprint, key_id, payload: &data[HEADER..data.len() - CHECKSUM] })
+    Ok(Frame {
+        kind,
+        fingerprint,
+        key_id,
+        payload: &data[HEADER..data.len() - CHECKSUM],
+    })
 }
 
 fn expect(frame: &Frame, kind: Kind) -> Result<()> {
     if frame.kind != kind {
-        return Err(HeError::Format(format!("expected {} but the blob holds {}", kind.name(), frame.kind.name())));
+        return Err(HeError::Format(format!(
+            "expected {} but the blob holds {}",
+            kind.name(),
+            frame.kind.name()
+        )));
     }
     Ok(())
 }
@@ -208,7 +243,12 @@ pub fn tensor_to_bytes(t: &CipherTensor) -> Vec<u8> {
         }
         Growth::Poly(v) => {
             w.u8(1);
-            let nz: Vec<(usize, f64)> = v.iter().enumerate().filter(|(_, &x)| x != 0.0).map(|(i, &x)| (i, x)).collect();
+            let nz: Vec<(usize, f64)> = v
+                .iter()
+                .enumerate()
+                .filter(|(_, &x)| x != 0.0)
+                .map(|(i, &x)| (i, x))
+                .collect();
             w.u32(nz.len() as u32);
             for (i, x) in nz {
                 w.u32(i as u32);
@@ -235,19 +275,29 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
     expect(&f, Kind::Tensor)?;
     let params = ctx.params();
     if f.fingerprint != params.fingerprint() {
-        return Err(HeError::Format("the ciphertext was made under other encryption parameters than this context's".into()));
+        return Err(HeError::Format(
+            "the ciphertext was made under other encryption parameters than this context's".into(),
+        ));
     }
     let key_id = ctx.key_id()?;
     if f.key_id != key_id {
-        return Err(HeError::Format("the ciphertext was encrypted under another key than this context's".into()));
+        return Err(HeError::Format(
+            "the ciphertext was encrypted under another key than this context's".into(),
+        ));
     }
-    let mut r = Reader { buf: f.payload, pos: 0 };
+    let mut r = Reader {
+        buf: f.payload,
+        pos: 0,
+    };
     let batch = match r.u8()? {
         0 => None,
         1 => {
             let n = r.u64()?;
             if n == 0 || n > params.m() as u64 {
-                return Err(HeError::Format(format!("batch size {n} is out of range 1..={}", params.m())));
+                return Err(HeError::Format(format!(
+                    "batch size {n} is out of range 1..={}",
+                    params.m()
+                )));
             }
             Some(n as usize)
         }
@@ -279,7 +329,9 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
     };
     let batch_enc = matches!(params.encoding(), super::params::Encoding::Batch { .. });
     if batch_enc != batch.is_some() || batch_enc != matches!(growth, Growth::Integer(_)) {
-        return Err(HeError::Format("the tensor's encoding does not match the context's".into()));
+        return Err(HeError::Format(
+            "the tensor's encoding does not match the context's".into(),
+        ));
     }
     let ndim = r.u32()? as usize;
     if ndim > 8 {
@@ -293,11 +345,15 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
         shape.push(d as usize);
     }
     if count > MAX_ELEMENTS {
-        return Err(HeError::Format(format!("{count} elements is more than the {MAX_ELEMENTS} allowed")));
+        return Err(HeError::Format(format!(
+            "{count} elements is more than the {MAX_ELEMENTS} allowed"
+        )));
     }
     let ncomp = r.u32()? as usize;
     if ncomp != params.p().len() {
-        return Err(HeError::Format("wrong number of plaintext-modulus components".into()));
+        return Err(HeError::Format(
+            "wrong number of plaintext-modulus components".into(),
+        ));
     }
     // Each ciphertext takes at least its 8-byte length: refuse before allocating.
     if (count as usize).saturating_mul(ncomp).saturating_mul(8) > f.payload.len() {
@@ -314,7 +370,9 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
             if ct.len() != 2 {
                 return Err(HeError::Format("a ciphertext must have two parts".into()));
             }
-            let l = par.level_of_context(ct[0].ctx()).map_err(|e| HeError::Format(e.to_string()))?;
+            let l = par
+                .level_of_context(ct[0].ctx())
+                .map_err(|e| HeError::Format(e.to_string()))?;
             if *level.get_or_insert(l) != l {
                 return Err(HeError::Format("ciphertexts at different levels".into()));
             }
@@ -323,8 +381,16 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
         elems.push(e);
     }
     r.done()?;
-    let data = ArrayD::from_shape_vec(IxDyn(&shape), elems).map_err(|e| HeError::Format(e.to_string()))?;
-    Ok(CipherTensor::from_parts(data, batch, scale, growth, params.clone(), key_id))
+    let data =
+        ArrayD::from_shape_vec(IxDyn(&shape), elems).map_err(|e| HeError::Format(e.to_string()))?;
+    Ok(CipherTensor::from_parts(
+        data,
+        batch,
+        scale,
+        growth,
+        params.clone(),
+        key_id,
+    ))
 }
 
 fn write_spec(w: &mut Writer, params: &HeParameters) {
@@ -332,11 +398,14 @@ fn write_spec(w: &mut Writer, params: &HeParameters) {
 }
 
 fn read_params(r: &mut Reader, fingerprint: &[u8; 16]) -> Result<Arc<HeParameters>> {
-    let spec: ParametersSpec =
-        serde_json::from_slice(r.bytes()?).map_err(|e| HeError::Format(format!("bad parameter description: {e}")))?;
-    let params = HeParameters::from_spec(&spec).map_err(|e| HeError::Format(format!("invalid parameters in the blob: {e}")))?;
+    let spec: ParametersSpec = serde_json::from_slice(r.bytes()?)
+        .map_err(|e| HeError::Format(format!("bad parameter description: {e}")))?;
+    let params = HeParameters::from_spec(&spec)
+        .map_err(|e| HeError::Format(format!("invalid parameters in the blob: {e}")))?;
     if &params.fingerprint() != fingerprint {
-        return Err(HeError::Format("parameter fingerprint mismatch (another build or NTT feature set?)".into()));
+        return Err(HeError::Format(
+            "parameter fingerprint mismatch (another build or NTT feature set?)".into(),
+        ));
     }
     Ok(Arc::new(params))
 }
@@ -361,9 +430,14 @@ fn write_public_keys(w: &mut Writer, keys: &Keys) {
     }
 }
 
-fn read_rotation_keys(r: &mut Reader, params: &HeParameters, par: &Arc<fhe::bfv::BfvParameters>) -> Result<RotationKeys> {
+fn read_rotation_keys(
+    r: &mut Reader,
+    params: &HeParameters,
+    par: &Arc<fhe::bfv::BfvParameters>,
+) -> Result<RotationKeys> {
     let n = r.u32()? as usize;
-    if n > params.levels() {
+    // At most two keys per level: plain giant steps and special-prime baby steps (galois.rs).
+    if n > 2 * params.levels() {
         return Err(HeError::Format("too many rotation keys".into()));
     }
     let mut parts = Vec::with_capacity(n);
@@ -371,9 +445,13 @@ fn read_rotation_keys(r: &mut Reader, params: &HeParameters, par: &Arc<fhe::bfv:
         let level = r.u32()? as usize;
         let count = r.u32()? as usize;
         if count == 0 || count > params.m() / 2 {
-            return Err(HeError::Format(format!("a rotation key with {count} steps")));
+            return Err(HeError::Format(format!(
+                "a rotation key with {count} steps"
+            )));
         }
-        let steps = (0..count).map(|_| r.u32().map(|s| s as usize)).collect::<Result<Vec<_>>>()?;
+        let steps = (0..count)
+            .map(|_| r.u32().map(|s| s as usize))
+            .collect::<Result<Vec<_>>>()?;
         let b = r.bytes()?;
         let key = guarded("rotation key", || EvaluationKey::from_bytes(b, par))?;
         parts.push((level, steps, key));
@@ -381,7 +459,11 @@ fn read_rotation_keys(r: &mut Reader, params: &HeParameters, par: &Arc<fhe::bfv:
     RotationKeys::from_parts(parts, par)
 }
 
-type PublicKeys = (Vec<PublicKey>, Vec<Vec<RelinearizationKey>>, Vec<RotationKeys>);
+type PublicKeys = (
+    Vec<PublicKey>,
+    Vec<Vec<RelinearizationKey>>,
+    Vec<RotationKeys>,
+);
 
 fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<PublicKeys> {
     let mut pks = Vec::new();
@@ -397,7 +479,9 @@ fn read_public_keys(r: &mut Reader, params: &HeParameters) -> Result<PublicKeys>
         let mut per_level = Vec::with_capacity(n);
         for _ in 0..n {
             let b = r.bytes()?;
-            per_level.push(guarded("relinearization key", || RelinearizationKey::from_bytes(b, par))?);
+            per_level.push(guarded("relinearization key", || {
+                RelinearizationKey::from_bytes(b, par)
+            })?);
         }
         rks.push(per_level);
         rots.push(read_rotation_keys(r, params, par)?);
@@ -411,7 +495,12 @@ pub fn public_context_to_bytes(ctx: &HeContext) -> Result<Vec<u8>> {
     let mut w = Writer(Vec::new());
     write_spec(&mut w, &ctx.params());
     write_public_keys(&mut w, keys);
-    Ok(frame(Kind::PublicContext, &ctx.params().fingerprint(), &keys.key_id, &w.0))
+    Ok(frame(
+        Kind::PublicContext,
+        &ctx.params().fingerprint(),
+        &keys.key_id,
+        &w.0,
+    ))
 }
 
 /// Everything, the secret key included (for the client to save).
@@ -424,7 +513,12 @@ pub fn secret_key_to_bytes(ctx: &HeContext) -> Result<Vec<u8>> {
     for sk in sks {
         w.bytes(&sk.to_bytes());
     }
-    Ok(frame(Kind::SecretKey, &ctx.params().fingerprint(), &keys.key_id, &w.0))
+    Ok(frame(
+        Kind::SecretKey,
+        &ctx.params().fingerprint(),
+        &keys.key_id,
+        &w.0,
+    ))
 }
 
 /// Loads a public context, or a secret key when `allow_secret` (the client's own file).
@@ -439,7 +533,10 @@ pub fn context_from_bytes(data: &[u8], allow_secret: bool) -> Result<HeContext> 
         }
         (k, _) => return Err(HeError::Format(format!("expected a public context but the blob holds {}", k.name()))),
     }
-    let mut r = Reader { buf: f.payload, pos: 0 };
+    let mut r = Reader {
+        buf: f.payload,
+        pos: 0,
+    };
     let params = read_params(&mut r, &f.fingerprint)?;
     let (pks, rks, rots) = read_public_keys(&mut r, &params)?;
     let secret = if f.kind == Kind::SecretKey {
@@ -456,11 +553,15 @@ pub fn context_from_bytes(data: &[u8], allow_secret: bool) -> Result<HeContext> 
     let mut keys = Keys::new(secret, pks, rks, params.levels())
         .map_err(|e| HeError::Format(format!("invalid relinearization keys: {e}")))?;
     if rots.windows(2).any(|w| w[0].held() != w[1].held()) {
-        return Err(HeError::Format("the plaintext moduli hold different rotation keys".into()));
+        return Err(HeError::Format(
+            "the plaintext moduli hold different rotation keys".into(),
+        ));
     }
     keys.rotations = rots;
     if keys.key_id != f.key_id {
-        return Err(HeError::Format("the key id does not match the keys in the blob".into()));
+        return Err(HeError::Format(
+            "the key id does not match the keys in the blob".into(),
+        ));
     }
     Ok(HeContext::with_keys(params, keys))
 }
@@ -523,7 +624,10 @@ mod tests {
             bad[i / 8] ^= 1 << (i % 8);
         }
         for n in 0..blob.len() {
-            assert!(is_format(tensor_from_bytes(&blob[..n], &ctx)), "truncated to {n}");
+            assert!(
+                is_format(tensor_from_bytes(&blob[..n], &ctx)),
+                "truncated to {n}"
+            );
         }
         let mut longer = blob.clone();
         longer.push(0);
@@ -565,7 +669,9 @@ mod tests {
         let mut errors = 0;
         let mut p = payload.clone();
         // Every bit of the metadata and the first ciphertext's framing, then a sample.
-        let positions: Vec<usize> = (0..120 * 8).chain((0..3000).map(|_| rng.random_range(0..payload.len() * 8))).collect();
+        let positions: Vec<usize> = (0..120 * 8)
+            .chain((0..3000).map(|_| rng.random_range(0..payload.len() * 8)))
+            .collect();
         for &i in &positions {
             p[i / 8] ^= 1 << (i % 8);
             match tensor_from_bytes(&reframe(&blob, &p), &ctx) {
@@ -639,7 +745,8 @@ mod tests {
         let forged = frame(Kind::PublicContext, &f.fingerprint, &other, f.payload);
         assert!(is_format(context_from_bytes(&forged, false)));
         // A context without keys cannot load tensors or export itself.
-        let keyless = HeContext::new(crate::he::params::HeParameters::from_spec(&a.params().spec()).unwrap());
+        let keyless =
+            HeContext::new(crate::he::params::HeParameters::from_spec(&a.params().spec()).unwrap());
         assert!(tensor_from_bytes(&blob, &keyless).is_err());
         assert!(public_context_to_bytes(&keyless).is_err());
     }

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use fhe::bfv::{Ciphertext, Encoding as FheEncoding, Plaintext};
 use fhe_math::rq::{traits::TryConvertFrom, Poly, Representation};
 use fhe_traits::FheEncoder;
-use num_bigint::BigUint;
 use ndarray::{ArrayD, Axis, IxDyn};
+use num_bigint::BigUint;
 use rayon::prelude::*;
 
 use super::encoding::{centre, fractional_encode, reduce_i128};
@@ -36,8 +36,22 @@ pub struct CipherTensor {
 
 impl CipherTensor {
     /// A tensor from its parts (the encryptor's and the loader's constructor).
-    pub(crate) fn from_parts(data: ArrayD<Element>, batch: Option<usize>, scale: f64, growth: Growth, params: Arc<HeParameters>, key_id: [u8; 16]) -> CipherTensor {
-        CipherTensor { data, batch, scale, growth, params, key_id }
+    pub(crate) fn from_parts(
+        data: ArrayD<Element>,
+        batch: Option<usize>,
+        scale: f64,
+        growth: Growth,
+        params: Arc<HeParameters>,
+        key_id: [u8; 16],
+    ) -> CipherTensor {
+        CipherTensor {
+            data,
+            batch,
+            scale,
+            growth,
+            params,
+            key_id,
+        }
     }
 
     /// Physical array of elements: the logical shape (fractional) or the
@@ -87,7 +101,11 @@ impl CipherTensor {
 
     /// The level (number of moduli dropped) of the ciphertexts.
     pub fn level(&self) -> Result<usize> {
-        let first = self.data.iter().next().ok_or_else(|| HeError::Value("empty tensor".into()))?;
+        let first = self
+            .data
+            .iter()
+            .next()
+            .ok_or_else(|| HeError::Value("empty tensor".into()))?;
         Ok(self.params.bfv()[0].level_of_context(first[0][0].ctx())?)
     }
 
@@ -97,8 +115,20 @@ impl CipherTensor {
     }
 
     /// A tensor of the same batch, parameters and key holding `data` at `scale`.
-    pub(crate) fn with_data(&self, data: ArrayD<Element>, scale: f64, growth: Growth) -> CipherTensor {
-        CipherTensor { data, batch: self.batch, scale, growth, params: self.params.clone(), key_id: self.key_id }
+    pub(crate) fn with_data(
+        &self,
+        data: ArrayD<Element>,
+        scale: f64,
+        growth: Growth,
+    ) -> CipherTensor {
+        CipherTensor {
+            data,
+            batch: self.batch,
+            scale,
+            growth,
+            params: self.params.clone(),
+            key_id: self.key_id,
+        }
     }
 
     fn check_same(&self, other: &CipherTensor) -> Result<()> {
@@ -113,10 +143,17 @@ impl CipherTensor {
             return value_err("the tensors were encrypted under different keys");
         }
         if self.batch != other.batch {
-            return value_err(format!("batch sizes differ: {:?} and {:?}", self.batch, other.batch));
+            return value_err(format!(
+                "batch sizes differ: {:?} and {:?}",
+                self.batch, other.batch
+            ));
         }
         if self.data.shape() != other.data.shape() {
-            return value_err(format!("shapes differ: {:?} and {:?}", self.shape(), other.shape()));
+            return value_err(format!(
+                "shapes differ: {:?} and {:?}",
+                self.shape(),
+                other.shape()
+            ));
         }
         if self.scale != other.scale {
             return value_err(format!(
@@ -130,10 +167,18 @@ impl CipherTensor {
         Ok(())
     }
 
-    fn zip_map(&self, other: &CipherTensor, f: impl Fn(&Ciphertext, &Ciphertext) -> Ciphertext + Sync) -> Result<ArrayD<Element>> {
+    fn zip_map(
+        &self,
+        other: &CipherTensor,
+        f: impl Fn(&Ciphertext, &Ciphertext) -> Ciphertext + Sync,
+    ) -> Result<ArrayD<Element>> {
         let a: Vec<&Element> = self.data.iter().collect();
         let b: Vec<&Element> = other.data.iter().collect();
-        let out: Vec<Element> = a.par_iter().zip(b.par_iter()).map(|(x, y)| x.iter().zip(y.iter()).map(|(cx, cy)| f(cx, cy)).collect()).collect();
+        let out: Vec<Element> = a
+            .par_iter()
+            .zip(b.par_iter())
+            .map(|(x, y)| x.iter().zip(y.iter()).map(|(cx, cy)| f(cx, cy)).collect())
+            .collect();
         shaped(self.data.shape(), out)
     }
 
@@ -150,7 +195,12 @@ impl CipherTensor {
     /// `f` element-wise, after bringing the operand that sits higher up the
     /// modulus chain down to the other's level (a product and a fresh
     /// ciphertext can be added, as in SEAL).
-    fn combine(&self, other: &CipherTensor, what: &str, f: impl Fn(&Ciphertext, &Ciphertext) -> Ciphertext + Sync) -> Result<CipherTensor> {
+    fn combine(
+        &self,
+        other: &CipherTensor,
+        what: &str,
+        f: impl Fn(&Ciphertext, &Ciphertext) -> Ciphertext + Sync,
+    ) -> Result<CipherTensor> {
         let (a, b) = at_common_level(self, other)?;
         a.check_same(&b)?;
         let growth = a.growth.add(&b.growth);
@@ -170,16 +220,25 @@ impl CipherTensor {
     /// whether they vary across the batch axis.
     fn plain_per_element(&self, values: &ArrayD<f64>) -> Result<(Vec<Vec<f64>>, bool)> {
         let logical = self.shape();
-        let b = values
-            .broadcast(IxDyn(&logical))
-            .ok_or_else(|| HeError::Value(format!("values of shape {:?} do not broadcast to {:?}", values.shape(), logical)))?;
+        let b = values.broadcast(IxDyn(&logical)).ok_or_else(|| {
+            HeError::Value(format!(
+                "values of shape {:?} do not broadcast to {:?}",
+                values.shape(),
+                logical
+            ))
+        })?;
         match self.batch {
             None => Ok((b.iter().map(|&v| vec![v]).collect(), false)),
             Some(n) => {
                 let per_image = values.ndim() == logical.len() && values.shape()[0] == n && n > 1;
                 let phys = self.data.len();
-                let flat = b.to_shape((n, phys)).map_err(|e| HeError::Value(e.to_string()))?;
-                Ok(((0..phys).map(|j| flat.column(j).to_vec()).collect(), per_image))
+                let flat = b
+                    .to_shape((n, phys))
+                    .map_err(|e| HeError::Value(e.to_string()))?;
+                Ok((
+                    (0..phys).map(|j| flat.column(j).to_vec()).collect(),
+                    per_image,
+                ))
             }
         }
     }
@@ -227,8 +286,15 @@ impl CipherTensor {
     /// Bound of plain constants added at the current scale.
     fn constant_growth(&self, vals: impl Iterator<Item = f64>) -> Result<Growth> {
         match self.params.encoding() {
-            Encoding::Batch { .. } => Ok(Growth::Integer(vals.map(|v| (v * self.scale).round().abs()).fold(0.0, f64::max))),
-            Encoding::Fractional { base, int_digits, frac_digits } => {
+            Encoding::Batch { .. } => Ok(Growth::Integer(
+                vals.map(|v| (v * self.scale).round().abs())
+                    .fold(0.0, f64::max),
+            )),
+            Encoding::Fractional {
+                base,
+                int_digits,
+                frac_digits,
+            } => {
                 let mut g = vec![0.0; self.params.m()];
                 for v in vals {
                     let c = fractional_encode(v, self.params.m(), base, int_digits, frac_digits)?;
@@ -257,7 +323,8 @@ impl CipherTensor {
                 let t = par.p()[k];
                 let coeffs: Vec<i64> = match par.encoding() {
                     Encoding::Batch { .. } => {
-                        let ints: Vec<i128> = v.iter().map(|&x| (x * scale).round() as i128).collect();
+                        let ints: Vec<i128> =
+                            v.iter().map(|&x| (x * scale).round() as i128).collect();
                         if ints.iter().all(|&x| x == ints[0]) {
                             // A constant over all slots is the constant polynomial.
                             vec![centre(reduce_i128(ints[0], t), t)]
@@ -267,19 +334,32 @@ impl CipherTensor {
                             // (the uncentred lift costs noise only in products): take it
                             // from the sum with a zero ciphertext.
                             let slots: Vec<u64> = ints.iter().map(|&x| reduce_i128(x, t)).collect();
-                            let pt = Plaintext::try_encode(&slots[..], FheEncoding::simd_at_level(level), &par.bfv()[k])?;
+                            let pt = Plaintext::try_encode(
+                                &slots[..],
+                                FheEncoding::simd_at_level(level),
+                                &par.bfv()[k],
+                            )?;
                             let ctx = par.bfv()[k].context_at_level(level)?;
-                            let zero = Ciphertext::new(vec![Poly::zero(ctx, Representation::Ntt), Poly::zero(ctx, Representation::Ntt)], &par.bfv()[k])?;
+                            let zero = Ciphertext::new(
+                                vec![
+                                    Poly::zero(ctx, Representation::Ntt),
+                                    Poly::zero(ctx, Representation::Ntt),
+                                ],
+                                &par.bfv()[k],
+                            )?;
                             let sum = &zero + &pt;
                             return Ok(sum[0].clone());
                         }
                     }
-                    Encoding::Fractional { base, int_digits, frac_digits } => {
-                        fractional_encode(v[0], par.m(), base, int_digits, frac_digits)?
-                    }
+                    Encoding::Fractional {
+                        base,
+                        int_digits,
+                        frac_digits,
+                    } => fractional_encode(v[0], par.m(), base, int_digits, frac_digits)?,
                 };
                 let ctx = par.bfv()[k].context_at_level(level)?;
-                let mut poly = Poly::try_convert_from(&coeffs[..], ctx, true, Representation::PowerBasis)?;
+                let mut poly =
+                    Poly::try_convert_from(&coeffs[..], ctx, true, Representation::PowerBasis)?;
                 poly.change_representation(Representation::Ntt);
                 let delta: BigUint = ctx.modulus() / BigUint::from(t);
                 poly *= &delta;
@@ -315,17 +395,32 @@ impl CipherTensor {
         let level = self.level()?;
         let ctx = self.params.bfv()[0].context_at_level(level)?.clone();
         let (multipliers, scale_out, growth) = match (self.params.encoding(), &self.growth) {
-            (Encoding::Batch { weight_scale_bits, .. }, Growth::Integer(b)) => {
+            (
+                Encoding::Batch {
+                    weight_scale_bits, ..
+                },
+                Growth::Integer(b),
+            ) => {
                 let f = (weight_scale_bits as f64).exp2();
                 let ints: Vec<f64> = uniq.iter().map(|w| (w * f).round()).collect();
                 if let Some(w) = ints.iter().find(|x| x.abs() >= 2f64.powi(62)) {
                     return value_err(format!("multiplier {} is out of range", w / f));
                 }
                 let worst = ints.iter().fold(0.0, |a: f64, x| a.max(x.abs()));
-                let ms = ints.iter().map(|&x| Multiplier::scalar(x as i64, &ctx)).collect::<Vec<_>>();
+                let ms = ints
+                    .iter()
+                    .map(|&x| Multiplier::scalar(x as i64, &ctx))
+                    .collect::<Vec<_>>();
                 (ms, self.scale * f, Growth::Integer(worst * b))
             }
-            (Encoding::Fractional { base, int_digits, frac_digits }, Growth::Poly(g)) => {
+            (
+                Encoding::Fractional {
+                    base,
+                    int_digits,
+                    frac_digits,
+                },
+                Growth::Poly(g),
+            ) => {
                 let mut ms = Vec::with_capacity(uniq.len());
                 let mut worst = vec![0.0; self.params.m()];
                 for &w in &uniq {
@@ -385,7 +480,8 @@ impl CipherTensor {
             Encoding::Fractional { base, .. } => base,
             Encoding::Batch { .. } => 2,
         };
-        self.growth.report(self.params.plaintext_product() as f64, base)
+        self.growth
+            .report(self.params.plaintext_product() as f64, base)
     }
 
     /// Reshapes the physical array of one image (flatten and friends).
@@ -397,7 +493,13 @@ impl CipherTensor {
             .data
             .clone()
             .into_shape_with_order(IxDyn(&shape))
-            .map_err(|_| HeError::Value(format!("cannot reshape {:?} to {:?} per image", self.shape(), image_shape)))?;
+            .map_err(|_| {
+                HeError::Value(format!(
+                    "cannot reshape {:?} to {:?} per image",
+                    self.shape(),
+                    image_shape
+                ))
+            })?;
         Ok(self.with_data(data, self.scale, self.growth.clone()))
     }
 
@@ -406,7 +508,9 @@ impl CipherTensor {
         let phys = self.physical_axis(axis)?;
         let len = self.data.shape()[phys];
         if let Some(&bad) = indices.iter().find(|&&i| i >= len) {
-            return Err(HeError::Value(format!("index {bad} is out of range for axis {axis} of length {len}")));
+            return Err(HeError::Value(format!(
+                "index {bad} is out of range for axis {axis} of length {len}"
+            )));
         }
         let data = self.data.select(Axis(phys), indices);
         Ok(self.with_data(data, self.scale, self.growth.clone()))
@@ -417,7 +521,9 @@ impl CipherTensor {
         let phys = self.physical_axis(axis)?;
         let len = self.data.shape()[phys];
         if i >= len {
-            return Err(HeError::Value(format!("index {i} is out of range for axis {axis} of length {len}")));
+            return Err(HeError::Value(format!(
+                "index {i} is out of range for axis {axis} of length {len}"
+            )));
         }
         let data = self.data.index_axis(Axis(phys), i).to_owned();
         Ok(self.with_data(data, self.scale, self.growth.clone()))
@@ -426,7 +532,9 @@ impl CipherTensor {
     fn physical_axis(&self, axis: usize) -> Result<usize> {
         let nd = self.shape().len();
         if axis >= nd {
-            return Err(HeError::Value(format!("axis {axis} is out of range for a {nd}-dimensional tensor")));
+            return Err(HeError::Value(format!(
+                "axis {axis} is out of range for a {nd}-dimensional tensor"
+            )));
         }
         match self.batch {
             Some(_) if axis == 0 => Err(HeError::Value(
@@ -439,7 +547,9 @@ impl CipherTensor {
 
     /// Stacks single-element tensors into one of physical `shape`.
     pub fn stack(parts: &[CipherTensor], shape: &[usize]) -> Result<CipherTensor> {
-        let first = parts.first().ok_or_else(|| HeError::Value("nothing to stack".into()))?;
+        let first = parts
+            .first()
+            .ok_or_else(|| HeError::Value("nothing to stack".into()))?;
         let mut elems = Vec::with_capacity(parts.len());
         let mut growth = first.growth.clone();
         for p in parts {
@@ -447,7 +557,9 @@ impl CipherTensor {
                 return value_err("all ciphertexts must come from the same context and key");
             }
             if p.batch != first.batch || p.scale != first.scale {
-                return value_err("all ciphertexts must hold the same batch size at the same scale");
+                return value_err(
+                    "all ciphertexts must hold the same batch size at the same scale",
+                );
             }
             if p.data.len() != 1 {
                 return value_err("stack takes single ciphertexts");
@@ -503,10 +615,17 @@ impl CipherTensor {
 
 /// `a` and `b` at the deeper of their two modulus levels (switching down the
 /// one that sits higher; the other is borrowed as it is).
-pub(crate) fn at_common_level<'a>(a: &'a CipherTensor, b: &'a CipherTensor) -> Result<(Cow<'a, CipherTensor>, Cow<'a, CipherTensor>)> {
+pub(crate) fn at_common_level<'a>(
+    a: &'a CipherTensor,
+    b: &'a CipherTensor,
+) -> Result<(Cow<'a, CipherTensor>, Cow<'a, CipherTensor>)> {
     let level = a.level()?.max(b.level()?);
     let down = |t: &'a CipherTensor| -> Result<Cow<'a, CipherTensor>> {
-        Ok(if t.level()? < level { Cow::Owned(t.switch_to_level(level)?) } else { Cow::Borrowed(t) })
+        Ok(if t.level()? < level {
+            Cow::Owned(t.switch_to_level(level)?)
+        } else {
+            Cow::Borrowed(t)
+        })
     };
     Ok((down(a)?, down(b)?))
 }
@@ -514,12 +633,18 @@ pub(crate) fn at_common_level<'a>(a: &'a CipherTensor, b: &'a CipherTensor) -> R
 /// An array of `shape` from row-major elements.
 pub(crate) fn shaped<T>(shape: &[usize], elems: Vec<T>) -> Result<ArrayD<T>> {
     let n = elems.len();
-    ArrayD::from_shape_vec(IxDyn(shape), elems).map_err(|_| HeError::Value(format!("{n} elements do not fill shape {shape:?}")))
+    ArrayD::from_shape_vec(IxDyn(shape), elems)
+        .map_err(|_| HeError::Value(format!("{n} elements do not fill shape {shape:?}")))
 }
 
 /// Batch encoding: a [`HeError::PlaintextOverflow`] naming `what` when values
 /// bounded by `growth` (at `scale`) could wrap modulo the plaintext modulus.
-pub(crate) fn check_fits(params: &HeParameters, growth: &Growth, scale: f64, what: &str) -> Result<()> {
+pub(crate) fn check_fits(
+    params: &HeParameters,
+    growth: &Growth,
+    scale: f64,
+    what: &str,
+) -> Result<()> {
     if let Encoding::Batch { .. } = params.encoding() {
         let r = growth.report(params.plaintext_product() as f64, 2);
         if !r.fits() {
@@ -540,7 +665,9 @@ pub(crate) fn check_fits(params: &HeParameters, growth: &Growth, scale: f64, wha
 pub fn growth_max(a: &Growth, b: &Growth) -> Growth {
     match (a, b) {
         (Growth::Integer(x), Growth::Integer(y)) => Growth::Integer(x.max(*y)),
-        (Growth::Poly(x), Growth::Poly(y)) => Growth::Poly(x.iter().zip(y).map(|(p, q)| p.max(*q)).collect()),
+        (Growth::Poly(x), Growth::Poly(y)) => {
+            Growth::Poly(x.iter().zip(y).map(|(p, q)| p.max(*q)).collect())
+        }
         (x, _) => x.clone(),
     }
 }
@@ -560,7 +687,9 @@ mod tests {
         let x = random(&[3, 2], -1.0, 1.0);
         let t = ctx.encrypt(x.view()).unwrap();
         // A scalar (the same in every slot).
-        let d = ctx.decrypt(&t.add_plain(&ArrayD::from_elem(IxDyn(&[]), 0.5)).unwrap()).unwrap();
+        let d = ctx
+            .decrypt(&t.add_plain(&ArrayD::from_elem(IxDyn(&[]), 0.5)).unwrap())
+            .unwrap();
         for (a, b) in d.iter().zip(x.iter()) {
             assert_eq!(*a, quant(*b, 16) + 0.5);
         }
@@ -576,7 +705,10 @@ mod tests {
         // p ≈ 2^26 leaves ±2 here; 3.25 would wrap and is refused).
         let w = ArrayD::from_elem(IxDyn(&[]), -0.5);
         let s = t.mul_plain(&w).unwrap();
-        assert!(matches!(s.add_plain(&v), Err(crate::he::HeError::PlaintextOverflow { .. })));
+        assert!(matches!(
+            s.add_plain(&v),
+            Err(crate::he::HeError::PlaintextOverflow { .. })
+        ));
         let v = v.mapv(|a| a / 4.0);
         let d = ctx.decrypt(&s.add_plain(&v).unwrap()).unwrap();
         for i in 0..3 {
@@ -586,7 +718,9 @@ mod tests {
         }
         let budget = ctx.noise_budget(&t.add_plain(&v).unwrap()).unwrap();
         // Sums are bounded too.
-        let big = ctx.encrypt(ArrayD::from_elem(IxDyn(&[2, 1]), 100.0).view()).unwrap();
+        let big = ctx
+            .encrypt(ArrayD::from_elem(IxDyn(&[2, 1]), 100.0).view())
+            .unwrap();
         assert!(big.add(&big).is_ok());
         let mut s = big.clone();
         let mut refused = false;
@@ -601,7 +735,10 @@ mod tests {
             }
         }
         assert!(refused);
-        assert!(budget >= ctx.noise_budget(&t).unwrap() - 1, "adding a constant must cost (almost) no budget");
+        assert!(
+            budget >= ctx.noise_budget(&t).unwrap() - 1,
+            "adding a constant must cost (almost) no budget"
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ pub fn polynomial(ctx: &HeContext, x: &CipherTensor, coeffs: &[f64]) -> Result<C
     ctx.check(x)?;
     let d = coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
     if d == 0 {
-        return value_err("a polynomial activation needs degree ≥ 1 (a constant is not an activation)");
+        return value_err(
+            "a polynomial activation needs degree ≥ 1 (a constant is not an activation)",
+        );
     }
     // Products switch down a level: every power joins the sum at the deepest one.
     let mut powers = vec![x.clone()];
@@ -32,11 +34,16 @@ pub fn polynomial(ctx: &HeContext, x: &CipherTensor, coeffs: &[f64]) -> Result<C
         powers.push(next);
     }
     let level = powers.last().unwrap_or(x).level()?;
-    let powers = powers.iter().map(|p| p.switch_to_level(level)).collect::<Result<Vec<_>>>()?;
+    let powers = powers
+        .iter()
+        .map(|p| p.switch_to_level(level))
+        .collect::<Result<Vec<_>>>()?;
     let params = ctx.params();
     let ring = params.bfv()[0].context_at_level(level)?.clone();
     let (mults, scale_out, growth): (Vec<Multiplier>, f64, Growth) = match params.encoding() {
-        Encoding::Batch { weight_scale_bits, .. } => {
+        Encoding::Batch {
+            weight_scale_bits, ..
+        } => {
             // Every term is brought to scale s^d · 2^wsb with exact integer factors.
             let s = x.scale();
             let f = (weight_scale_bits as f64).exp2();
@@ -46,7 +53,10 @@ pub fn polynomial(ctx: &HeContext, x: &CipherTensor, coeffs: &[f64]) -> Result<C
                 let c = (coeffs[k] * f * s.powi((d - k) as i32)).round();
                 if c.abs() >= 2f64.powi(62) {
                     return Err(HeError::PlaintextOverflow {
-                        message: format!("polynomial coefficient {} does not fit at scale {s}", coeffs[k]),
+                        message: format!(
+                            "polynomial coefficient {} does not fit at scale {s}",
+                            coeffs[k]
+                        ),
                         bound: coeffs[k].abs(),
                         limit: 2f64.powi(62) / (f * s.powi((d - k) as i32)),
                     });
@@ -59,7 +69,11 @@ pub fn polynomial(ctx: &HeContext, x: &CipherTensor, coeffs: &[f64]) -> Result<C
             let scale_out = s.powi(d as i32) * f;
             (ms, scale_out, Growth::Integer(bound))
         }
-        Encoding::Fractional { base, int_digits, frac_digits } => {
+        Encoding::Fractional {
+            base,
+            int_digits,
+            frac_digits,
+        } => {
             let mut ms = Vec::new();
             let mut g = vec![0.0; params.m()];
             for k in 1..=d {
@@ -100,7 +114,6 @@ pub fn polynomial(ctx: &HeContext, x: &CipherTensor, coeffs: &[f64]) -> Result<C
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,7 +121,10 @@ mod tests {
 
     fn max_err(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
         assert_eq!(a.shape(), b.shape());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]
@@ -118,8 +134,16 @@ mod tests {
         let x = random(&[1, 3], -2.0, 2.0);
         let t = ctx.encrypt(x.view()).unwrap();
         let y = polynomial(&ctx, &t, &[0.1, 0.5, 0.25]).unwrap();
-        assert!(max_err(&ctx.decrypt(&y).unwrap(), &x.mapv(|v| 0.1 + 0.5 * v + 0.25 * v * v)) < 1e-6);
-        let batch = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+        assert!(
+            max_err(
+                &ctx.decrypt(&y).unwrap(),
+                &x.mapv(|v| 0.1 + 0.5 * v + 0.25 * v * v)
+            ) < 1e-6
+        );
+        let batch = Encoding::Batch {
+            scale_bits: 8,
+            weight_scale_bits: 8,
+        };
         let ctx = make(8192, vec![], batch, None);
         let x = random(&[4, 2], -2.0, 2.0);
         let q = x.mapv(|v| (v * 256.0).round() / 256.0);
@@ -131,7 +155,10 @@ mod tests {
 
     #[test]
     fn square_consumes_and_matches() {
-        let batch = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+        let batch = Encoding::Batch {
+            scale_bits: 8,
+            weight_scale_bits: 8,
+        };
         let ctx = make(4096, vec![], batch, None);
         let x = random(&[5, 3], -3.0, 3.0);
         let q = x.mapv(|v| (v * 256.0).round() / 256.0);
@@ -144,6 +171,11 @@ mod tests {
         assert!(polynomial(&ctx, &t, &[1.0]).is_err());
         let frac = make(2048, vec![65537], FRAC, None);
         let t = frac.encrypt(x.view()).unwrap();
-        assert!(max_err(&frac.decrypt(&square(&frac, t).unwrap()).unwrap(), &x.mapv(|v| v * v)) < 1e-6);
+        assert!(
+            max_err(
+                &frac.decrypt(&square(&frac, t).unwrap()).unwrap(),
+                &x.mapv(|v| v * v)
+            ) < 1e-6
+        );
     }
 }

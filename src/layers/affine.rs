@@ -89,7 +89,10 @@ impl Geometry {
     pub fn check(&self) -> Result<()> {
         let positive = |values: &[usize], what: &str| {
             if values.contains(&0) {
-                Err(HeError::Value(format!("{}: {what} must be positive", self.name())))
+                Err(HeError::Value(format!(
+                    "{}: {what} must be positive",
+                    self.name()
+                )))
             } else {
                 Ok(())
             }
@@ -105,16 +108,40 @@ impl Geometry {
             }
         };
         match *self {
-            Geometry::Conv2d { out_channels, in_channels, kernel, stride, dilation, groups, .. } => {
+            Geometry::Conv2d {
+                out_channels,
+                in_channels,
+                kernel,
+                stride,
+                dilation,
+                groups,
+                ..
+            } => {
                 groups_divide(groups, in_channels, out_channels)?;
-                positive(&[kernel.0, kernel.1, stride.0, stride.1, dilation.0, dilation.1], "kernel, stride and dilation")
+                positive(
+                    &[
+                        kernel.0, kernel.1, stride.0, stride.1, dilation.0, dilation.1,
+                    ],
+                    "kernel, stride and dilation",
+                )
             }
-            Geometry::Conv1d { out_channels, in_channels, kernel, stride, dilation, groups, .. } => {
+            Geometry::Conv1d {
+                out_channels,
+                in_channels,
+                kernel,
+                stride,
+                dilation,
+                groups,
+                ..
+            } => {
                 groups_divide(groups, in_channels, out_channels)?;
                 positive(&[kernel, stride, dilation], "kernel, stride and dilation")
             }
             Geometry::Linear { .. } => Ok(()),
-            Geometry::AvgPool2d { kernel, stride, .. } => positive(&[kernel.0, kernel.1, stride.0, stride.1], "kernel and stride"),
+            Geometry::AvgPool2d { kernel, stride, .. } => positive(
+                &[kernel.0, kernel.1, stride.0, stride.1],
+                "kernel and stride",
+            ),
         }
     }
 
@@ -122,10 +149,21 @@ impl Geometry {
     pub fn output_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
         self.check()?;
         let bad = |want: &str| {
-            Err(HeError::Value(format!("{}: expects input {want} per image, got {in_shape:?}", self.name())))
+            Err(HeError::Value(format!(
+                "{}: expects input {want} per image, got {in_shape:?}",
+                self.name()
+            )))
         };
         match *self {
-            Geometry::Conv2d { out_channels, in_channels, kernel, stride, padding, dilation, .. } => {
+            Geometry::Conv2d {
+                out_channels,
+                in_channels,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ..
+            } => {
                 if in_shape.len() != 3 || in_shape[0] != in_channels {
                     return bad(&format!("[{in_channels}, H, W]"));
                 }
@@ -141,7 +179,15 @@ impl Geometry {
                     )),
                 }
             }
-            Geometry::Conv1d { out_channels, in_channels, kernel, stride, padding, dilation, .. } => {
+            Geometry::Conv1d {
+                out_channels,
+                in_channels,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ..
+            } => {
                 if in_shape.len() != 2 || in_shape[0] != in_channels {
                     return bad(&format!("[{in_channels}, L]"));
                 }
@@ -153,17 +199,27 @@ impl Geometry {
                     )),
                 }
             }
-            Geometry::Linear { in_features, out_features } => {
+            Geometry::Linear {
+                in_features,
+                out_features,
+            } => {
                 if in_shape.iter().product::<usize>() != in_features {
                     return bad(&format!("of {in_features} features"));
                 }
                 Ok(vec![out_features])
             }
-            Geometry::AvgPool2d { kernel, stride, padding } => {
+            Geometry::AvgPool2d {
+                kernel,
+                stride,
+                padding,
+            } => {
                 if in_shape.len() != 3 {
                     return bad("[C, H, W]");
                 }
-                match (out_len(in_shape[1], kernel.0, stride.0, padding.0, 1), out_len(in_shape[2], kernel.1, stride.1, padding.1, 1)) {
+                match (
+                    out_len(in_shape[1], kernel.0, stride.0, padding.0, 1),
+                    out_len(in_shape[2], kernel.1, stride.1, padding.1, 1),
+                ) {
                     (Some(h), Some(w)) => Ok(vec![in_shape[0], h, w]),
                     _ => bad(&format!(
                         "[C, H, W] with H ≥ {} and W ≥ {} (kernel {kernel:?}, padding {padding:?})",
@@ -190,26 +246,57 @@ impl Affine {
     pub fn new(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>) -> Result<Affine> {
         geometry.check()?;
         let (expected, outs) = match geometry {
-            Geometry::Conv2d { out_channels, in_channels, kernel, groups, .. } => {
-                (out_channels * (in_channels / groups) * kernel.0 * kernel.1, out_channels)
-            }
-            Geometry::Conv1d { out_channels, in_channels, kernel, groups, .. } => {
-                (out_channels * (in_channels / groups) * kernel, out_channels)
-            }
-            Geometry::Linear { in_features, out_features } => (in_features * out_features, out_features),
+            Geometry::Conv2d {
+                out_channels,
+                in_channels,
+                kernel,
+                groups,
+                ..
+            } => (
+                out_channels * (in_channels / groups) * kernel.0 * kernel.1,
+                out_channels,
+            ),
+            Geometry::Conv1d {
+                out_channels,
+                in_channels,
+                kernel,
+                groups,
+                ..
+            } => (out_channels * (in_channels / groups) * kernel, out_channels),
+            Geometry::Linear {
+                in_features,
+                out_features,
+            } => (in_features * out_features, out_features),
             Geometry::AvgPool2d { .. } => (1, 0),
         };
         if weights.len() != expected {
-            return Err(HeError::Value(format!("{}: expected {expected} weights, got {}", geometry.name(), weights.len())));
+            return Err(HeError::Value(format!(
+                "{}: expected {expected} weights, got {}",
+                geometry.name(),
+                weights.len()
+            )));
         }
         if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
-            return Err(HeError::Value(format!("{}: weight {w} is not finite", geometry.name())));
+            return Err(HeError::Value(format!(
+                "{}: weight {w} is not finite",
+                geometry.name()
+            )));
         }
         let bias = bias.unwrap_or_default();
         if !bias.is_empty() && bias.len() != outs {
-            return Err(HeError::Value(format!("{}: expected {outs} biases, got {}", geometry.name(), bias.len())));
+            return Err(HeError::Value(format!(
+                "{}: expected {outs} biases, got {}",
+                geometry.name(),
+                bias.len()
+            )));
         }
-        Ok(Affine { geometry, weights, bias, maps: Mutex::new(HashMap::new()), prepared: Mutex::new(HashMap::new()) })
+        Ok(Affine {
+            geometry,
+            weights,
+            bias,
+            maps: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The layer's shape.
@@ -242,23 +329,58 @@ impl Affine {
         let (rows, divisor): (Vec<Vec<u32>>, f64) = match self.geometry {
             Geometry::Conv2d { out_channels, .. } | Geometry::Conv1d { out_channels, .. } => {
                 let per = self.weights.len() / out_channels.max(1);
-                ((0..out_channels).map(|o| (o * per..(o + 1) * per).map(|w| w as u32).collect()).collect(), 1.0)
+                (
+                    (0..out_channels)
+                        .map(|o| (o * per..(o + 1) * per).map(|w| w as u32).collect())
+                        .collect(),
+                    1.0,
+                )
             }
-            Geometry::Linear { in_features, out_features } => {
-                ((0..out_features).map(|o| (o * in_features..(o + 1) * in_features).map(|w| w as u32).collect()).collect(), 1.0)
-            }
-            Geometry::AvgPool2d { kernel: (kh, kw), .. } => (vec![vec![0; kh * kw]], (kh * kw) as f64),
+            Geometry::Linear {
+                in_features,
+                out_features,
+            } => (
+                (0..out_features)
+                    .map(|o| {
+                        (o * in_features..(o + 1) * in_features)
+                            .map(|w| w as u32)
+                            .collect()
+                    })
+                    .collect(),
+                1.0,
+            ),
+            Geometry::AvgPool2d {
+                kernel: (kh, kw), ..
+            } => (vec![vec![0; kh * kw]], (kh * kw) as f64),
         };
-        let weight_sum = |r: &Vec<u32>| r.iter().map(|&w| self.weights[w as usize].abs()).sum::<f64>();
-        let worst = (0..rows.len()).max_by(|&a, &b| weight_sum(&rows[a]).total_cmp(&weight_sum(&rows[b]))).unwrap_or(0);
+        let weight_sum = |r: &Vec<u32>| {
+            r.iter()
+                .map(|&w| self.weights[w as usize].abs())
+                .sum::<f64>()
+        };
+        let worst = (0..rows.len())
+            .max_by(|&a, &b| weight_sum(&rows[a]).total_cmp(&weight_sum(&rows[b])))
+            .unwrap_or(0);
         let row = rows.into_iter().nth(worst).unwrap_or_default();
         AffineMap {
             in_shape: vec![row.len()],
             out_shape: vec![1],
-            terms: vec![row.iter().enumerate().map(|(i, &w)| (i as u32, w)).collect()],
-            weights: self.weights.iter().map(|&w| if abs { w.abs() } else { w }).collect(),
+            terms: vec![row
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| (i as u32, w))
+                .collect()],
+            weights: self
+                .weights
+                .iter()
+                .map(|&w| if abs { w.abs() } else { w })
+                .collect(),
             divisor,
-            bias: self.bias.get(worst).map(|&b| vec![if abs { b.abs() } else { b }]).unwrap_or_default(),
+            bias: self
+                .bias
+                .get(worst)
+                .map(|&b| vec![if abs { b.abs() } else { b }])
+                .unwrap_or_default(),
         }
     }
 
@@ -268,7 +390,15 @@ impl Affine {
         let mut bias = Vec::new();
         let mut divisor = 1.0;
         match self.geometry {
-            Geometry::Conv2d { out_channels, in_channels, kernel: (kh, kw), stride, padding, dilation, groups } => {
+            Geometry::Conv2d {
+                out_channels,
+                in_channels,
+                kernel: (kh, kw),
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => {
                 let (h, w) = (in_shape[1] as isize, in_shape[2] as isize);
                 let (ho, wo) = (out_shape[1], out_shape[2]);
                 let (cin_g, cout_g) = (in_channels / groups, out_channels / groups);
@@ -280,12 +410,14 @@ impl Affine {
                             for ci in 0..cin_g {
                                 let c = g * cin_g + ci;
                                 for ky in 0..kh {
-                                    let iy = (y * stride.0 + ky * dilation.0) as isize - padding.0 as isize;
+                                    let iy = (y * stride.0 + ky * dilation.0) as isize
+                                        - padding.0 as isize;
                                     if iy < 0 || iy >= h {
                                         continue;
                                     }
                                     for kx in 0..kw {
-                                        let ix = (x * stride.1 + kx * dilation.1) as isize - padding.1 as isize;
+                                        let ix = (x * stride.1 + kx * dilation.1) as isize
+                                            - padding.1 as isize;
                                         if ix < 0 || ix >= w {
                                             continue;
                                         }
@@ -303,7 +435,15 @@ impl Affine {
                     }
                 }
             }
-            Geometry::Conv1d { out_channels, in_channels, kernel, stride, padding, dilation, groups } => {
+            Geometry::Conv1d {
+                out_channels,
+                in_channels,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => {
                 let l = in_shape[1] as isize;
                 let lo = out_shape[1];
                 let (cin_g, cout_g) = (in_channels / groups, out_channels / groups);
@@ -318,7 +458,10 @@ impl Affine {
                                 if ix < 0 || ix >= l {
                                     continue;
                                 }
-                                t.push(((c as isize * l + ix) as u32, ((o * cin_g + ci) * kernel + k) as u32));
+                                t.push((
+                                    (c as isize * l + ix) as u32,
+                                    ((o * cin_g + ci) * kernel + k) as u32,
+                                ));
                             }
                         }
                         terms.push(t);
@@ -328,13 +471,24 @@ impl Affine {
                     }
                 }
             }
-            Geometry::Linear { in_features, out_features } => {
+            Geometry::Linear {
+                in_features,
+                out_features,
+            } => {
                 for o in 0..out_features {
-                    terms.push((0..in_features).map(|i| (i as u32, (o * in_features + i) as u32)).collect());
+                    terms.push(
+                        (0..in_features)
+                            .map(|i| (i as u32, (o * in_features + i) as u32))
+                            .collect(),
+                    );
                 }
                 bias = self.bias.clone();
             }
-            Geometry::AvgPool2d { kernel: (kh, kw), stride, padding } => {
+            Geometry::AvgPool2d {
+                kernel: (kh, kw),
+                stride,
+                padding,
+            } => {
                 let (h, w) = (in_shape[1] as isize, in_shape[2] as isize);
                 let (ho, wo) = (out_shape[1], out_shape[2]);
                 // count_include_pad: always divide by kh·kw; padded positions add nothing.
@@ -362,12 +516,22 @@ impl Affine {
                 }
             }
         }
-        Ok(AffineMap { in_shape: in_shape.to_vec(), out_shape, terms, weights: self.weights.clone(), divisor, bias })
+        Ok(AffineMap {
+            in_shape: in_shape.to_vec(),
+            out_shape,
+            terms,
+            weights: self.weights.clone(),
+            divisor,
+            bias,
+        })
     }
 
     /// The map for an input shape (cached).
     pub fn map_for(&self, in_shape: &[usize]) -> Result<Arc<AffineMap>> {
-        let mut maps = self.maps.lock().map_err(|_| HeError::Backend("layer cache poisoned".into()))?;
+        let mut maps = self
+            .maps
+            .lock()
+            .map_err(|_| HeError::Backend("layer cache poisoned".into()))?;
         if let Some(m) = maps.get(in_shape) {
             return Ok(m.clone());
         }
@@ -386,19 +550,39 @@ impl Affine {
     pub fn probe(&self, probe: &CipherTensor) -> Result<CipherTensor> {
         // Fractional weights are polynomials that rarely cancel: signed
         // weights track a real run's noise within a few bits there.
-        let fractional = matches!(probe.params().encoding(), crate::he::Encoding::Fractional { .. });
+        let fractional = matches!(
+            probe.params().encoding(),
+            crate::he::Encoding::Fractional { .. }
+        );
         let map = self.probe_map_with(!fractional);
-        let element = probe.data().iter().next().ok_or_else(|| HeError::Value("the probe is empty".into()))?;
+        let element = probe
+            .data()
+            .iter()
+            .next()
+            .ok_or_else(|| HeError::Value("the probe is empty".into()))?;
         // Fractional tensors hold their images along axis 0; batch ones in the slots.
-        let mut shape = if probe.batch().is_none() { vec![1] } else { vec![] };
+        let mut shape = if probe.batch().is_none() {
+            vec![1]
+        } else {
+            vec![]
+        };
         shape.extend_from_slice(&map.in_shape);
         let copies = ndarray::ArrayD::from_elem(ndarray::IxDyn(&shape), element.clone());
         // The probe's weights are |w|: encoded here, not taken from the layer's cache.
         let x = probe.with_data(copies, probe.scale(), probe.growth().clone());
         let prepared = map.prepare_weights(x.params(), x.level()?)?;
         let out = map.apply(&x, &prepared, self.geometry.name())?;
-        let single = out.data().iter().next().cloned().ok_or_else(|| HeError::Value("the probe map has no output".into()))?;
-        Ok(out.with_data(ndarray::ArrayD::from_elem(probe.data().raw_dim(), single), out.scale(), out.growth().clone()))
+        let single = out
+            .data()
+            .iter()
+            .next()
+            .cloned()
+            .ok_or_else(|| HeError::Value("the probe map has no output".into()))?;
+        Ok(out.with_data(
+            ndarray::ArrayD::from_elem(probe.data().raw_dim(), single),
+            out.scale(),
+            out.growth().clone(),
+        ))
     }
 
     /// `map` (one of this layer's, all of which share its weights) on `x`,
@@ -406,12 +590,20 @@ impl Affine {
     fn apply(&self, map: &AffineMap, x: &CipherTensor) -> Result<CipherTensor> {
         let level = x.level()?;
         let key = (x.params().fingerprint(), level);
-        let cached = self.prepared.lock().map_err(|_| HeError::Backend("layer cache poisoned".into()))?.get(&key).cloned();
+        let cached = self
+            .prepared
+            .lock()
+            .map_err(|_| HeError::Backend("layer cache poisoned".into()))?
+            .get(&key)
+            .cloned();
         let prepared = match cached {
             Some(p) => p,
             None => {
                 let p = Arc::new(map.prepare_weights(x.params(), level)?);
-                let mut cache = self.prepared.lock().map_err(|_| HeError::Backend("layer cache poisoned".into()))?;
+                let mut cache = self
+                    .prepared
+                    .lock()
+                    .map_err(|_| HeError::Backend("layer cache poisoned".into()))?;
                 // Bounded: a layer serves few parameter sets at a time.
                 if cache.len() >= 8 {
                     cache.clear();
@@ -428,36 +620,102 @@ impl Affine {
 mod tests {
     use super::*;
 
-    fn conv2d(in_channels: usize, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Geometry {
-        Geometry::Conv2d { out_channels: 4, in_channels, kernel, stride, padding, dilation: (1, 1), groups: 1 }
+    fn conv2d(
+        in_channels: usize,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Geometry {
+        Geometry::Conv2d {
+            out_channels: 4,
+            in_channels,
+            kernel,
+            stride,
+            padding,
+            dilation: (1, 1),
+            groups: 1,
+        }
     }
 
     #[test]
     fn output_shapes_follow_torch() {
-        assert_eq!(conv2d(1, (5, 5), (2, 2), (1, 1)).output_shape(&[1, 28, 28]).unwrap(), vec![4, 13, 13]);
-        let conv1d = Geometry::Conv1d { out_channels: 3, in_channels: 2, kernel: 3, stride: 1, padding: 0, dilation: 2, groups: 1 };
+        assert_eq!(
+            conv2d(1, (5, 5), (2, 2), (1, 1))
+                .output_shape(&[1, 28, 28])
+                .unwrap(),
+            vec![4, 13, 13]
+        );
+        let conv1d = Geometry::Conv1d {
+            out_channels: 3,
+            in_channels: 2,
+            kernel: 3,
+            stride: 1,
+            padding: 0,
+            dilation: 2,
+            groups: 1,
+        };
         assert_eq!(conv1d.output_shape(&[2, 10]).unwrap(), vec![3, 6]);
-        let linear = Geometry::Linear { in_features: 192, out_features: 10 };
+        let linear = Geometry::Linear {
+            in_features: 192,
+            out_features: 10,
+        };
         assert_eq!(linear.output_shape(&[12, 4, 4]).unwrap(), vec![10]);
-        let pool = Geometry::AvgPool2d { kernel: (2, 2), stride: (2, 2), padding: (0, 0) };
+        let pool = Geometry::AvgPool2d {
+            kernel: (2, 2),
+            stride: (2, 2),
+            padding: (0, 0),
+        };
         assert_eq!(pool.output_shape(&[4, 24, 24]).unwrap(), vec![4, 12, 12]);
     }
 
     #[test]
     fn input_too_small_names_the_shortest_that_fits() {
-        let err = conv2d(1, (5, 3), (1, 1), (1, 0)).output_shape(&[1, 2, 2]).unwrap_err().to_string();
+        let err = conv2d(1, (5, 3), (1, 1), (1, 0))
+            .output_shape(&[1, 2, 2])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("H ≥ 3 and W ≥ 3"), "{err}");
-        let err = conv2d(1, (5, 5), (1, 1), (0, 0)).output_shape(&[2, 28, 28]).unwrap_err().to_string();
-        assert!(err.contains("expects input [1, H, W] per image, got [2, 28, 28]"), "{err}");
+        let err = conv2d(1, (5, 5), (1, 1), (0, 0))
+            .output_shape(&[2, 28, 28])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expects input [1, H, W] per image, got [2, 28, 28]"),
+            "{err}"
+        );
     }
 
     #[test]
     fn degenerate_geometries_are_errors_not_panics() {
-        assert!(conv2d(1, (0, 5), (1, 1), (0, 0)).output_shape(&[1, 28, 28]).is_err());
-        assert!(conv2d(1, (5, 5), (0, 1), (0, 0)).output_shape(&[1, 28, 28]).is_err());
-        let pool = Geometry::AvgPool2d { kernel: (2, 2), stride: (0, 2), padding: (0, 0) };
-        assert!(pool.output_shape(&[1, 4, 4]).unwrap_err().to_string().contains("must be positive"));
-        let grouped = Geometry::Conv1d { out_channels: 3, in_channels: 2, kernel: 3, stride: 1, padding: 0, dilation: 1, groups: 2 };
-        assert!(grouped.output_shape(&[2, 10]).unwrap_err().to_string().contains("groups=2"));
+        assert!(conv2d(1, (0, 5), (1, 1), (0, 0))
+            .output_shape(&[1, 28, 28])
+            .is_err());
+        assert!(conv2d(1, (5, 5), (0, 1), (0, 0))
+            .output_shape(&[1, 28, 28])
+            .is_err());
+        let pool = Geometry::AvgPool2d {
+            kernel: (2, 2),
+            stride: (0, 2),
+            padding: (0, 0),
+        };
+        assert!(pool
+            .output_shape(&[1, 4, 4])
+            .unwrap_err()
+            .to_string()
+            .contains("must be positive"));
+        let grouped = Geometry::Conv1d {
+            out_channels: 3,
+            in_channels: 2,
+            kernel: 3,
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 2,
+        };
+        assert!(grouped
+            .output_shape(&[2, 10])
+            .unwrap_err()
+            .to_string()
+            .contains("groups=2"));
     }
 }

@@ -40,7 +40,9 @@ impl AffineMap {
     pub fn output_scale(&self, params: &HeParameters, scale: f64) -> (f64, f64) {
         match params.encoding() {
             Encoding::Batch { .. } if self.divisor != 1.0 => (scale * self.divisor, 1.0),
-            Encoding::Batch { weight_scale_bits, .. } => {
+            Encoding::Batch {
+                weight_scale_bits, ..
+            } => {
                 let f = (weight_scale_bits as f64).exp2();
                 (scale * f, f)
             }
@@ -50,24 +52,52 @@ impl AffineMap {
 
     /// The bound on the outputs' plaintext magnitudes for inputs bounded by
     /// `growth` (batch: integers at the scale; fractional: per coefficient).
-    pub fn output_growth(&self, params: &HeParameters, growth: &Growth, scale_out: f64, weight_factor: f64) -> Result<Growth> {
+    pub fn output_growth(
+        &self,
+        params: &HeParameters,
+        growth: &Growth,
+        scale_out: f64,
+        weight_factor: f64,
+    ) -> Result<Growth> {
         match (growth, params.encoding()) {
             (Growth::Integer(b), Encoding::Batch { .. }) => {
                 let mut worst: f64 = 0.0;
                 for (o, terms) in self.terms.iter().enumerate() {
-                    let s: f64 = terms.iter().map(|&(_, w)| (self.weights[w as usize] * weight_factor).round().abs()).sum();
-                    let bias = self.bias.get(o).map(|&x| (x * scale_out).round().abs()).unwrap_or(0.0);
+                    let s: f64 = terms
+                        .iter()
+                        .map(|&(_, w)| (self.weights[w as usize] * weight_factor).round().abs())
+                        .sum();
+                    let bias = self
+                        .bias
+                        .get(o)
+                        .map(|&x| (x * scale_out).round().abs())
+                        .unwrap_or(0.0);
                     worst = worst.max(s * b + bias);
                 }
                 Ok(Growth::Integer(worst))
             }
-            (Growth::Poly(g), Encoding::Fractional { base, int_digits, frac_digits }) => {
+            (
+                Growth::Poly(g),
+                Encoding::Fractional {
+                    base,
+                    int_digits,
+                    frac_digits,
+                },
+            ) => {
                 let m = params.m();
                 let encode = |v: f64| fractional_encode(v, m, base, int_digits, frac_digits);
                 let enc: Vec<Vec<(usize, f64)>> = self
                     .weights
                     .iter()
-                    .map(|&w| encode(w / self.divisor).map(|c| c.iter().enumerate().filter(|(_, &x)| x != 0).map(|(i, &x)| (i, x.abs() as f64)).collect()))
+                    .map(|&w| {
+                        encode(w / self.divisor).map(|c| {
+                            c.iter()
+                                .enumerate()
+                                .filter(|(_, &x)| x != 0)
+                                .map(|(i, &x)| (i, x.abs() as f64))
+                                .collect()
+                        })
+                    })
                     .collect::<Result<_>>()?;
                 let mut s = vec![0.0; m];
                 let mut per_out = vec![0.0; m];
@@ -94,7 +124,9 @@ impl AffineMap {
                 }
                 Ok(Growth::Poly(out))
             }
-            _ => Err(HeError::Value("growth bound does not match the encoding".into())),
+            _ => Err(HeError::Value(
+                "growth bound does not match the encoding".into(),
+            )),
         }
     }
 
@@ -107,10 +139,14 @@ impl AffineMap {
                 // Batch: round(w · 2^weight_scale_bits), the scale grows by that
                 // factor; a divided map (pooling) keeps integer weights and puts the
                 // divisor into the scale instead.
-                Encoding::Batch { weight_scale_bits, .. } => {
+                Encoding::Batch {
+                    weight_scale_bits, ..
+                } => {
                     let x = if self.divisor != 1.0 {
                         if w.fract() != 0.0 {
-                            return Err(HeError::Value("a divided map needs integer weights in the batch encoding".into()));
+                            return Err(HeError::Value(
+                                "a divided map needs integer weights in the batch encoding".into(),
+                            ));
                         }
                         w
                     } else {
@@ -122,23 +158,44 @@ impl AffineMap {
                     Ok(Multiplier::scalar(x as i64, &ctx))
                 }
                 // Fractional: the (centred) encoding of the real multiplier.
-                Encoding::Fractional { base, int_digits, frac_digits } => {
-                    Multiplier::poly(&fractional_encode(w / self.divisor, params.m(), base, int_digits, frac_digits)?, &ctx)
-                }
+                Encoding::Fractional {
+                    base,
+                    int_digits,
+                    frac_digits,
+                } => Multiplier::poly(
+                    &fractional_encode(
+                        w / self.divisor,
+                        params.m(),
+                        base,
+                        int_digits,
+                        frac_digits,
+                    )?,
+                    &ctx,
+                ),
             })
             .collect()
     }
 
     /// Applies the map to every image of `x`. `prepared` comes from
     /// [`AffineMap::prepare_weights`] at `x`'s level; `name` names the layer in errors.
-    pub fn apply(&self, x: &CipherTensor, prepared: &[Multiplier], name: &str) -> Result<CipherTensor> {
+    pub fn apply(
+        &self,
+        x: &CipherTensor,
+        prepared: &[Multiplier],
+        name: &str,
+    ) -> Result<CipherTensor> {
         let start = x.image_axes_start();
         let img_shape = &x.data().shape()[start..];
         if img_shape != self.in_shape.as_slice() {
-            return Err(HeError::Value(format!("{name}: expects input of shape {:?} per image, got {:?}", self.in_shape, img_shape)));
+            return Err(HeError::Value(format!(
+                "{name}: expects input of shape {:?} per image, got {:?}",
+                self.in_shape, img_shape
+            )));
         }
         if prepared.len() != self.weights.len() {
-            return Err(HeError::Value(format!("{name}: weights were prepared for another map")));
+            return Err(HeError::Value(format!(
+                "{name}: weights were prepared for another map"
+            )));
         }
         let params = x.params();
         let level = x.level()?;
@@ -151,7 +208,9 @@ impl AffineMap {
         let flat: Vec<&Element> = x.data().iter().collect();
         let ncomp = params.p().len();
         let bfv = params.bfv();
-        let jobs: Vec<(usize, usize)> = (0..imgs).flat_map(|i| (0..out_per_img).map(move |o| (i, o))).collect();
+        let jobs: Vec<(usize, usize)> = (0..imgs)
+            .flat_map(|i| (0..out_per_img).map(move |o| (i, o)))
+            .collect();
         let out: Result<Vec<Element>> = jobs
             .par_iter()
             .map(|&(img, o)| {
@@ -164,8 +223,10 @@ impl AffineMap {
                             let zero = Multiplier::scalar(0, flat[base][k][0].ctx());
                             return zero.apply(&flat[base][k], &bfv[k]);
                         }
-                        let (cts, ws): (Vec<&Ciphertext>, Vec<&Multiplier>) =
-                            terms.iter().map(|&(i, w)| (&flat[base + i as usize][k], &prepared[w as usize])).unzip();
+                        let (cts, ws): (Vec<&Ciphertext>, Vec<&Multiplier>) = terms
+                            .iter()
+                            .map(|&(i, w)| (&flat[base + i as usize][k], &prepared[w as usize]))
+                            .unzip();
                         weighted_sum(&cts, &ws, &bfv[k])
                     })
                     .collect::<Result<Element>>()
@@ -176,7 +237,8 @@ impl AffineMap {
             // One encoded bias per distinct value (per output channel), reused at every position.
             let mut encoded: HashMap<u64, Vec<Poly>> = HashMap::new();
             for &b in &self.bias {
-                if let std::collections::hash_map::Entry::Vacant(slot) = encoded.entry(b.to_bits()) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = encoded.entry(b.to_bits())
+                {
                     slot.insert(x.constant_polys(&[b], scale_out, level)?);
                 }
             }
@@ -198,7 +260,10 @@ mod tests {
     use super::*;
     use crate::he::context::tests::{make, random, FRAC};
 
-    const BATCH: Encoding = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+    const BATCH: Encoding = Encoding::Batch {
+        scale_bits: 8,
+        weight_scale_bits: 8,
+    };
     use crate::layers::{Affine, Geometry};
     use ndarray::{ArrayD, IxDyn};
 
@@ -206,15 +271,28 @@ mod tests {
     /// scale times integer weights, plus the bias at the output scale.
     fn reference(x: &ArrayD<f64>, map: &AffineMap, scale: f64, wf: f64) -> Vec<Vec<f64>> {
         let n = x.shape()[0];
-        let xs = x.to_shape((n, map.in_shape.iter().product::<usize>())).unwrap();
+        let xs = x
+            .to_shape((n, map.in_shape.iter().product::<usize>()))
+            .unwrap();
         (0..n)
             .map(|i| {
                 map.terms
                     .iter()
                     .enumerate()
                     .map(|(o, t)| {
-                        let s: f64 = t.iter().map(|&(j, w)| (xs[[i, j as usize]] * scale).round() * (map.weights[w as usize] * wf).round()).sum();
-                        (s + map.bias.get(o).map(|b| (b * scale * wf).round()).unwrap_or(0.0)) / (scale * wf)
+                        let s: f64 = t
+                            .iter()
+                            .map(|&(j, w)| {
+                                (xs[[i, j as usize]] * scale).round()
+                                    * (map.weights[w as usize] * wf).round()
+                            })
+                            .sum();
+                        (s + map
+                            .bias
+                            .get(o)
+                            .map(|b| (b * scale * wf).round())
+                            .unwrap_or(0.0))
+                            / (scale * wf)
                     })
                     .collect()
             })
@@ -224,13 +302,29 @@ mod tests {
     #[test]
     fn batch_conv_is_exactly_its_fixed_point_reference() {
         let ctx = make(2048, vec![], BATCH, None);
-        let g = Geometry::Conv2d { out_channels: 2, in_channels: 3, kernel: (2, 2), stride: (2, 1), padding: (1, 0), dilation: (1, 1), groups: 1 };
-        let w = random(&[2 * 3 * 2 * 2], -1.0, 1.0).into_raw_vec_and_offset().0;
+        let g = Geometry::Conv2d {
+            out_channels: 2,
+            in_channels: 3,
+            kernel: (2, 2),
+            stride: (2, 1),
+            padding: (1, 0),
+            dilation: (1, 1),
+            groups: 1,
+        };
+        let w = random(&[2 * 3 * 2 * 2], -1.0, 1.0)
+            .into_raw_vec_and_offset()
+            .0;
         let layer = Affine::new(g, w, Some(vec![0.25, -0.5])).unwrap();
         let x = random(&[4, 3, 3, 4], -1.0, 1.0);
         let t = ctx.encrypt(x.view()).unwrap();
         let map = layer.map_for(&[3, 3, 4]).unwrap();
-        let y = map.apply(&t, &map.prepare_weights(t.params(), t.level().unwrap()).unwrap(), "Conv2d").unwrap();
+        let y = map
+            .apply(
+                &t,
+                &map.prepare_weights(t.params(), t.level().unwrap()).unwrap(),
+                "Conv2d",
+            )
+            .unwrap();
         assert_eq!(y.shape(), vec![4, 2, 2, 3]);
         assert_eq!(y.scale(), 256.0 * 256.0);
         let d = ctx.decrypt(&y).unwrap();
@@ -244,25 +338,72 @@ mod tests {
             Growth::Integer(b) => assert!(d.iter().all(|v| (v * y.scale()).abs() <= *b)),
             g => panic!("{g:?}"),
         }
-        let big = Affine::new(Geometry::Linear { in_features: 18, out_features: 1 }, vec![1e4; 18], None).unwrap();
+        let big = Affine::new(
+            Geometry::Linear {
+                in_features: 18,
+                out_features: 1,
+            },
+            vec![1e4; 18],
+            None,
+        )
+        .unwrap();
         let flat = t.reshape_images(&[36]).unwrap();
-        assert!(Affine::new(Geometry::Linear { in_features: 36, out_features: 1 }, vec![1e4; 36], None).unwrap().forward(&flat).is_err());
-        assert!(big.forward(&flat).is_err(), "a shape mismatch is an error, not a panic");
+        assert!(Affine::new(
+            Geometry::Linear {
+                in_features: 36,
+                out_features: 1
+            },
+            vec![1e4; 36],
+            None
+        )
+        .unwrap()
+        .forward(&flat)
+        .is_err());
+        assert!(
+            big.forward(&flat).is_err(),
+            "a shape mismatch is an error, not a panic"
+        );
     }
 
     #[test]
     fn pooling_keeps_the_divisor_in_the_scale_and_fractional_matches_floats() {
         let ctx = make(2048, vec![], BATCH, None);
-        let pool = Affine::new(Geometry::AvgPool2d { kernel: (2, 2), stride: (2, 2), padding: (0, 0) }, vec![1.0], None).unwrap();
+        let pool = Affine::new(
+            Geometry::AvgPool2d {
+                kernel: (2, 2),
+                stride: (2, 2),
+                padding: (0, 0),
+            },
+            vec![1.0],
+            None,
+        )
+        .unwrap();
         let x = random(&[2, 1, 4, 4], -1.0, 1.0);
         let y = pool.forward(&ctx.encrypt(x.view()).unwrap()).unwrap();
-        assert_eq!(y.scale(), 256.0 * 4.0, "the divisor joins the scale, nothing is rounded");
+        assert_eq!(
+            y.scale(),
+            256.0 * 4.0,
+            "the divisor joins the scale, nothing is rounded"
+        );
         let frac = make(2048, vec![65537], FRAC, None);
-        let lin = Affine::new(Geometry::Linear { in_features: 3, out_features: 2 }, vec![0.5, -1.0, 2.0, 0.25, 0.0, -0.75], Some(vec![1.0, -2.0])).unwrap();
+        let lin = Affine::new(
+            Geometry::Linear {
+                in_features: 3,
+                out_features: 2,
+            },
+            vec![0.5, -1.0, 2.0, 0.25, 0.0, -0.75],
+            Some(vec![1.0, -2.0]),
+        )
+        .unwrap();
         let x = random(&[2, 3], -2.0, 2.0);
-        let d = frac.decrypt(&lin.forward(&frac.encrypt(x.view()).unwrap()).unwrap()).unwrap();
+        let d = frac
+            .decrypt(&lin.forward(&frac.encrypt(x.view()).unwrap()).unwrap())
+            .unwrap();
         for i in 0..2 {
-            let want = [0.5 * x[[i, 0]] - x[[i, 1]] + 2.0 * x[[i, 2]] + 1.0, 0.25 * x[[i, 0]] - 0.75 * x[[i, 2]] - 2.0];
+            let want = [
+                0.5 * x[[i, 0]] - x[[i, 1]] + 2.0 * x[[i, 2]] + 1.0,
+                0.25 * x[[i, 0]] - 0.75 * x[[i, 2]] - 2.0,
+            ];
             for o in 0..2 {
                 assert!((d[[i, o]] - want[o]).abs() < 1e-6);
             }
@@ -271,14 +412,28 @@ mod tests {
 
     #[test]
     fn probe_takes_the_heaviest_output_row() {
-        let lin = Affine::new(Geometry::Linear { in_features: 3, out_features: 3 }, vec![0.1, 0.1, 0.1, -2.0, 1.0, 0.5, 0.3, 0.3, 0.3], Some(vec![0.0, 0.5, 9.0])).unwrap();
+        let lin = Affine::new(
+            Geometry::Linear {
+                in_features: 3,
+                out_features: 3,
+            },
+            vec![0.1, 0.1, 0.1, -2.0, 1.0, 0.5, 0.3, 0.3, 0.3],
+            Some(vec![0.0, 0.5, 9.0]),
+        )
+        .unwrap();
         let m = lin.probe_map();
         assert_eq!(m.in_shape, vec![3]);
         assert_eq!(m.terms, vec![vec![(0, 3), (1, 4), (2, 5)]]);
         assert_eq!(m.bias, vec![0.5]);
-        assert_eq!(&m.weights[3..6], &[2.0, 1.0, 0.5], "the probe takes |w|: signed weights could cancel");
+        assert_eq!(
+            &m.weights[3..6],
+            &[2.0, 1.0, 0.5],
+            "the probe takes |w|: signed weights could cancel"
+        );
         let ctx = make(2048, vec![], BATCH, None);
-        let probe = ctx.encrypt(ArrayD::from_elem(IxDyn(&[1]), 1.0).view()).unwrap();
+        let probe = ctx
+            .encrypt(ArrayD::from_elem(IxDyn(&[1]), 1.0).view())
+            .unwrap();
         let out = lin.probe(&probe).unwrap();
         assert_eq!(out.shape(), vec![1]);
         assert_eq!(ctx.decrypt(&out).unwrap()[[0]], 2.0 + 1.0 + 0.5 + 0.5);

@@ -14,7 +14,11 @@ use crate::he::{HeError, Multiplier, Result};
 /// Σ_k cts[k] · ws[k], reduced lazily. All ciphertexts must share parameters,
 /// level and size. Terms whose multiplier is the integer 0 are skipped unless
 /// all are (the result is then a valid encryption of 0).
-pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+pub fn weighted_sum(
+    cts: &[&Ciphertext],
+    ws: &[&Multiplier],
+    par: &Arc<BfvParameters>,
+) -> Result<Ciphertext> {
     if cts.is_empty() || cts.len() != ws.len() {
         return Err(HeError::Value(format!(
             "weighted sum needs as many ciphertexts as weights and at least one (got {} and {})",
@@ -27,7 +31,9 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParame
     let nparts = first.len();
     for ct in cts {
         if ct.len() != nparts || ct[0].ctx() != &ctx {
-            return Err(HeError::Value("ciphertexts of a weighted sum must share size and level".into()));
+            return Err(HeError::Value(
+                "ciphertexts of a weighted sum must share size and level".into(),
+            ));
         }
     }
     let moduli = ctx.moduli_operators();
@@ -35,7 +41,9 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParame
     let degree = first[0].coefficients().shape()[1];
     for w in ws {
         if !w.fits(nmod, degree) {
-            return Err(HeError::Value("a multiplier was prepared for another ciphertext level".into()));
+            return Err(HeError::Value(
+                "a multiplier was prepared for another ciphertext level".into(),
+            ));
         }
     }
     let mut terms: Vec<usize> = (0..cts.len()).filter(|&k| !ws[k].is_zero()).collect();
@@ -55,12 +63,23 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParame
 
     // Rows of all terms, resolved once: (x rows per part, multiplier).
     let mut rows: Vec<Vec<&[u64]>> = Vec::with_capacity(terms.len());
-    let views: Vec<Vec<_>> = terms.iter().map(|&k| (0..nparts).map(|part| cts[k][part].coefficients()).collect()).collect();
+    let views: Vec<Vec<_>> = terms
+        .iter()
+        .map(|&k| {
+            (0..nparts)
+                .map(|part| cts[k][part].coefficients())
+                .collect()
+        })
+        .collect();
     for v in &views {
         let mut r = Vec::with_capacity(nparts * nmod);
         for view in v {
             for j in 0..nmod {
-                r.push(view.row(j).to_slice().ok_or_else(|| HeError::Backend("non-contiguous polynomial".into()))?);
+                r.push(
+                    view.row(j)
+                        .to_slice()
+                        .ok_or_else(|| HeError::Backend("non-contiguous polynomial".into()))?,
+                );
             }
         }
         rows.push(r);
@@ -79,7 +98,9 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParame
         for j in 0..nmod {
             let qj = &moduli[j];
             let mut row = out.row_mut(j);
-            let out_row = row.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
+            let out_row = row
+                .as_slice_mut()
+                .ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
             for start in (0..degree).step_by(CHUNK) {
                 let len = CHUNK.min(degree - start);
                 let acc = &mut acc[..len];
@@ -96,8 +117,12 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParame
                         }
                         Multiplier::Poly(arr) => {
                             let wr = arr.row(j);
-                            let wsl = wr.to_slice().ok_or_else(|| HeError::Backend("non-contiguous multiplier".into()))?;
-                            for ((a, &xi), &wi) in acc.iter_mut().zip(xs).zip(&wsl[start..start + len]) {
+                            let wsl = wr.to_slice().ok_or_else(|| {
+                                HeError::Backend("non-contiguous multiplier".into())
+                            })?;
+                            for ((a, &xi), &wi) in
+                                acc.iter_mut().zip(xs).zip(&wsl[start..start + len])
+                            {
                                 *a += xi as u128 * wi as u128;
                             }
                         }
@@ -115,7 +140,12 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParame
                 }
             }
         }
-        parts.push(Poly::try_convert_from(out, &ctx, true, Representation::Ntt)?);
+        parts.push(Poly::try_convert_from(
+            out,
+            &ctx,
+            true,
+            Representation::Ntt,
+        )?);
     }
     Ok(Ciphertext::new(parts, par)?)
 }
@@ -155,7 +185,11 @@ mod tests {
             .collect()
     }
 
-    fn assert_matches_naive(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParameters>) -> Ciphertext {
+    fn assert_matches_naive(
+        cts: &[&Ciphertext],
+        ws: &[&Multiplier],
+        par: &Arc<BfvParameters>,
+    ) -> Ciphertext {
         let got = weighted_sum(cts, ws, par).unwrap();
         let want = naive(cts, ws);
         for (part, w) in want.iter().enumerate() {
@@ -173,7 +207,9 @@ mod tests {
         let enc = ctx.encrypt(x.view()).unwrap();
         let cts: Vec<&Ciphertext> = enc.data().iter().map(|e| &e[0]).collect();
         let mut rng = rand::rng();
-        let wints: Vec<i64> = (0..cts.len()).map(|_| rng.random_range(-300..300)).collect();
+        let wints: Vec<i64> = (0..cts.len())
+            .map(|_| rng.random_range(-300..300))
+            .collect();
         let c0 = cts[0][0].ctx().clone();
         let prepared: Vec<Multiplier> = wints.iter().map(|&w| Multiplier::scalar(w, &c0)).collect();
         let ws: Vec<&Multiplier> = prepared.iter().collect();
@@ -184,23 +220,33 @@ mod tests {
         }
         // Decrypted: the same as summing the slot vectors with the weights mod t.
         let sk = &ctx.secret().unwrap()[0];
-        let slots = |ct: &Ciphertext| Vec::<u64>::try_decode(&sk.try_decrypt(ct).unwrap(), FheEncoding::simd()).unwrap();
+        let slots = |ct: &Ciphertext| {
+            Vec::<u64>::try_decode(&sk.try_decrypt(ct).unwrap(), FheEncoding::simd()).unwrap()
+        };
         let mut want = vec![0i128; 2048];
         for (ct, &w) in cts.iter().zip(&wints) {
             for (a, v) in want.iter_mut().zip(slots(ct)) {
                 *a += v as i128 * w as i128;
             }
         }
-        let want: Vec<u64> = want.iter().map(|&v| v.rem_euclid(t as i128) as u64).collect();
+        let want: Vec<u64> = want
+            .iter()
+            .map(|&v| v.rem_euclid(t as i128) as u64)
+            .collect();
         assert_eq!(slots(&got), want);
         // And the same as fhe.rs's own ciphertext · plaintext products added up
         // (positive weights only: fhe.rs lifts plaintexts uncentred, so t − |w|
         // would cost ~log2(t) bits of noise per product and exhaust m=2048).
-        let pos: Vec<Multiplier> = wints.iter().map(|&w| Multiplier::scalar(w.abs(), &c0)).collect();
+        let pos: Vec<Multiplier> = wints
+            .iter()
+            .map(|&w| Multiplier::scalar(w.abs(), &c0))
+            .collect();
         let got = weighted_sum(&cts, &pos.iter().collect::<Vec<_>>(), &par).unwrap();
         let mut naive_ct: Option<Ciphertext> = None;
         for (ct, &w) in cts.iter().zip(&wints) {
-            let pt = Plaintext::try_encode(&vec![w.unsigned_abs(); 2048][..], FheEncoding::simd(), &par).unwrap();
+            let pt =
+                Plaintext::try_encode(&vec![w.unsigned_abs(); 2048][..], FheEncoding::simd(), &par)
+                    .unwrap();
             let prod = *ct * &pt;
             naive_ct = Some(match naive_ct {
                 None => prod,
@@ -219,11 +265,19 @@ mod tests {
         let cts: Vec<&Ciphertext> = enc.data().iter().map(|e| &e[0]).collect();
         let ws_f = random(&[25], -1.0, 1.0);
         let c0 = cts[0][0].ctx().clone();
-        let prepared: Vec<Multiplier> =
-            ws_f.iter().map(|&w| Multiplier::poly(&fractional_encode(w, 2048, 2, 64, 32).unwrap(), &c0).unwrap()).collect();
+        let prepared: Vec<Multiplier> = ws_f
+            .iter()
+            .map(|&w| {
+                Multiplier::poly(&fractional_encode(w, 2048, 2, 64, 32).unwrap(), &c0).unwrap()
+            })
+            .collect();
         let ws: Vec<&Multiplier> = prepared.iter().collect();
         let got = assert_matches_naive(&cts, &ws, &par);
-        let t = enc.with_data(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]), enc.scale(), enc.growth().clone());
+        let t = enc.with_data(
+            ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]),
+            enc.scale(),
+            enc.growth().clone(),
+        );
         let d = ctx.decrypt(&t).unwrap();
         let want: f64 = x.iter().zip(ws_f.iter()).map(|(a, b)| a * b).sum();
         assert!((d[[]] - want).abs() < 1e-7, "{} vs {want}", d[[]]);
@@ -242,14 +296,29 @@ mod tests {
         let c0 = cts[0][0].ctx().clone();
         let mut rng = rand::rng();
         // Weights near ±q (residues of large negative and positive integers).
-        let wints: Vec<i64> = (0..200).map(|k| if k % 2 == 0 { -rng.random_range(1..255) } else { rng.random_range(1..255) }).collect();
+        let wints: Vec<i64> = (0..200)
+            .map(|k| {
+                if k % 2 == 0 {
+                    -rng.random_range(1..255)
+                } else {
+                    rng.random_range(1..255)
+                }
+            })
+            .collect();
         let prepared: Vec<Multiplier> = wints.iter().map(|&w| Multiplier::scalar(w, &c0)).collect();
         let ws: Vec<&Multiplier> = prepared.iter().collect();
         let got = assert_matches_naive(&cts, &ws, &par);
-        let out = enc.with_data(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]), enc.scale(), enc.growth().clone());
+        let out = enc.with_data(
+            ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![got]),
+            enc.scale(),
+            enc.growth().clone(),
+        );
         let d = ctx.decrypt(&out).unwrap();
         for img in 0..3 {
-            let want: f64 = (0..200).map(|k| (x[[img, k]] * 65536.0).round() * wints[k] as f64).sum::<f64>() / 65536.0;
+            let want: f64 = (0..200)
+                .map(|k| (x[[img, k]] * 65536.0).round() * wints[k] as f64)
+                .sum::<f64>()
+                / 65536.0;
             assert!((d[[img]] - want).abs() < 1e-6, "{} vs {want}", d[[img]]);
         }
         // Polynomial multipliers take the same lazy path.
@@ -272,7 +341,11 @@ mod tests {
         assert!(zero.is_zero());
         // All-zero weights still give a valid encryption of 0.
         let z = weighted_sum(&cts, &[&zero, &zero], &par).unwrap();
-        let t = enc.with_data(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![z]), enc.scale(), enc.growth().clone());
+        let t = enc.with_data(
+            ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), vec![z]),
+            enc.scale(),
+            enc.growth().clone(),
+        );
         assert_eq!(ctx.decrypt(&t).unwrap()[[]], 0.0);
         assert!(weighted_sum(&[], &[], &par).is_err());
         assert!(weighted_sum(&cts, &[&zero], &par).is_err());

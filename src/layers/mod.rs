@@ -50,7 +50,7 @@ impl Layer {
     /// Whether it needs ciphertext products (relinearization keys, noise).
     pub fn multiplies_ciphertexts(&self) -> bool {
         matches!(self, Layer::Square | Layer::Polynomial(_))
-            || matches!(self, Layer::Packed(s) if s.stage() == crate::model::packed::Stage::Square)
+            || matches!(self, Layer::Packed(s) if s.multiplies_ciphertexts())
     }
 
     /// Runs the layer on `x` with the keys of `ctx`; `x` is left as it is.
@@ -93,7 +93,8 @@ impl Layer {
             // Flattening moves values without changing them.
             Layer::Flatten => Ok(probe.clone()),
             Layer::Packed(_) => Err(crate::he::HeError::Value(
-                "packed stages are not predicted on probes: the packed plan's report predicts them".into(),
+                "packed stages are not predicted on probes: the packed plan's report predicts them"
+                    .into(),
             )),
             _ => self.forward(ctx, probe),
         }

@@ -28,8 +28,13 @@ fn overflow(what: &str) -> HeError {
 
 fn scales(encoding: Encoding) -> Result<(u32, u32)> {
     match encoding {
-        Encoding::Batch { scale_bits, weight_scale_bits } => Ok((scale_bits, weight_scale_bits)),
-        Encoding::Fractional { .. } => Err(HeError::Value("the integer reference is the batch encoding's arithmetic".into())),
+        Encoding::Batch {
+            scale_bits,
+            weight_scale_bits,
+        } => Ok((scale_bits, weight_scale_bits)),
+        Encoding::Fractional { .. } => Err(HeError::Value(
+            "the integer reference is the batch encoding's arithmetic".into(),
+        )),
     }
 }
 
@@ -37,13 +42,20 @@ fn scales(encoding: Encoding) -> Result<(u32, u32)> {
 pub fn encode_inputs(x: ArrayViewD<f64>, encoding: Encoding) -> Result<IntTensor> {
     let (scale_bits, _) = scales(encoding)?;
     if x.ndim() == 0 {
-        return Err(HeError::Value("the batch encoding needs at least one axis (the batch)".into()));
+        return Err(HeError::Value(
+            "the batch encoding needs at least one axis (the batch)".into(),
+        ));
     }
     if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
-        return Err(HeError::Value(format!("cannot encode {bad}: only finite numbers")));
+        return Err(HeError::Value(format!(
+            "cannot encode {bad}: only finite numbers"
+        )));
     }
     let scale = (scale_bits as f64).exp2();
-    Ok(IntTensor { values: x.mapv(|v| (v * scale).round() as i128), scale })
+    Ok(IntTensor {
+        values: x.mapv(|v| (v * scale).round() as i128),
+        scale,
+    })
 }
 
 impl Layer {
@@ -133,7 +145,10 @@ impl Layer {
     }
 }
 
-fn checked_map(x: &ArrayD<i128>, f: impl Fn(i128) -> Option<i128> + Sync + Send) -> Option<ArrayD<i128>> {
+fn checked_map(
+    x: &ArrayD<i128>,
+    f: impl Fn(i128) -> Option<i128> + Sync + Send,
+) -> Option<ArrayD<i128>> {
     let flat: Vec<i128> = x.iter().copied().collect();
     let out: Option<Vec<i128>> = flat.into_par_iter().map(f).collect();
     ArrayD::from_shape_vec(x.raw_dim(), out?).ok()
@@ -148,13 +163,42 @@ mod tests {
 
     #[test]
     fn encrypted_layers_decrypt_to_the_reference() {
-        let enc = Encoding::Batch { scale_bits: 6, weight_scale_bits: 5 };
+        let enc = Encoding::Batch {
+            scale_bits: 6,
+            weight_scale_bits: 5,
+        };
         let ctx = make(4096, vec![], enc, None);
-        let g = Geometry::Conv2d { out_channels: 2, in_channels: 1, kernel: (2, 2), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 1 };
+        let g = Geometry::Conv2d {
+            out_channels: 2,
+            in_channels: 1,
+            kernel: (2, 2),
+            stride: (1, 1),
+            padding: (1, 1),
+            dilation: (1, 1),
+            groups: 1,
+        };
         let layers = vec![
-            Arc::new(Layer::Affine(Affine::new(g, random(&[8], -1.0, 1.0).into_raw_vec_and_offset().0, Some(vec![0.3, -0.7])).unwrap())),
+            Arc::new(Layer::Affine(
+                Affine::new(
+                    g,
+                    random(&[8], -1.0, 1.0).into_raw_vec_and_offset().0,
+                    Some(vec![0.3, -0.7]),
+                )
+                .unwrap(),
+            )),
             Arc::new(Layer::Polynomial(vec![0.25, -0.5, 0.125])),
-            Arc::new(Layer::Affine(Affine::new(Geometry::AvgPool2d { kernel: (2, 2), stride: (2, 2), padding: (0, 0) }, vec![1.0], None).unwrap())),
+            Arc::new(Layer::Affine(
+                Affine::new(
+                    Geometry::AvgPool2d {
+                        kernel: (2, 2),
+                        stride: (2, 2),
+                        padding: (0, 0),
+                    },
+                    vec![1.0],
+                    None,
+                )
+                .unwrap(),
+            )),
             Arc::new(Layer::Flatten),
         ];
         let x = random(&[3, 1, 3, 3], -1.0, 1.0);

@@ -5,6 +5,7 @@
 //! prediction — goes through [`Model::run`] or [`Model::predict`].
 
 pub mod packed;
+pub mod packed_map;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -101,7 +102,12 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { range: None, rencrypt: true, measure_noise: false, switch_result: SwitchResult::Never }
+        RunOptions {
+            range: None,
+            rencrypt: true,
+            measure_noise: false,
+            switch_result: SwitchResult::Never,
+        }
     }
 }
 
@@ -127,7 +133,8 @@ pub fn switch_is_safe(params: &HeParameters) -> bool {
         return false;
     }
     let p_max = params.p().iter().copied().max().unwrap_or(u64::MAX) as f64;
-    let margin = (moduli[0] as f64).log2() - (2.0 * p_max).log2() - (0.5 * (params.m() as f64).log2() + 4.0);
+    let margin =
+        (moduli[0] as f64).log2() - (2.0 * p_max).log2() - (0.5 * (params.m() as f64).log2() + 4.0);
     margin >= 12.0
 }
 
@@ -176,7 +183,10 @@ impl Model {
     pub fn output_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
         let mut shape = in_shape.to_vec();
         for s in &self.steps {
-            shape = s.layer.output_shape(&shape).map_err(|e| e.at_layer(s.index, &s.layer.name()))?;
+            shape = s
+                .layer
+                .output_shape(&shape)
+                .map_err(|e| e.at_layer(s.index, &s.layer.name()))?;
         }
         Ok(shape)
     }
@@ -184,7 +194,10 @@ impl Model {
     fn range(&self, range: &Option<Range<usize>>) -> Result<Range<usize>> {
         let r = range.clone().unwrap_or(0..self.steps.len());
         if r.start > r.end || r.end > self.steps.len() {
-            return Err(HeError::Value(format!("layer positions {r:?} are outside the model's 0..{}", self.steps.len())));
+            return Err(HeError::Value(format!(
+                "layer positions {r:?} are outside the model's 0..{}",
+                self.steps.len()
+            )));
         }
         Ok(r)
     }
@@ -193,25 +206,45 @@ impl Model {
     /// context `x` was encrypted under: layers serve every key). `x` itself
     /// is never changed; intermediates are consumed as the next layer runs
     /// (unless the callback kept them). Returns the output and the reports.
-    pub fn run(&self, ctx: &HeContext, x: Arc<CipherTensor>, options: &RunOptions, on_layer: &mut OnLayer) -> Result<(CipherTensor, Vec<LayerReport>)> {
+    pub fn run(
+        &self,
+        ctx: &HeContext,
+        x: Arc<CipherTensor>,
+        options: &RunOptions,
+        on_layer: &mut OnLayer,
+    ) -> Result<(CipherTensor, Vec<LayerReport>)> {
         let range = self.range(&options.range)?;
-        let steps: Vec<(usize, &Step)> =
-            range.map(|p| (p, &self.steps[p])).filter(|(_, s)| options.rencrypt || !matches!(*s.layer, Layer::Rencryption)).collect();
+        let steps: Vec<(usize, &Step)> = range
+            .map(|p| (p, &self.steps[p]))
+            .filter(|(_, s)| options.rencrypt || !matches!(*s.layer, Layer::Rencryption))
+            .collect();
         if steps.is_empty() {
             return Err(HeError::Value("no layer to run in the chosen range".into()));
         }
         let measure = options.measure_noise && ctx.has_secret_key();
-        let (out, reports) = execute(ctx, &steps, x, measure, on_layer, |layer, t| match Arc::try_unwrap(t) {
-            Ok(owned) => layer.forward_owned(ctx, owned),
-            Err(shared) => layer.forward(ctx, &shared),
-        })?;
+        let (out, reports) =
+            execute(
+                ctx,
+                &steps,
+                x,
+                measure,
+                on_layer,
+                |layer, t| match Arc::try_unwrap(t) {
+                    Ok(owned) => layer.forward_owned(ctx, owned),
+                    Err(shared) => layer.forward(ctx, &shared),
+                },
+            )?;
         let out = Arc::try_unwrap(out).unwrap_or_else(|shared| (*shared).clone());
         let switch = match options.switch_result {
             SwitchResult::Never => false,
             SwitchResult::Always => true,
             SwitchResult::Auto => switch_is_safe(out.params()),
         };
-        let out = if switch { out.switch_to_last_level()? } else { out };
+        let out = if switch {
+            out.switch_to_last_level()?
+        } else {
+            out
+        };
         Ok((out, reports))
     }
 
@@ -221,7 +254,10 @@ impl Model {
     pub fn reference(&self, x: ArrayViewD<f64>, encoding: Encoding) -> Result<IntTensor> {
         let mut t = encode_inputs(x, encoding)?;
         for s in &self.steps {
-            t = s.layer.reference(&t, encoding).map_err(|e| e.at_layer(s.index, &s.layer.name()))?;
+            t = s
+                .layer
+                .reference(&t, encoding)
+                .map_err(|e| e.at_layer(s.index, &s.layer.name()))?;
         }
         Ok(t)
     }
@@ -233,25 +269,47 @@ impl Model {
     /// secret key (noise is measured). Returns a report for every layer that
     /// ran, and the first failure with the position of the layer that failed
     /// (an exhausted budget is [`HeError::NoiseBudgetExhausted`]), if any.
-    pub fn predict(&self, ctx: &HeContext, input_bound: f64, on_layer: &mut OnLayer) -> Result<(Vec<LayerReport>, Option<(usize, HeError)>)> {
+    pub fn predict(
+        &self,
+        ctx: &HeContext,
+        input_bound: f64,
+        on_layer: &mut OnLayer,
+    ) -> Result<(Vec<LayerReport>, Option<(usize, HeError)>)> {
         ctx.secret()?;
         if !input_bound.is_finite() || input_bound < 0.0 {
-            return Err(HeError::Value(format!("input_bound must be a finite number ≥ 0, got {input_bound}")));
+            return Err(HeError::Value(format!(
+                "input_bound must be a finite number ≥ 0, got {input_bound}"
+            )));
         }
         let probe = match ctx.params().encoding() {
-            Encoding::Fractional { .. } => ctx.encrypt(ArrayD::from_elem(IxDyn(&[]), input_bound).view())?,
-            Encoding::Batch { .. } => ctx.encrypt(ArrayD::from_elem(IxDyn(&[1]), input_bound).view())?,
+            Encoding::Fractional { .. } => {
+                ctx.encrypt(ArrayD::from_elem(IxDyn(&[]), input_bound).view())?
+            }
+            Encoding::Batch { .. } => {
+                ctx.encrypt(ArrayD::from_elem(IxDyn(&[1]), input_bound).view())?
+            }
         };
         let steps: Vec<(usize, &Step)> = self.steps.iter().enumerate().collect();
         let mut reports = Vec::new();
         let mut exhausted = |r: &LayerReport, t: &Arc<CipherTensor>| -> Result<Flow> {
             reports.push(r.clone());
             if let Some(budget) = r.noise_budget.filter(|&b| b <= 0) {
-                return Err(HeError::NoiseBudgetExhausted { message: "noise budget exhausted".into(), budget }.at_layer(r.index, &r.name));
+                return Err(HeError::NoiseBudgetExhausted {
+                    message: "noise budget exhausted".into(),
+                    budget,
+                }
+                .at_layer(r.index, &r.name));
             }
             on_layer(r, t)
         };
-        let result = execute(ctx, &steps, Arc::new(probe), true, &mut exhausted, |layer, t| layer.probe(ctx, &t));
+        let result = execute(
+            ctx,
+            &steps,
+            Arc::new(probe),
+            true,
+            &mut exhausted,
+            |layer, t| layer.probe(ctx, &t),
+        );
         match result {
             Ok(_) => Ok((reports, None)),
             Err(e) if matches!(e.root(), HeError::Cancelled) => Err(e),
@@ -286,7 +344,11 @@ fn execute(
         let t0 = Instant::now();
         let out = step(&s.layer, x).map_err(annotate)?;
         let seconds = t0.elapsed().as_secs_f64();
-        let noise_budget = if measure_noise { Some(ctx.noise_budget(&out).map_err(annotate)?) } else { None };
+        let noise_budget = if measure_noise {
+            Some(ctx.noise_budget(&out).map_err(annotate)?)
+        } else {
+            None
+        };
         let report = LayerReport {
             position,
             index: s.index,
@@ -313,11 +375,26 @@ mod tests {
     use crate::he::context::tests::{make, random};
     use crate::layers::{Affine, Geometry};
 
-    const BATCH: Encoding = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
+    const BATCH: Encoding = Encoding::Batch {
+        scale_bits: 8,
+        weight_scale_bits: 8,
+    };
 
     /// Linear 4→3, Square, Rencryption, Linear 3→2: two segments.
     fn model() -> Model {
-        let lin = |i, o, w: f64| Arc::new(Layer::Affine(Affine::new(Geometry::Linear { in_features: i, out_features: o }, vec![w; i * o], None).unwrap()));
+        let lin = |i, o, w: f64| {
+            Arc::new(Layer::Affine(
+                Affine::new(
+                    Geometry::Linear {
+                        in_features: i,
+                        out_features: o,
+                    },
+                    vec![w; i * o],
+                    None,
+                )
+                .unwrap(),
+            ))
+        };
         Model::new(vec![
             Step::new(0, lin(4, 3, 0.5)),
             Step::new(1, Arc::new(Layer::Square)),
@@ -334,28 +411,52 @@ mod tests {
         assert_eq!(m.output_shape(&[4]).unwrap(), vec![2]);
         let x = Arc::new(ctx.encrypt(random(&[5, 4], -1.0, 1.0).view()).unwrap());
         let mut seen = Vec::new();
-        let opts = RunOptions { measure_noise: true, ..RunOptions::default() };
+        let opts = RunOptions {
+            measure_noise: true,
+            ..RunOptions::default()
+        };
         let (out, reports) = m
             .run(&ctx, x.clone(), &opts, &mut |r, t| {
                 seen.push((r.position, r.name.clone(), t.shape()));
                 Ok(Flow::Continue)
             })
             .unwrap();
-        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            seen.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
         assert_eq!(seen[3].2, vec![5, 2]);
         assert_eq!(reports.len(), 4);
-        assert!(reports.iter().all(|r| r.noise_budget.is_some_and(|b| b > 0)));
+        assert!(reports
+            .iter()
+            .all(|r| r.noise_budget.is_some_and(|b| b > 0)));
         assert_eq!(out.shape(), vec![5, 2]);
         // The input was not consumed; the values match a plaintext evaluation.
         let xin = ctx.decrypt(&x).unwrap();
         let d = ctx.decrypt(&out).unwrap();
         for i in 0..5 {
-            let h: f64 = (xin.index_axis(ndarray::Axis(0), i).iter().map(|v| v * 0.5).sum::<f64>()).powi(2);
-            assert!((d[[i, 0]] - (-0.25 * 3.0 * h)).abs() < 0.05, "{} vs {}", d[[i, 0]], -0.75 * h);
+            let h: f64 = (xin
+                .index_axis(ndarray::Axis(0), i)
+                .iter()
+                .map(|v| v * 0.5)
+                .sum::<f64>())
+            .powi(2);
+            assert!(
+                (d[[i, 0]] - (-0.25 * 3.0 * h)).abs() < 0.05,
+                "{} vs {}",
+                d[[i, 0]],
+                -0.75 * h
+            );
         }
         // A server skips rencryptions and runs one segment.
-        let opts = RunOptions { range: Some(0..2), rencrypt: false, ..RunOptions::default() };
-        let (seg, reports) = m.run(&ctx, x.clone(), &opts, &mut |_, _| Ok(Flow::Continue)).unwrap();
+        let opts = RunOptions {
+            range: Some(0..2),
+            rencrypt: false,
+            ..RunOptions::default()
+        };
+        let (seg, reports) = m
+            .run(&ctx, x.clone(), &opts, &mut |_, _| Ok(Flow::Continue))
+            .unwrap();
         assert_eq!((seg.shape(), reports.len()), (vec![5, 3], 2));
     }
 
@@ -364,42 +465,107 @@ mod tests {
         let ctx = make(4096, vec![], BATCH, None);
         let x = Arc::new(ctx.encrypt(random(&[2, 4], -1.0, 1.0).view()).unwrap());
         let err = model()
-            .run(&ctx, x.clone(), &RunOptions::default(), &mut |r, _| Ok(if r.position == 1 { Flow::Cancel } else { Flow::Continue }))
+            .run(&ctx, x.clone(), &RunOptions::default(), &mut |r, _| {
+                Ok(if r.position == 1 {
+                    Flow::Cancel
+                } else {
+                    Flow::Continue
+                })
+            })
             .unwrap_err();
         assert!(matches!(err.root(), HeError::Cancelled));
         assert!(err.to_string().starts_with("layer 1 (Square): "), "{err}");
         // A layer that cannot run names itself; nothing panics.
-        let bad = Model::new(vec![Step::new(7, Arc::new(Layer::Affine(Affine::new(Geometry::Linear { in_features: 3, out_features: 1 }, vec![1.0; 3], None).unwrap())))]);
-        let err = bad.run(&ctx, x.clone(), &RunOptions::default(), &mut |_, _| Ok(Flow::Continue)).unwrap_err();
+        let bad = Model::new(vec![Step::new(
+            7,
+            Arc::new(Layer::Affine(
+                Affine::new(
+                    Geometry::Linear {
+                        in_features: 3,
+                        out_features: 1,
+                    },
+                    vec![1.0; 3],
+                    None,
+                )
+                .unwrap(),
+            )),
+        )]);
+        let err = bad
+            .run(&ctx, x.clone(), &RunOptions::default(), &mut |_, _| {
+                Ok(Flow::Continue)
+            })
+            .unwrap_err();
         assert!(matches!(err, HeError::AtLayer { index: 7, .. }), "{err}");
-        assert!(model().run(&ctx, x, &RunOptions { range: Some(3..9), ..RunOptions::default() }, &mut |_, _| Ok(Flow::Continue)).is_err());
+        assert!(model()
+            .run(
+                &ctx,
+                x,
+                &RunOptions {
+                    range: Some(3..9),
+                    ..RunOptions::default()
+                },
+                &mut |_, _| Ok(Flow::Continue)
+            )
+            .is_err());
     }
 
     #[test]
     fn predict_tracks_a_real_run_and_names_the_failing_layer() {
         let ctx = make(4096, vec![], BATCH, None);
-        let (reports, failure) = model().predict(&ctx, 0.5, &mut |_, _| Ok(Flow::Continue)).unwrap();
+        let (reports, failure) = model()
+            .predict(&ctx, 0.5, &mut |_, _| Ok(Flow::Continue))
+            .unwrap();
         assert!(failure.is_none(), "{:?}", failure.map(|f| f.1.to_string()));
         assert_eq!(reports.len(), 4);
         // Every row of Linear 4→3 is the heaviest: a real input of 0.5 everywhere is the worst case.
-        let x = Arc::new(ctx.encrypt(ArrayD::from_elem(IxDyn(&[1, 4]), 0.5).view()).unwrap());
-        let (_, real) = model().run(&ctx, x, &RunOptions { measure_noise: true, ..RunOptions::default() }, &mut |_, _| Ok(Flow::Continue)).unwrap();
+        let x = Arc::new(
+            ctx.encrypt(ArrayD::from_elem(IxDyn(&[1, 4]), 0.5).view())
+                .unwrap(),
+        );
+        let (_, real) = model()
+            .run(
+                &ctx,
+                x,
+                &RunOptions {
+                    measure_noise: true,
+                    ..RunOptions::default()
+                },
+                &mut |_, _| Ok(Flow::Continue),
+            )
+            .unwrap();
         for (p, r) in reports.iter().zip(&real) {
             assert_eq!(p.growth.coeff_bound, r.growth.coeff_bound, "{}", p.name);
-            assert!((p.noise_budget.unwrap() - r.noise_budget.unwrap()).abs() <= 2, "{}", p.name);
+            assert!(
+                (p.noise_budget.unwrap() - r.noise_budget.unwrap()).abs() <= 2,
+                "{}",
+                p.name
+            );
         }
         // Squares at m=2048 with a large batch prime: the failing layer is named.
         let small = make(2048, vec![], BATCH, None);
-        let squares = Model::new((0..4).map(|i| Step::new(i, Arc::new(Layer::Square))).collect());
-        let (_, failure) = squares.predict(&small, 1.0, &mut |_, _| Ok(Flow::Continue)).unwrap();
+        let squares = Model::new(
+            (0..4)
+                .map(|i| Step::new(i, Arc::new(Layer::Square)))
+                .collect(),
+        );
+        let (_, failure) = squares
+            .predict(&small, 1.0, &mut |_, _| Ok(Flow::Continue))
+            .unwrap();
         let (position, err) = failure.expect("four squares cannot fit m=2048");
-        assert!(err.to_string().starts_with(&format!("layer {position} (Square)")), "{position}: {err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("layer {position} (Square)")),
+            "{position}: {err}"
+        );
     }
 
     #[test]
     fn switching_is_safe_only_with_room_above_p() {
         let ctx = make(4096, vec![], BATCH, None);
-        assert!(!switch_is_safe(ctx.params()), "the default moduli leave q0 barely above p");
+        assert!(
+            !switch_is_safe(ctx.params()),
+            "the default moduli leave q0 barely above p"
+        );
         let roomy = make(4096, vec![65537], BATCH, Some(vec![60, 49]));
         assert!(switch_is_safe(roomy.params()));
     }

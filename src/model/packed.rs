@@ -1,29 +1,42 @@
 //! The packed layout: one image in the SIMD slots of a few ciphertexts, for
-//! the single-square family conv → square → linear layers (LoLa, GAZELLE).
+//! models conv → activation → (linear map → activation)* → linear layers
+//! (LoLa, GAZELLE).
 //!
 //! Slots (row 0 of the m/2 × 2 SIMD matrix, n = m/2 slots) hold the first
-//! convolution's output channels in blocks of `block = rows·Wo` slots:
-//! channel o, output row i, column j at `o·block + i·Wo + j`. The client
-//! uploads one ciphertext per (input channel c, row phase r < stride, kernel
-//! column b): in every block, slot `i·Wo + j` holds `x_pad[c, s·i + r, s·j + b]`.
-//! The convolution is then Horner's rule over kernel rows a = s·a' + r:
+//! convolution's output channels in blocks of `block` slots (n divided by
+//! the channels rounded up to a power of two when that holds `rows·Wo`, so
+//! that block offsets wrap around the row and later maps share diagonals
+//! across channels): channel o, output row i, column j at
+//! `o·block + i·Wo + j`. The client uploads one ciphertext per (input
+//! channel c, row phase r < stride, kernel column b): in every block, slot
+//! `i·Wo + j` holds `x_pad[c, s·i + r, s·j + b]`. The convolution is then
+//! Horner's rule over kernel rows a = s·a' + r:
 //! `acc = rot(acc, Wo) + Σ_{c,r,b} ct_{c,r,b} ⊙ mask_{a',c,r,b}` — products
 //! first, rotations after, because fhe.rs's key switching has no special
 //! prime and a rotation's noise would be multiplied by every later weight.
-//! The square is one product per prime; the linear layers after it are one
-//! integer matrix A (classes × conv outputs), evaluated with d diagonals
-//! (d = classes rounded up to a power of two: slot p ≡ k mod d accumulates
-//! class k), d1 baby steps (rotations by 1 of the input) and d2 giant steps
-//! (Horner with rotations by d1). Class k is then the sum of the n/d slots
-//! p ≡ k (mod d): rather than log2(n/d) rotations on the server, the server
-//! adds the bias and a fresh random mask whose slots sum to zero within each
-//! class, and the client sums after decrypting (it learns only the class
-//! sums, as before). The result is switched to the last modulus. Plaintext
-//! CRT: each prime runs the same steps with its own keys, in parallel.
 //!
-//! Every mask is built centred (see `Multiplier`), and [`PackedModel::reference`]
+//! An activation is `c2·z² + c1·z + c0` (the square is [0, 0, 1]): one
+//! relinearized product per prime, then a switch down to the next stage's
+//! level. Between two activations, the linear layers (convolutions with any
+//! stride, padding and channels, pooling, linear layers) are fused by the
+//! planner into one integer map, evaluated here by diagonals over the slot
+//! layout the previous stage left, with baby-step/giant-step rotations
+//! ([`super::packed_map`] places the outputs and schedules the rotations).
+//! The linear layers after the last activation are one integer matrix A
+//! (classes × features), evaluated with d diagonals (d = classes rounded up
+//! to a power of two: slot p ≡ k mod d accumulates class k), d1 baby steps
+//! (rotations by 1 of the input) and d2 giant steps (Horner with rotations
+//! by d1). Class k is then the sum of the n/d slots p ≡ k (mod d): rather
+//! than log2(n/d) rotations on the server, the server adds the bias and a
+//! fresh random mask whose slots sum to zero within each class, and the
+//! client sums after decrypting (it learns only the class sums, as before).
+//! The result is switched to the last modulus. Plaintext CRT: each prime
+//! runs the same steps with its own keys, in parallel.
+//!
+//! Every mask is built centred (see `Multiplier`), and [`PackedSpec::reference`]
 //! evaluates the same integers in i128: decryption must equal it exactly.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use fhe::bfv::{BfvParameters, Ciphertext, Encoding as FheEncoding, Plaintext};
@@ -32,13 +45,28 @@ use fhe_traits::{FheDecoder, FheDecrypter, FheEncoder, FheEncrypter};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
+use super::packed_map::{plan_map, MapPlan};
 use crate::he::encoding::{centre, crt_centred, reduce_i128};
 use crate::he::galois::{missing, RotationNeed};
 use crate::he::growth::Growth;
 use crate::he::tensor::Element;
 use crate::he::{CipherTensor, Encoding, HeContext, HeError, HeParameters, Multiplier, Result};
 
-/// The integers of a planned single-square model: what the planner fixed.
+/// The square as an activation: 0 + 0·z + 1·z².
+pub const SQUARE: [i128; 3] = [0, 0, 1];
+
+/// A linear map between two activations, fused by the planner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiddenMap {
+    /// Output shape [C, H, W]; features in row-major order.
+    pub out_shape: [usize; 3],
+    /// Per output feature, its (input feature, integer weight) terms (weights ≠ 0).
+    pub rows: Vec<Vec<(usize, i64)>>,
+    /// Integer bias per output feature.
+    pub bias: Vec<i128>,
+}
+
+/// The integers of a planned model: what the planner fixed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedSpec {
     /// Input image shape [C, H, W].
@@ -53,11 +81,16 @@ pub struct PackedSpec {
     pub stride: usize,
     /// Zero padding (both axes).
     pub padding: usize,
-    /// The fused linear map after the square, [classes, out·Ho·Wo] row-major
-    /// over (class, channel, row, column).
+    /// The activations, one after the convolution and one after every hidden
+    /// map: integer coefficients [c0, c1, c2] of c0 + c1·z + c2·z² (c2 ≠ 0).
+    pub activations: Vec<[i128; 3]>,
+    /// The linear maps between activations (one fewer than activations).
+    pub maps: Vec<HiddenMap>,
+    /// The fused linear map after the last activation, [classes, features]
+    /// row-major over (class, channel, row, column).
     pub linear_weight: Vec<i64>,
-    /// Its integer bias, one per class (at the scale of the squared values × A).
-    pub linear_bias: Vec<i64>,
+    /// Its integer bias, one per class (at the output scale: may pass 64 bits).
+    pub linear_bias: Vec<i128>,
     /// Inputs are encrypted as round(x · 2^input_bits).
     pub input_bits: u32,
     /// Output integers are logits · 2^output_bits.
@@ -71,8 +104,10 @@ pub struct Layout {
     pub n: usize,
     /// Conv output height and width.
     pub ho: usize,
-    /// Conv output width (the row pitch in the slots).
+    /// Conv output width.
     pub wo: usize,
+    /// Slots between two rows (Wo, or the power of two above it with hidden maps).
+    pub pitch: usize,
     /// Rows per block (Ho plus the rows the kernel reaches below).
     pub rows: usize,
     /// Slots per output channel.
@@ -89,12 +124,22 @@ pub struct Layout {
     pub d1: usize,
     /// Giant steps.
     pub d2: usize,
-    /// Ciphertext level of the linear part (after the square's modulus switch).
+    /// Ciphertext level each activation's input is at (the conv's is 0).
+    pub act_levels: Vec<usize>,
+    /// The hidden maps: placement and rotations; map j runs at `act_levels[j + 1]`.
+    pub maps: Vec<MapPlan>,
+    /// Slots of the features the final linear map reads.
+    pub pos_last: Vec<usize>,
+    /// Ciphertext level of the final linear part (after the last activation).
     pub lin_level: usize,
 }
 
 fn spec_err<T>(msg: String) -> Result<T> {
     Err(HeError::Value(msg))
+}
+
+fn overflow() -> HeError {
+    HeError::Value("packed model: the reference overflows 127 bits; use smaller scales".into())
 }
 
 impl PackedSpec {
@@ -103,23 +148,63 @@ impl PackedSpec {
         let [c, h, w] = self.in_shape;
         let [co, ci, kh, kw] = self.conv_shape;
         if c == 0 || h == 0 || w == 0 || co == 0 || kh == 0 || kw == 0 || self.stride == 0 {
-            return spec_err(format!("packed model: zero-sized input {:?}, kernel {:?} or stride {}", self.in_shape, self.conv_shape, self.stride));
+            return spec_err(format!(
+                "packed model: zero-sized input {:?}, kernel {:?} or stride {}",
+                self.in_shape, self.conv_shape, self.stride
+            ));
         }
         if ci != c {
-            return spec_err(format!("packed model: the convolution takes {ci} channels but the input has {c}"));
+            return spec_err(format!(
+                "packed model: the convolution takes {ci} channels but the input has {c}"
+            ));
         }
         if h + 2 * self.padding < kh || w + 2 * self.padding < kw {
-            return spec_err(format!("packed model: a {kh}×{kw} kernel does not fit the padded {h}×{w} input"));
+            return spec_err(format!(
+                "packed model: a {kh}×{kw} kernel does not fit the padded {h}×{w} input"
+            ));
         }
-        if self.input_bits > 40 || self.output_bits > 200 {
-            return spec_err(format!("packed model: input_bits {} (≤ 40) or output_bits {} (≤ 200) out of range", self.input_bits, self.output_bits));
+        if self.input_bits > 40 || self.output_bits > 250 {
+            return spec_err(format!(
+                "packed model: input_bits {} (≤ 40) or output_bits {} (≤ 250) out of range",
+                self.input_bits, self.output_bits
+            ));
         }
         if self.conv_weight.len() != co * ci * kh * kw || self.conv_bias.len() != co {
-            return spec_err("packed model: convolution weights or bias do not match its shape".into());
+            return spec_err(
+                "packed model: convolution weights or bias do not match its shape".into(),
+            );
+        }
+        if self.activations.len() != self.maps.len() + 1 {
+            return spec_err(format!(
+                "packed model: {} activations need {} maps between them, got {}",
+                self.activations.len(),
+                self.activations.len().saturating_sub(1),
+                self.maps.len()
+            ));
+        }
+        if let Some(j) = self.activations.iter().position(|a| a[2] == 0) {
+            return spec_err(format!("packed model: activation {j} has no square term (c2 = 0): fuse it into the linear map"));
         }
         let (ho, wo) = self.conv_out();
-        let features = co * ho * wo;
-        if self.linear_bias.is_empty() || self.linear_weight.len() != self.linear_bias.len() * features {
+        let mut features = co * ho * wo;
+        for (j, m) in self.maps.iter().enumerate() {
+            let out: usize = m.out_shape.iter().product();
+            if out == 0 || m.rows.len() != out || m.bias.len() != out {
+                return spec_err(format!(
+                    "packed model: map {j} must have one row and one bias per output of {:?}",
+                    m.out_shape
+                ));
+            }
+            if m.rows.iter().flatten().any(|&(f, _)| f >= features) {
+                return spec_err(format!(
+                    "packed model: map {j} reads an input feature beyond its {features} inputs"
+                ));
+            }
+            features = out;
+        }
+        if self.linear_bias.is_empty()
+            || self.linear_weight.len() != self.linear_bias.len() * features
+        {
             return spec_err(format!(
                 "packed model: the linear map must be [classes, {features}] with one bias per class; got {} weights and {} biases",
                 self.linear_weight.len(),
@@ -133,12 +218,25 @@ impl PackedSpec {
     pub fn conv_out(&self) -> (usize, usize) {
         let [_, h, w] = self.in_shape;
         let [_, _, kh, kw] = self.conv_shape;
-        ((h + 2 * self.padding - kh) / self.stride + 1, (w + 2 * self.padding - kw) / self.stride + 1)
+        (
+            (h + 2 * self.padding - kh) / self.stride + 1,
+            (w + 2 * self.padding - kw) / self.stride + 1,
+        )
     }
 
     /// Output classes.
     pub fn classes(&self) -> usize {
         self.linear_bias.len()
+    }
+
+    /// The logical shape after the convolution (j = 0) or after map j − 1.
+    pub fn shape_after(&self, j: usize) -> [usize; 3] {
+        if j == 0 {
+            let (ho, wo) = self.conv_out();
+            [self.conv_shape[0], ho, wo]
+        } else {
+            self.maps[j - 1].out_shape
+        }
     }
 
     /// The layout at ring degree `m` with `n_moduli` ciphertext primes.
@@ -149,36 +247,80 @@ impl PackedSpec {
         let (ho, wo) = self.conv_out();
         let amax = (kh - 1) / self.stride;
         let rows = ho + amax;
-        let block = rows * wo;
         let n = m / 2;
+        let wrap = n / co.next_power_of_two();
+        let block = if wrap >= rows * wo { wrap } else { rows * wo };
+        // With hidden maps, rows are `pitch` slots apart, a power of two
+        // dividing the block when it fits: the maps' diagonals then repeat with
+        // the same period across rows and channel blocks, and baby steps line
+        // up with giant steps (two-square LeNet-1: 66 → 55 rotations).
+        let pitch = if self.maps.is_empty() || block != wrap { wo } else { Some(wo.next_power_of_two()).filter(|&p| rows * p <= block).unwrap_or(wo) };
         if co * block > n {
             return Err(HeError::Parameter(format!(
                 "packed layout: {co} channels of {rows}×{wo} slots need {} slots, more than the {n} of one SIMD row at m={m}; use a larger m",
-                co * block
+                co * rows * wo
             )));
         }
-        if n_moduli < 3 {
+        let acts = self.activations.len();
+        if n_moduli < acts + 2 {
             return Err(HeError::Parameter(format!(
-                "packed layout: needs at least 3 ciphertext moduli (square at level 0, linear part at level 1, result at the last), got {n_moduli}"
+                "packed layout: {acts} activation(s) need at least {} ciphertext moduli (one level per activation, the linear part above the last), got {n_moduli}",
+                acts + 2
             )));
         }
+        // Each activation switches down one level (rotations' key-switching
+        // noise is absolute: lower levels would leave less room for it).
+        let act_levels: Vec<usize> = (0..acts).collect();
+        let lin_level = acts;
         let classes = self.classes();
         let d = classes.next_power_of_two();
         if d > n {
-            return Err(HeError::Parameter(format!("packed layout: {classes} classes do not fit {n} slots")));
+            return Err(HeError::Parameter(format!(
+                "packed layout: {classes} classes do not fit {n} slots"
+            )));
+        }
+        let mut pos: Vec<usize> = (0..co)
+            .flat_map(|o| (0..ho).flat_map(move |i| (0..wo).map(move |j| o * block + i * pitch + j)))
+            .collect();
+        let mut maps = Vec::with_capacity(self.maps.len());
+        for (j, m) in self.maps.iter().enumerate() {
+            let plan = plan_map(&m.rows, m.out_shape, &pos, n)
+                .map_err(|e| HeError::Parameter(format!("packed layout, map {j}: {e}")))?;
+            pos = plan.pos_out.clone();
+            maps.push(plan);
         }
         let log_d = d.trailing_zeros();
         let d1 = 1usize << log_d.div_ceil(2);
         let d2 = d / d1;
-        Ok(Layout { n, ho, wo, rows, block, amax, inputs: c * self.stride * kw, classes, d, d1, d2, lin_level: 1 })
+        Ok(Layout {
+            n,
+            ho,
+            wo,
+            pitch,
+            rows,
+            block,
+            amax,
+            inputs: c * self.stride * kw,
+            classes,
+            d,
+            d1,
+            d2,
+            act_levels,
+            maps,
+            pos_last: pos,
+            lin_level,
+        })
     }
 
-    /// Exact integer evaluation in i128: conv + bias, square, A·z + b.
+    /// Exact integer evaluation in i128: conv + bias, activations, maps, A·z + b.
     pub fn reference(&self, x: &[i64]) -> Result<Vec<i128>> {
         self.validate()?;
         let [c, h, w] = self.in_shape;
         if x.len() != c * h * w {
-            return spec_err(format!("packed model: the input has {} values, the model takes {c}×{h}×{w}", x.len()));
+            return spec_err(format!(
+                "packed model: the input has {} values, the model takes {c}×{h}×{w}",
+                x.len()
+            ));
         }
         let [co, _, kh, kw] = self.conv_shape;
         let (ho, wo) = self.conv_out();
@@ -191,51 +333,151 @@ impl PackedSpec {
                     for ch in 0..c {
                         for a in 0..kh {
                             for b in 0..kw {
-                                let (y, xx) = (s * i as isize + a as isize - p, s * j as isize + b as isize - p);
+                                let (y, xx) = (
+                                    s * i as isize + a as isize - p,
+                                    s * j as isize + b as isize - p,
+                                );
                                 if y < 0 || xx < 0 || y >= h as isize || xx >= w as isize {
                                     continue;
                                 }
                                 let v = x[(ch * h + y as usize) * w + xx as usize] as i128;
-                                acc += v * self.conv_weight[((o * c + ch) * kh + a) * kw + b] as i128;
+                                acc +=
+                                    v * self.conv_weight[((o * c + ch) * kh + a) * kw + b] as i128;
                             }
                         }
                     }
-                    z.push(acc * acc);
+                    z.push(acc);
                 }
             }
         }
+        let act = |z: Vec<i128>, a: &[i128; 3]| -> Result<Vec<i128>> {
+            z.into_iter()
+                .map(|v| {
+                    let sq = v
+                        .checked_mul(v)
+                        .and_then(|q| q.checked_mul(a[2]))
+                        .ok_or_else(overflow)?;
+                    let lin = v.checked_mul(a[1]).ok_or_else(overflow)?;
+                    sq.checked_add(lin)
+                        .and_then(|u| u.checked_add(a[0]))
+                        .ok_or_else(overflow)
+                })
+                .collect()
+        };
+        fn dot(terms: impl Iterator<Item = (i64, i128)>, bias: i128) -> Result<i128> {
+            let mut acc = bias;
+            for (w, v) in terms {
+                acc = v
+                    .checked_mul(w as i128)
+                    .and_then(|u| u.checked_add(acc))
+                    .ok_or_else(overflow)?;
+            }
+            Ok(acc)
+        }
+        let mut z = act(z, &self.activations[0])?;
+        for (j, m) in self.maps.iter().enumerate() {
+            let y = m
+                .rows
+                .iter()
+                .zip(&m.bias)
+                .map(|(r, &b)| dot(r.iter().map(|&(f, w)| (w, z[f])), b))
+                .collect::<Result<Vec<_>>>()?;
+            z = act(y, &self.activations[j + 1])?;
+        }
         let f = z.len();
-        Ok((0..self.classes())
-            .map(|k| self.linear_weight[k * f..(k + 1) * f].iter().zip(&z).map(|(&a, &v)| a as i128 * v).sum::<i128>() + self.linear_bias[k] as i128)
-            .collect())
+        (0..self.classes())
+            .map(|k| {
+                dot(
+                    self.linear_weight[k * f..(k + 1) * f]
+                        .iter()
+                        .zip(&z)
+                        .map(|(&a, &v)| (a, v)),
+                    self.linear_bias[k],
+                )
+            })
+            .collect()
     }
 }
 
 impl Layout {
-    /// The rotation keys the layout needs, per level.
+    /// The rotation keys the layout needs, per level. With more than one
+    /// activation, baby steps (rotated before a mask multiplies them) use
+    /// keys one level up, whose moduli act as special primes: their
+    /// key-switching noise would otherwise be multiplied by every mask.
     pub fn rotation_needs(&self) -> Vec<RotationNeed> {
-        let mut out = Vec::new();
+        let mut plain: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        let mut baby: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         if self.amax > 0 {
-            out.push(RotationNeed { level: 0, steps: vec![self.wo] });
+            plain.entry(0).or_default().push(self.pitch);
         }
-        let mut steps = Vec::new();
+        for (j, m) in self.maps.iter().enumerate() {
+            let level = self.act_levels[j + 1];
+            plain
+                .entry(level)
+                .or_default()
+                .extend(m.horner.iter().flatten());
+            let b = baby.entry(level).or_default();
+            if m.babies.1 > 0 {
+                b.push(1);
+            }
+            if m.babies.0 < 0 {
+                b.push(self.n - 1);
+            }
+        }
         if self.d1 > 1 {
-            steps.push(1);
+            baby.entry(self.lin_level).or_default().push(1);
         }
         if self.d2 > 1 {
-            steps.push(self.d1);
+            plain.entry(self.lin_level).or_default().push(self.d1);
         }
-        steps.sort_unstable();
-        steps.dedup();
-        if !steps.is_empty() {
-            out.push(RotationNeed { level: self.lin_level, steps });
+        let special = self.act_levels.len() > 1;
+        if !special {
+            for (level, steps) in std::mem::take(&mut baby) {
+                plain.entry(level).or_default().extend(steps);
+            }
         }
+        let mut out = Vec::new();
+        for (level, mut steps) in baby {
+            steps.sort_unstable();
+            steps.dedup();
+            if let Some(p) = plain.get_mut(&level) {
+                p.retain(|s| !steps.contains(s));
+            }
+            if !steps.is_empty() {
+                out.push(RotationNeed {
+                    level,
+                    steps,
+                    key_level: Some(level.saturating_sub(1)),
+                });
+            }
+        }
+        for (level, mut steps) in plain {
+            steps.sort_unstable();
+            steps.dedup();
+            if !steps.is_empty() {
+                out.push(RotationNeed::at(level, steps));
+            }
+        }
+        out.sort_by_key(|r| (r.level, r.key_level));
         out
     }
 
     /// Rotations per plaintext prime in one run.
     pub fn rotations(&self) -> usize {
-        self.amax + (self.d1 - 1) + (self.d2 - 1)
+        self.amax
+            + self.maps.iter().map(MapPlan::rotations).sum::<usize>()
+            + (self.d1 - 1)
+            + (self.d2 - 1)
+    }
+
+    /// Ciphertext × plaintext products of the hidden maps (their diagonals).
+    pub fn map_diagonals(&self) -> Vec<usize> {
+        self.maps.iter().map(|m| m.diagonals).collect()
+    }
+
+    /// Levels at which ciphertext products run (relinearization keys needed).
+    pub fn product_levels(&self) -> usize {
+        self.act_levels.last().map_or(1, |l| l + 1)
     }
 }
 
@@ -254,7 +496,12 @@ fn simd_coefficients(slots: &[u64], par: &Arc<BfvParameters>) -> Result<Vec<i64>
     let mut c0 = prod[0].clone();
     c0.change_representation(Representation::PowerBasis);
     let t = par.plaintext();
-    Ok(c0.coefficients().row(0).iter().map(|&v| centre(v, t)).collect())
+    Ok(c0
+        .coefficients()
+        .row(0)
+        .iter()
+        .map(|&v| centre(v, t))
+        .collect())
 }
 
 fn slots_mod(values: &[i128], t: u64) -> Vec<u64> {
@@ -268,7 +515,113 @@ fn mask(values: &[i128], par: &Arc<BfvParameters>, level: usize) -> Result<Multi
 }
 
 fn plaintext_at(values: &[i128], par: &Arc<BfvParameters>, level: usize) -> Result<Plaintext> {
-    Ok(Plaintext::try_encode(&slots_mod(values, par.plaintext())[..], FheEncoding::simd_at_level(level), par)?)
+    Ok(Plaintext::try_encode(
+        &slots_mod(values, par.plaintext())[..],
+        FheEncoding::simd_at_level(level),
+        par,
+    )?)
+}
+
+fn add_into(acc: &mut Option<Ciphertext>, term: Ciphertext) {
+    match acc {
+        Some(a) => *a += &term,
+        None => *acc = Some(term),
+    }
+}
+
+/// A diagonal mask in NTT form with its Shoup representation (w·2^64/q),
+/// so that products need no division.
+struct ShoupMask {
+    w: ndarray::Array2<u64>,
+    w_shoup: ndarray::Array2<u64>,
+}
+
+impl ShoupMask {
+    fn new(m: Multiplier, ctx: &Arc<fhe_math::rq::Context>) -> Result<ShoupMask> {
+        let Multiplier::Poly(w) = m else {
+            return Err(HeError::Backend("a diagonal mask must be a polynomial".into()));
+        };
+        let mut w_shoup = w.clone();
+        for (j, mut row) in w_shoup.outer_iter_mut().enumerate() {
+            let q = &ctx.moduli_operators()[j];
+            row.iter_mut().for_each(|v| *v = q.shoup(*v));
+        }
+        Ok(ShoupMask { w, w_shoup })
+    }
+}
+
+/// Σ ct ⊙ mask over `terms`: lazy Shoup products (each in [0, 2q)) summed
+/// in u64 and reduced every `batch` terms, which keeps the sum below 2^64
+/// (255 terms for 55-bit moduli).
+fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a ShoupMask)>, par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+    let mut acc: Option<(Vec<ndarray::Array2<u64>>, Arc<fhe_math::rq::Context>)> = None;
+    let mut count = 0u64;
+    let mut batch = 1u64;
+    for (ct, m) in terms {
+        let ctx = ct[0].ctx();
+        let ops = ctx.moduli_operators();
+        let shape = ct[0].coefficients().shape().to_vec();
+        if m.w.shape() != shape.as_slice() {
+            return Err(HeError::Value("a multiplier was prepared for another ciphertext level".into()));
+        }
+        let (sums, _) = acc.get_or_insert_with(|| {
+            let qmax = ctx.moduli().iter().copied().max().unwrap_or(1);
+            batch = (u64::MAX / (2 * qmax)).max(1);
+            (vec![ndarray::Array2::<u64>::zeros((shape[0], shape[1])); ct.len()], ctx.clone())
+        });
+        if sums.len() != ct.len() {
+            return Err(HeError::Backend("ciphertexts of different sizes in one sum".into()));
+        }
+        count += 1;
+        let reduce = count % batch == 0;
+        for (part, sum) in ct.iter().zip(sums.iter_mut()) {
+            let c = part.coefficients();
+            for (j, op) in ops.iter().enumerate() {
+                let (cr, wr, sr) = (c.row(j), m.w.row(j), m.w_shoup.row(j));
+                let mut s = sum.row_mut(j);
+                let s = s.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous".into()))?;
+                let (cr, wr, sr) = (
+                    cr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                    wr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                    sr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                );
+                for i in 0..s.len() {
+                    s[i] += op.lazy_mul_shoup(cr[i], wr[i], sr[i]);
+                }
+                if reduce {
+                    let q = ctx.moduli()[j];
+                    s.iter_mut().for_each(|v| *v %= q);
+                }
+            }
+        }
+    }
+    let (mut sums, ctx) = acc.ok_or_else(|| HeError::Backend("an empty masked sum".into()))?;
+    let moduli = ctx.moduli().to_vec();
+    let parts = sums
+        .iter_mut()
+        .map(|sum| {
+            for (j, mut row) in sum.outer_iter_mut().enumerate() {
+                let q = moduli[j];
+                row.iter_mut().for_each(|v| *v %= q);
+            }
+            Ok(Poly::try_convert_from(std::mem::take(sum), &ctx, true, Representation::Ntt)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Ciphertext::new(parts, par)?)
+}
+
+/// The constants of one activation for one prime.
+struct ActConsts {
+    c2: Option<Multiplier>,
+    c1: Option<Multiplier>,
+    c0: Option<Plaintext>,
+}
+
+/// The masks of one hidden map for one prime: per giant (as in the plan),
+/// per term, the baby step and its mask; the bias at the output slots.
+struct MapMasks {
+    giants: Vec<Vec<(i64, ShoupMask)>>,
+    bias: Plaintext,
 }
 
 /// The masks and plaintexts of one prime.
@@ -276,22 +629,49 @@ struct PrimeMasks {
     /// Per Horner step a' (index a'), the (input ciphertext, mask) terms.
     conv: Vec<Vec<(usize, Multiplier)>>,
     conv_bias: Plaintext,
+    acts: Vec<ActConsts>,
+    maps: Vec<MapMasks>,
     /// Per giant step g2, per baby step g1: the pre-rotated diagonal (None when zero).
     diag: Vec<Vec<Option<Multiplier>>>,
 }
 
-/// A planned single-square model ready to run in the packed layout.
+type Cache<T> = Mutex<Vec<([u8; 16], Arc<T>)>>;
+
+fn cached<T>(cache: &Cache<T>, fp: [u8; 16], make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+    let poisoned = || HeError::Backend("packed model cache poisoned".into());
+    if let Some((_, v)) = cache
+        .lock()
+        .map_err(|_| poisoned())?
+        .iter()
+        .find(|(f, _)| *f == fp)
+    {
+        return Ok(v.clone());
+    }
+    let built = Arc::new(make()?);
+    let mut c = cache.lock().map_err(|_| poisoned())?;
+    c.retain(|(f, _)| *f != fp);
+    c.push((fp, built.clone()));
+    Ok(built)
+}
+
+/// A planned model ready to run in the packed layout.
 pub struct PackedModel {
     spec: PackedSpec,
+    /// Layouts per parameter set (fingerprint).
+    layouts: Cache<Layout>,
     /// Masks per parameter set (fingerprint), built on first use.
-    cache: Mutex<Vec<([u8; 16], Arc<Vec<PrimeMasks>>)>>,
+    cache: Cache<Vec<PrimeMasks>>,
 }
 
 impl PackedModel {
     /// A validated model.
     pub fn new(spec: PackedSpec) -> Result<PackedModel> {
         spec.validate()?;
-        Ok(PackedModel { spec, cache: Mutex::new(Vec::new()) })
+        Ok(PackedModel {
+            spec,
+            layouts: Mutex::new(Vec::new()),
+            cache: Mutex::new(Vec::new()),
+        })
     }
 
     /// Its integers.
@@ -300,25 +680,26 @@ impl PackedModel {
     }
 
     /// The layout under `params`.
-    pub fn layout(&self, params: &HeParameters) -> Result<Layout> {
+    pub fn layout(&self, params: &HeParameters) -> Result<Arc<Layout>> {
         if !matches!(params.encoding(), Encoding::Batch { .. }) {
-            return Err(HeError::Parameter("the packed layout needs SIMD parameters (the batch encoding's primes)".into()));
+            return Err(HeError::Parameter(
+                "the packed layout needs SIMD parameters (the batch encoding's primes)".into(),
+            ));
         }
-        self.spec.layout(params.m(), params.moduli().len())
+        cached(&self.layouts, params.fingerprint(), || {
+            self.spec.layout(params.m(), params.moduli().len())
+        })
     }
 
     fn masks(&self, params: &HeParameters) -> Result<Arc<Vec<PrimeMasks>>> {
-        let fp = params.fingerprint();
-        if let Some((_, m)) = self.cache.lock().map_err(|_| HeError::Backend("mask cache poisoned".into()))?.iter().find(|(f, _)| *f == fp) {
-            return Ok(m.clone());
-        }
         let lay = self.layout(params)?;
-        let built = params.bfv().par_iter().map(|par| self.build_masks(&lay, par)).collect::<Result<Vec<_>>>()?;
-        let built = Arc::new(built);
-        let mut cache = self.cache.lock().map_err(|_| HeError::Backend("mask cache poisoned".into()))?;
-        cache.retain(|(f, _)| *f != fp);
-        cache.push((fp, built.clone()));
-        Ok(built)
+        cached(&self.cache, params.fingerprint(), || {
+            params
+                .bfv()
+                .par_iter()
+                .map(|par| self.build_masks(&lay, par))
+                .collect::<Result<Vec<_>>>()
+        })
     }
 
     fn build_masks(&self, lay: &Layout, par: &Arc<BfvParameters>) -> Result<PrimeMasks> {
@@ -327,6 +708,7 @@ impl PackedModel {
         let [co, ci, kh, kw] = sp.conv_shape;
         let s = sp.stride;
         let slots = 2 * lay.n;
+        let n = lay.n;
         // Convolution masks: block o holds w[o, c, s·a'+r, b] on all its slots.
         let mut conv = Vec::with_capacity(lay.amax + 1);
         for ap in 0..=lay.amax {
@@ -338,7 +720,9 @@ impl PackedModel {
                         continue;
                     }
                     for b in 0..kw {
-                        let wv: Vec<i128> = (0..co).map(|o| sp.conv_weight[((o * ci + ch) * kh + a) * kw + b] as i128).collect();
+                        let wv: Vec<i128> = (0..co)
+                            .map(|o| sp.conv_weight[((o * ci + ch) * kh + a) * kw + b] as i128)
+                            .collect();
                         if wv.iter().all(|&v| v == 0) {
                             continue;
                         }
@@ -361,17 +745,85 @@ impl PackedModel {
             }
         }
         let conv_bias = plaintext_at(&bias, par, 0)?;
-        // Linear map: column q of A sits at slot pos(q); D_g[p] = A[p mod d, col at slot p+g].
-        let f = co * lay.ho * lay.wo;
-        let mut col_of_slot = vec![usize::MAX; lay.n];
-        for o in 0..co {
-            for i in 0..lay.ho {
-                for j in 0..lay.wo {
-                    col_of_slot[o * lay.block + i * lay.wo + j] = (o * lay.ho + i) * lay.wo + j;
+        // Activations: scalars at the level after the product, c0 on every slot.
+        let mut acts = Vec::with_capacity(sp.activations.len());
+        for (j, a) in sp.activations.iter().enumerate() {
+            let out = self.level_after_act(lay, j);
+            let ctx = par.context_at_level(out)?;
+            let small = |c: i128| {
+                i64::try_from(c).map_err(|_| {
+                    HeError::Value(format!(
+                        "packed model: activation {j}'s coefficient {c} exceeds 64 bits"
+                    ))
+                })
+            };
+            acts.push(ActConsts {
+                c2: if a[2] != 1 {
+                    Some(Multiplier::scalar(small(a[2])?, ctx))
+                } else {
+                    None
+                },
+                c1: if a[1] != 0 {
+                    Some(Multiplier::scalar(small(a[1])?, ctx))
+                } else {
+                    None
+                },
+                c0: if a[0] != 0 {
+                    Some(plaintext_at(&vec![a[0]; slots], par, out)?)
+                } else {
+                    None
+                },
+            });
+        }
+        // Hidden maps: D_k[pos_out[f']] = w for k = pos_in[f] − pos_out[f'];
+        // the mask of (giant g, diagonal k) is D_k rotated by −g.
+        let mut maps = Vec::with_capacity(sp.maps.len());
+        let mut pos_in: Vec<usize> = (0..co)
+            .flat_map(|o| {
+                (0..lay.ho)
+                    .flat_map(move |i| (0..lay.wo).map(move |j| o * lay.block + i * lay.pitch + j))
+            })
+            .collect();
+        for (j, m) in sp.maps.iter().enumerate() {
+            let plan = &lay.maps[j];
+            let level = lay.act_levels[j + 1];
+            let mut by_k: BTreeMap<usize, Vec<(usize, i64)>> = BTreeMap::new();
+            for (fo, row) in m.rows.iter().enumerate() {
+                let q = plan.pos_out[fo];
+                for &(f, w) in row {
+                    by_k.entry((pos_in[f] + n - q) % n)
+                        .or_default()
+                        .push((q, w));
                 }
             }
+            let mut giants = Vec::with_capacity(plan.giants.len());
+            for (g, terms) in &plan.giants {
+                let mut row = Vec::with_capacity(terms.len());
+                for &(b, k) in terms {
+                    let mut v = vec![0i128; slots];
+                    for &(q, w) in by_k.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
+                        v[(q + g) % n] = w as i128;
+                    }
+                    row.push((b, ShoupMask::new(mask(&v, par, level)?, par.context_at_level(level)?)?));
+                }
+                giants.push(row);
+            }
+            let mut bias = vec![0i128; slots];
+            for (fo, &b) in m.bias.iter().enumerate() {
+                bias[plan.pos_out[fo]] = b;
+            }
+            maps.push(MapMasks {
+                giants,
+                bias: plaintext_at(&bias, par, level)?,
+            });
+            pos_in = plan.pos_out.clone();
         }
-        let n = lay.n;
+        // Final linear map: column q of A sits at slot pos_last[q]; D_g[p] = A[p mod d, col at slot p+g].
+        let f = lay.pos_last.len();
+        let mut col_of_slot = vec![usize::MAX; n];
+        for (q, &p) in lay.pos_last.iter().enumerate() {
+            col_of_slot[p] = q;
+        }
         let mut diag = Vec::with_capacity(lay.d2);
         for g2 in 0..lay.d2 {
             let mut row = Vec::with_capacity(lay.d1);
@@ -392,11 +844,26 @@ impl PackedModel {
                         }
                     }
                 }
-                row.push(if any { Some(mask(&v, par, lay.lin_level)?) } else { None });
+                row.push(if any {
+                    Some(mask(&v, par, lay.lin_level)?)
+                } else {
+                    None
+                });
             }
             diag.push(row);
         }
-        Ok(PrimeMasks { conv, conv_bias, diag })
+        Ok(PrimeMasks {
+            conv,
+            conv_bias,
+            acts,
+            maps,
+            diag,
+        })
+    }
+
+    /// The level activation j's output is at (the next map's, or the linear part's).
+    fn level_after_act(&self, lay: &Layout, j: usize) -> usize {
+        lay.act_levels.get(j + 1).copied().unwrap_or(lay.lin_level)
     }
 
     /// Packs one image (integers, [C, H, W] row-major) into the layout's
@@ -407,7 +874,10 @@ impl PackedModel {
         let sp = &self.spec;
         let [c, h, w] = sp.in_shape;
         if x.len() != c * h * w {
-            return spec_err(format!("the packed model takes one [{c}, {h}, {w}] image; got {} values", x.len()));
+            return spec_err(format!(
+                "the packed model takes one [{c}, {h}, {w}] image; got {} values",
+                x.len()
+            ));
         }
         let [co, _, _, kw] = sp.conv_shape;
         let (s, pad) = (sp.stride, sp.padding as isize);
@@ -430,7 +900,7 @@ impl PackedModel {
                         }
                         let val = x[(ch * h + y as usize) * w + xx as usize] as i128;
                         for o in 0..co {
-                            v[o * lay.block + i * lay.wo + j] = val;
+                            v[o * lay.block + i * lay.pitch + j] = val;
                         }
                     }
                 }
@@ -449,18 +919,36 @@ impl PackedModel {
                     .collect::<Result<Element>>()
             })
             .collect::<Result<_>>()?;
-        let data = ArrayD::from_shape_vec(IxDyn(&[lay.inputs]), elems).map_err(|e| HeError::Value(e.to_string()))?;
-        Ok(CipherTensor::from_parts(data, Some(params.m()), 1.0, Growth::Integer(0.0), params.clone(), key_id))
+        let data = ArrayD::from_shape_vec(IxDyn(&[lay.inputs]), elems)
+            .map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(CipherTensor::from_parts(
+            data,
+            Some(params.m()),
+            1.0,
+            Growth::Integer(0.0),
+            params.clone(),
+            key_id,
+        ))
     }
 
-    fn check_input(&self, ctx: &HeContext, x: &CipherTensor, count: usize, level: usize, stage: &str) -> Result<Layout> {
+    fn check_input(
+        &self,
+        ctx: &HeContext,
+        x: &CipherTensor,
+        count: usize,
+        level: usize,
+        stage: &str,
+    ) -> Result<Arc<Layout>> {
         ctx.check(x)?;
         let lay = self.layout(ctx.params())?;
         if x.batch() != Some(ctx.params().m()) || x.data().shape() != [count] {
             return spec_err(format!("the packed {stage} takes {count} packed ciphertexts (encrypt with the plan's context); got shape {:?}", x.data().shape()));
         }
         if x.level()? != level {
-            return spec_err(format!("the packed {stage} takes ciphertexts at level {level}, got level {}", x.level()?));
+            return spec_err(format!(
+                "the packed {stage} takes ciphertexts at level {level}, got level {}",
+                x.level()?
+            ));
         }
         Ok(lay)
     }
@@ -479,9 +967,15 @@ impl PackedModel {
         Ok(())
     }
 
+    fn wrap(&self, x: &CipherTensor, out: Element) -> Result<CipherTensor> {
+        let data = ArrayD::from_shape_vec(IxDyn(&[1]), vec![out])
+            .map_err(|e| HeError::Value(e.to_string()))?;
+        Ok(x.with_data(data, 1.0, Growth::Integer(0.0)))
+    }
+
     /// The first convolution: Horner over kernel rows (products, then rotations by Wo), plus bias.
     pub fn conv(&self, ctx: &HeContext, x: &CipherTensor) -> Result<CipherTensor> {
-        let lay = self.check_input(ctx, x, self.spec.layout(ctx.params().m(), ctx.params().moduli().len())?.inputs, 0, "convolution")?;
+        let lay = self.check_input(ctx, x, self.layout(ctx.params())?.inputs, 0, "convolution")?;
         self.require_steps(ctx, &lay)?;
         let masks = self.masks(ctx.params())?;
         let keys = ctx.keys()?;
@@ -494,58 +988,156 @@ impl PackedModel {
                 let mut acc: Option<Ciphertext> = None;
                 for ap in (0..=lay.amax).rev() {
                     if let Some(a) = acc.take() {
-                        acc = Some(keys.rotations[k].rotate(&a, 0, lay.wo)?);
+                        acc = Some(keys.rotations[k].rotate(&a, 0, lay.pitch)?);
                     }
                     for (idx, m) in &pm.conv[ap] {
-                        let prod = m.apply(&inputs[*idx][k], par)?;
-                        acc = Some(match acc {
-                            Some(mut a) => {
-                                a += &prod;
-                                a
-                            }
-                            None => prod,
-                        });
+                        add_into(&mut acc, m.apply(&inputs[*idx][k], par)?);
                     }
                 }
-                let acc = acc.ok_or_else(|| HeError::Value("the convolution has only zero weights".into()))?;
+                let acc = acc.ok_or_else(|| {
+                    HeError::Value("the convolution has only zero weights".into())
+                })?;
                 Ok(&acc + &pm.conv_bias)
             })
             .collect::<Result<_>>()?;
-        let data = ArrayD::from_shape_vec(IxDyn(&[1]), vec![out]).map_err(|e| HeError::Value(e.to_string()))?;
-        Ok(x.with_data(data, 1.0, Growth::Integer(0.0)))
+        self.wrap(x, out)
     }
 
-    /// The square: one relinearized product per prime, switched to the linear part's level.
-    pub fn square(&self, ctx: &HeContext, x: &CipherTensor) -> Result<CipherTensor> {
-        let lay = self.check_input(ctx, x, 1, 0, "square")?;
+    /// Activation `j`: c2·z² + c1·z + c0, one relinearized product per
+    /// prime, switched down to the next stage's level.
+    pub fn activation(&self, ctx: &HeContext, x: &CipherTensor, j: usize) -> Result<CipherTensor> {
+        let lay0 = self.layout(ctx.params())?;
+        let level = *lay0
+            .act_levels
+            .get(j)
+            .ok_or_else(|| HeError::Value(format!("the packed model has no activation {j}")))?;
+        let lay = self.check_input(ctx, x, 1, level, "activation")?;
+        let out_level = self.level_after_act(&lay, j);
+        let masks = self.masks(ctx.params())?;
         let keys = ctx.keys()?;
         let e = &x.data()[[0]];
         let out: Element = (0..e.len())
             .into_par_iter()
             .map(|k| {
-                let m = keys.mult[k].first().ok_or_else(|| HeError::Parameter("ciphertext products need relinearization keys".into()))?;
-                let mut sq = m.multiply(&e[k], &e[k])?;
+                let m = keys.mult[k].get(level).ok_or_else(|| {
+                    HeError::Parameter(format!("ciphertext products at level {level} need relinearization keys for that level: make the keys from the model's plan (keygen())"))
+                })?;
                 let par = &ctx.params().bfv()[k];
-                if par.level_of_context(sq[0].ctx())? < lay.lin_level {
-                    sq.switch_to_level(lay.lin_level)?;
+                let consts = &masks[k].acts[j];
+                let mut sq = m.multiply(&e[k], &e[k])?;
+                if par.level_of_context(sq[0].ctx())? < out_level {
+                    sq.switch_to_level(out_level)?;
+                }
+                if let Some(c2) = &consts.c2 {
+                    sq = c2.apply(&sq, par)?;
+                }
+                if let Some(c1) = &consts.c1 {
+                    let mut lin = e[k].clone();
+                    lin.switch_to_level(out_level)?;
+                    sq += &c1.apply(&lin, par)?;
+                }
+                if let Some(c0) = &consts.c0 {
+                    sq = &sq + c0;
                 }
                 Ok(sq)
             })
             .collect::<Result<_>>()?;
-        let data = ArrayD::from_shape_vec(IxDyn(&[1]), vec![out]).map_err(|e| HeError::Value(e.to_string()))?;
-        Ok(x.with_data(data, 1.0, Growth::Integer(0.0)))
+        self.wrap(x, out)
+    }
+
+    /// Hidden map `j`: diagonals over the current slots with baby steps
+    /// (rotations of the input by ±1) and giant steps by Horner's rule.
+    pub fn map(&self, ctx: &HeContext, x: &CipherTensor, j: usize) -> Result<CipherTensor> {
+        let lay0 = self.layout(ctx.params())?;
+        if j >= lay0.maps.len() {
+            return spec_err(format!("the packed model has no map {j}"));
+        }
+        let level = lay0.act_levels[j + 1];
+        let lay = self.check_input(ctx, x, 1, level, "linear map")?;
+        self.require_steps(ctx, &lay)?;
+        let masks = self.masks(ctx.params())?;
+        let keys = ctx.keys()?;
+        let plan = &lay.maps[j];
+        let n = lay.n;
+        let e = &x.data()[[0]];
+        let out: Element = (0..e.len())
+            .into_par_iter()
+            .map(|k| {
+                let par = &ctx.params().bfv()[k];
+                let rot = &keys.rotations[k];
+                let mm = &masks[k].maps[j];
+                let (lo, hi) = plan.babies;
+                // Babies b in [lo, hi]: successive rotations by +1 and by −1 (n − 1).
+                let mut babies: Vec<Option<Ciphertext>> = vec![None; (hi - lo + 1) as usize];
+                babies[(-lo) as usize] = Some(e[k].clone());
+                for b in 1..=hi {
+                    let prev = babies[(b - 1 - lo) as usize]
+                        .as_ref()
+                        .ok_or_else(|| HeError::Backend("baby step".into()))?;
+                    babies[(b - lo) as usize] = Some(rot.rotate(prev, level, 1)?);
+                }
+                for b in (lo..0).rev() {
+                    let prev = babies[(b + 1 - lo) as usize]
+                        .as_ref()
+                        .ok_or_else(|| HeError::Backend("baby step".into()))?;
+                    babies[(b - lo) as usize] = Some(rot.rotate(prev, level, n - 1)?);
+                }
+                let babies: Vec<Ciphertext> = babies
+                    .into_iter()
+                    .map(|b| b.ok_or_else(|| HeError::Backend("baby step".into())))
+                    .collect::<Result<_>>()?;
+                // Each giant's sum of masked babies (in parallel, lazily reduced), then Horner.
+                let inners: Vec<Ciphertext> = mm
+                    .giants
+                    .par_iter()
+                    .map(|terms| {
+                        masked_sum(
+                            terms.iter().map(|(b, m)| (&babies[(b - lo) as usize], m)),
+                            par,
+                        )
+                    })
+                    .collect::<Result<_>>()?;
+                let mut acc: Option<Ciphertext> = None;
+                for (gi, inner) in inners.into_iter().enumerate() {
+                    if let Some(mut a) = acc.take() {
+                        for &s in &plan.horner[gi - 1] {
+                            a = rot.rotate(&a, level, s)?;
+                        }
+                        acc = Some(a);
+                    }
+                    add_into(&mut acc, inner);
+                }
+                let mut acc = match acc {
+                    Some(a) => a,
+                    None => &e[k] - &e[k],
+                };
+                if !mm.giants.is_empty() {
+                    for &s in plan.horner.last().map(Vec::as_slice).unwrap_or(&[]) {
+                        acc = rot.rotate(&acc, level, s)?;
+                    }
+                }
+                Ok(&acc + &mm.bias)
+            })
+            .collect::<Result<_>>()?;
+        self.wrap(x, out)
     }
 
     /// The fused linear map: diagonals with baby/giant steps, the sum over
     /// each class's slots, the bias; switched to the last modulus.
     pub fn linear(&self, ctx: &HeContext, x: &CipherTensor) -> Result<CipherTensor> {
-        let lay = self.check_input(ctx, x, 1, self.spec.layout(ctx.params().m(), ctx.params().moduli().len())?.lin_level, "linear map")?;
+        let lay = self.check_input(
+            ctx,
+            x,
+            1,
+            self.layout(ctx.params())?.lin_level,
+            "linear map",
+        )?;
         self.require_steps(ctx, &lay)?;
         let masks = self.masks(ctx.params())?;
         let keys = ctx.keys()?;
         let e = &x.data()[[0]];
-        let last = ctx.params().moduli().len() - 1;
         let lvl = lay.lin_level;
+        let last = Self::result_level(ctx.params(), lvl);
         let out: Element = (0..e.len())
             .into_par_iter()
             .map(|k| {
@@ -567,24 +1159,13 @@ impl PackedModel {
                     }
                     for (g1, m) in pm.diag[g2].iter().enumerate() {
                         if let Some(m) = m {
-                            let prod = m.apply(&baby[g1], par)?;
-                            acc = Some(match acc {
-                                Some(mut a) => {
-                                    a += &prod;
-                                    a
-                                }
-                                None => prod,
-                            });
+                            add_into(&mut acc, m.apply(&baby[g1], par)?);
                         }
                     }
                 }
                 let acc = match acc {
                     Some(a) => a,
-                    None => {
-                        let mut z = &e[k] - &e[k];
-                        z.switch_to_level(lvl)?;
-                        z
-                    }
+                    None => &e[k] - &e[k],
                 };
                 // Class k is the sum of the slots p ≡ k (mod d). Instead of
                 // log2(n/d) rotations the client adds them up after
@@ -595,8 +1176,22 @@ impl PackedModel {
                 Ok(acc)
             })
             .collect::<Result<_>>()?;
-        let data = ArrayD::from_shape_vec(IxDyn(&[1]), vec![out]).map_err(|e| HeError::Value(e.to_string()))?;
-        Ok(x.with_data(data, 1.0, Growth::Integer(0.0)))
+        self.wrap(x, out)
+    }
+
+    /// The level results are switched to: the last, unless its modulus is
+    /// too close to the plaintext primes to hold a result's noise (then the
+    /// one before it).
+    fn result_level(params: &HeParameters, lin_level: usize) -> usize {
+        let bits = |v: u64| 64 - v.leading_zeros();
+        let last = params.moduli().len() - 1;
+        let t_bits = params.p().iter().copied().map(bits).max().unwrap_or(0);
+        let q_bits = params.moduli().last().copied().map(bits).unwrap_or(0);
+        if q_bits >= t_bits + 20 {
+            last
+        } else {
+            last.saturating_sub(1).max(lin_level)
+        }
     }
 
     /// The linear bias (class k in slot k) plus a uniformly random mask whose
@@ -613,17 +1208,48 @@ impl PackedModel {
             sums[p % lay.d] = (sums[p % lay.d] + r) % t;
         }
         for k in 0..lay.d {
-            let b = self.spec.linear_bias.get(k).map_or(0, |&b| reduce_i128(b as i128, t));
+            let b = self
+                .spec
+                .linear_bias
+                .get(k)
+                .map_or(0, |&b| reduce_i128(b, t));
             v[k] = (b + t - sums[k]) % t;
         }
-        Ok(Plaintext::try_encode(&v[..], FheEncoding::simd_at_level(lay.lin_level), par)?)
+        Ok(Plaintext::try_encode(
+            &v[..],
+            FheEncoding::simd_at_level(lay.lin_level),
+            par,
+        )?)
     }
 
-    /// All three stages.
+    /// The stages in order.
+    pub fn stages(&self) -> Vec<Stage> {
+        let mut out = vec![Stage::Conv, Stage::Act(0)];
+        for j in 0..self.spec.maps.len() {
+            out.push(Stage::Map(j));
+            out.push(Stage::Act(j + 1));
+        }
+        out.push(Stage::Linear);
+        out
+    }
+
+    /// Runs one stage.
+    pub fn forward(&self, ctx: &HeContext, x: &CipherTensor, stage: Stage) -> Result<CipherTensor> {
+        match stage {
+            Stage::Conv => self.conv(ctx, x),
+            Stage::Act(j) => self.activation(ctx, x, j),
+            Stage::Map(j) => self.map(ctx, x, j),
+            Stage::Linear => self.linear(ctx, x),
+        }
+    }
+
+    /// All stages.
     pub fn run(&self, ctx: &HeContext, x: &CipherTensor) -> Result<CipherTensor> {
-        let c = self.conv(ctx, x)?;
-        let s = self.square(ctx, &c)?;
-        self.linear(ctx, &s)
+        let mut y = x.clone();
+        for s in self.stages() {
+            y = self.forward(ctx, &y, s)?;
+        }
+        Ok(y)
     }
 
     /// The exact output integers of a packed result (key holder): class k
@@ -633,7 +1259,10 @@ impl PackedModel {
         ctx.check(t)?;
         let classes = self.spec.classes();
         if t.batch() != Some(ctx.params().m()) || t.data().shape() != [1] {
-            return spec_err(format!("not a packed result (one packed ciphertext): shape {:?}", t.data().shape()));
+            return spec_err(format!(
+                "not a packed result (one packed ciphertext): shape {:?}",
+                t.data().shape()
+            ));
         }
         let budget = ctx.noise_budget(t)?;
         if budget <= 0 {
@@ -654,9 +1283,21 @@ impl PackedModel {
         let sums: Vec<Vec<u64>> = residues
             .iter()
             .zip(p)
-            .map(|(r, &t)| (0..classes).map(|k| r[..lay.n].iter().skip(k).step_by(lay.d).fold(0u64, |a, &x| (a + x) % t)).collect())
+            .map(|(r, &t)| {
+                (0..classes)
+                    .map(|k| {
+                        r[..lay.n]
+                            .iter()
+                            .skip(k)
+                            .step_by(lay.d)
+                            .fold(0u64, |a, &x| (a + x) % t)
+                    })
+                    .collect()
+            })
             .collect();
-        Ok((0..classes).map(|k| crt_centred(&sums.iter().map(|r| r[k]).collect::<Vec<_>>(), p)).collect())
+        Ok((0..classes)
+            .map(|k| crt_centred(&sums.iter().map(|r| r[k]).collect::<Vec<_>>(), p))
+            .collect())
     }
 }
 
@@ -665,8 +1306,10 @@ impl PackedModel {
 pub enum Stage {
     /// Input packing → first convolution + bias.
     Conv,
-    /// The square (relinearized, switched to the linear part's level).
-    Square,
+    /// Activation j (relinearized, switched to the next stage's level).
+    Act(usize),
+    /// Hidden linear map j (between activations j and j + 1).
+    Map(usize),
     /// The fused linear map, switched to the last modulus.
     Linear,
 }
@@ -693,30 +1336,33 @@ impl PackedStage {
         self.stage
     }
 
+    /// Whether the stage multiplies ciphertexts.
+    pub fn multiplies_ciphertexts(&self) -> bool {
+        matches!(self.stage, Stage::Act(_))
+    }
+
     /// The runner's name of the stage.
     pub fn name(&self) -> &'static str {
         match self.stage {
             Stage::Conv => "PackedConv2d",
-            Stage::Square => "PackedSquare",
+            Stage::Act(j) if self.model.spec.activations.get(j) == Some(&SQUARE) => "PackedSquare",
+            Stage::Act(_) => "PackedPolynomial",
+            Stage::Map(_) => "PackedMap",
             Stage::Linear => "PackedLinear",
         }
     }
 
     /// Runs the stage.
     pub fn forward(&self, ctx: &HeContext, x: &CipherTensor) -> Result<CipherTensor> {
-        match self.stage {
-            Stage::Conv => self.model.conv(ctx, x),
-            Stage::Square => self.model.square(ctx, x),
-            Stage::Linear => self.model.linear(ctx, x),
-        }
+        self.model.forward(ctx, x, self.stage)
     }
 
     /// Logical output shape of one image ([classes] after the linear map).
     pub fn output_shape(&self) -> Vec<usize> {
-        let [co, _, _, _] = self.model.spec.conv_shape;
-        let (ho, wo) = self.model.spec.conv_out();
         match self.stage {
-            Stage::Conv | Stage::Square => vec![co, ho, wo],
+            Stage::Conv => self.model.spec.shape_after(0).to_vec(),
+            Stage::Act(j) => self.model.spec.shape_after(j).to_vec(),
+            Stage::Map(j) => self.model.spec.shape_after(j + 1).to_vec(),
             Stage::Linear => vec![self.model.spec.classes()],
         }
     }
@@ -734,7 +1380,15 @@ mod tests_support {
         (0..n).map(|_| rng.random_range(lo..=hi)).collect()
     }
 
-    pub(super) fn spec(in_shape: [usize; 3], co: usize, k: usize, stride: usize, padding: usize, classes: usize, wb: i64) -> PackedSpec {
+    pub(super) fn spec(
+        in_shape: [usize; 3],
+        co: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        classes: usize,
+        wb: i64,
+    ) -> PackedSpec {
         let [c, _, _] = in_shape;
         let mut sp = PackedSpec {
             in_shape,
@@ -743,8 +1397,13 @@ mod tests_support {
             conv_bias: rnd(co, -200, 200),
             stride,
             padding,
+            activations: vec![SQUARE],
+            maps: vec![],
             linear_weight: vec![],
-            linear_bias: rnd(classes, -1000, 1000),
+            linear_bias: rnd(classes, -1000, 1000)
+                .into_iter()
+                .map(i128::from)
+                .collect(),
             input_bits: 0,
             output_bits: 0,
         };
@@ -753,17 +1412,132 @@ mod tests_support {
         sp
     }
 
-    pub(super) fn context(m: usize, sizes: Vec<usize>, primes: usize, sp: &PackedSpec) -> HeContext {
-        let p = crate::he::params::batch_primes_below(m, 1 << 31, primes);
-        let req = ParametersRequest { m, p, n_plaintext_moduli: primes, sec: 128, encoding: BATCH, moduli_sizes: Some(sizes) };
+    /// A hidden map: conv (co, k×k, stride, padding) on `in_shape`, then an
+    /// optional 2×2 sum-pool (stride 2), with random weights in [−wb, wb].
+    pub(super) fn conv_map(
+        in_shape: [usize; 3],
+        co: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        pool: bool,
+        wb: i64,
+    ) -> HiddenMap {
+        let [c, h, w] = in_shape;
+        let wts = rnd(co * c * k * k, -wb, wb);
+        let (ho, wo) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
+        let conv_row = |o: usize, i: usize, j: usize| -> Vec<(usize, i64)> {
+            let mut r = Vec::new();
+            for ch in 0..c {
+                for a in 0..k {
+                    for b in 0..k {
+                        let (y, x) = (
+                            (stride * i + a) as isize - pad as isize,
+                            (stride * j + b) as isize - pad as isize,
+                        );
+                        if y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w {
+                            r.push((
+                                (ch * h + y as usize) * w + x as usize,
+                                wts[((o * c + ch) * k + a) * k + b],
+                            ));
+                        }
+                    }
+                }
+            }
+            r
+        };
+        let (oh, ow) = if pool { (ho / 2, wo / 2) } else { (ho, wo) };
+        let mut rows = Vec::new();
+        for o in 0..co {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let mut acc: BTreeMap<usize, i64> = BTreeMap::new();
+                    let cells: Vec<(usize, usize)> = if pool {
+                        vec![
+                            (2 * i, 2 * j),
+                            (2 * i, 2 * j + 1),
+                            (2 * i + 1, 2 * j),
+                            (2 * i + 1, 2 * j + 1),
+                        ]
+                    } else {
+                        vec![(i, j)]
+                    };
+                    for (y, x) in cells {
+                        for (f, v) in conv_row(o, y, x) {
+                            *acc.entry(f).or_default() += v;
+                        }
+                    }
+                    rows.push(acc.into_iter().filter(|&(_, v)| v != 0).collect());
+                }
+            }
+        }
+        HiddenMap {
+            out_shape: [co, oh, ow],
+            bias: rnd(co * oh * ow, -wb, wb)
+                .into_iter()
+                .map(i128::from)
+                .collect(),
+            rows,
+        }
+    }
+
+    /// A model conv → act → (map → act)* → linear with the given maps.
+    pub(super) fn deep(
+        sp: PackedSpec,
+        maps: Vec<HiddenMap>,
+        acts: Vec<[i128; 3]>,
+        classes: usize,
+        wb: i64,
+    ) -> PackedSpec {
+        let mut sp = PackedSpec {
+            maps,
+            activations: acts,
+            ..sp
+        };
+        let f: usize = sp.shape_after(sp.maps.len()).iter().product();
+        sp.linear_weight = rnd(classes * f, -wb, wb);
+        sp.linear_bias = rnd(classes, -1000, 1000)
+            .into_iter()
+            .map(i128::from)
+            .collect();
+        sp
+    }
+
+    pub(super) fn context(
+        m: usize,
+        sizes: Vec<usize>,
+        primes: usize,
+        sp: &PackedSpec,
+    ) -> HeContext {
+        context_bits(m, sizes, primes, 31, sp)
+    }
+
+    pub(super) fn context_bits(
+        m: usize,
+        sizes: Vec<usize>,
+        primes: usize,
+        bits: u32,
+        sp: &PackedSpec,
+    ) -> HeContext {
+        let p = crate::he::params::batch_primes_below(m, 1 << bits, primes);
+        let req = ParametersRequest {
+            m,
+            p,
+            n_plaintext_moduli: primes,
+            sec: 128,
+            encoding: BATCH,
+            moduli_sizes: Some(sizes),
+        };
         let params = req.build().unwrap();
         let lay = sp.layout(params.m(), params.moduli().len()).unwrap();
         let mut ctx = HeContext::new(params);
-        ctx.keygen().unwrap();
+        ctx.keygen_for_levels(lay.product_levels()).unwrap();
         ctx.rotation_keygen(&lay.rotation_needs()).unwrap();
         ctx
     }
-
 }
 
 #[cfg(test)]
@@ -778,10 +1552,18 @@ mod tests {
         let [c, h, w] = sp.in_shape;
         for _ in 0..2 {
             let x = rnd(c * h * w, -xb, xb);
-            let e = model.encrypt(ctx, &x).unwrap();
-            let out = model.run(ctx, &e).unwrap();
+            let mut out = model.encrypt(ctx, &x).unwrap();
+            let mut budgets = vec![ctx.noise_budget(&out).unwrap()];
+            for s in model.stages() {
+                out = model.forward(ctx, &out, s).unwrap();
+                budgets.push(ctx.noise_budget(&out).unwrap());
+            }
+            eprintln!("noise budgets per stage: {budgets:?}");
             assert!(ctx.noise_budget(&out).unwrap() > 0);
-            assert_eq!(model.decrypt_integers(ctx, &out).unwrap(), sp.reference(&x).unwrap());
+            assert_eq!(
+                model.decrypt_integers(ctx, &out).unwrap(),
+                sp.reference(&x).unwrap()
+            );
         }
     }
 
@@ -797,9 +1579,34 @@ mod tests {
     }
 
     #[test]
+    fn deeper_models_are_exact() {
+        // conv(3→2, k3, s2, p1) → square → conv(2→3, k3, s1, p1) + pool → polynomial → linear; 3 primes.
+        let sp = spec([3, 12, 12], 2, 3, 2, 1, 3, 3);
+        let map = conv_map([2, 6, 6], 3, 3, 1, 1, true, 3);
+        let sp = deep(sp, vec![map], vec![SQUARE, [5, -3, 2]], 4, 3);
+        let ctx = context_bits(8192, vec![55, 55, 54, 54], 3, 19, &sp);
+        check(sp, &ctx, 3);
+        // Two hidden convolutions (stride 2 with padding, then stride 1): three squares: m=16384
+        let sp = spec([1, 16, 16], 2, 3, 1, 0, 3, 1);
+        let m1 = conv_map([2, 14, 14], 3, 3, 2, 1, false, 1);
+        let m2 = conv_map([3, 7, 7], 2, 3, 1, 0, false, 1);
+        let mut sp = deep(sp, vec![m1, m2], vec![SQUARE; 3], 2, 1);
+        sp.conv_bias = rnd(2, -2, 2);
+        let ctx = context_bits(16384, vec![55, 55, 55, 55, 54, 54, 54, 54], 2, 31, &sp);
+        check(sp, &ctx, 1);
+    }
+
+    #[test]
     fn missing_rotation_key_is_named() {
         let sp = spec([1, 8, 8], 2, 3, 1, 0, 4, 3);
-        let req = ParametersRequest { m: 8192, p: vec![], n_plaintext_moduli: 1, sec: 128, encoding: BATCH, moduli_sizes: Some(vec![55, 55, 54, 54]) };
+        let req = ParametersRequest {
+            m: 8192,
+            p: vec![],
+            n_plaintext_moduli: 1,
+            sec: 128,
+            encoding: BATCH,
+            moduli_sizes: Some(vec![55, 55, 54, 54]),
+        };
         let mut ctx = HeContext::new(req.build().unwrap());
         ctx.keygen().unwrap();
         let model = PackedModel::new(sp.clone()).unwrap();

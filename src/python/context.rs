@@ -8,11 +8,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyWeakrefReference};
 
 use super::errors::{to_py, HEError, ParameterError};
+use super::packed::PyPackedModel;
 use super::pool::run;
 use super::tensor::{tensor_arg, wrap_tensor};
-use crate::he::serialize::{context_from_bytes, public_context_to_bytes, secret_key_to_bytes};
-use super::packed::PyPackedModel;
 use crate::he::galois::{power_of_two_needs, RotationNeed};
+use crate::he::serialize::{context_from_bytes, public_context_to_bytes, secret_key_to_bytes};
 use crate::he::{CipherTensor, Encoding, HeContext, ParametersRequest};
 use crate::model::packed::PackedModel;
 
@@ -89,7 +89,13 @@ impl PyContext {
 
     /// Wraps an engine context.
     pub fn wrap(py: Python<'_>, ctx: HeContext) -> PyResult<Bound<'_, PyContext>> {
-        let b = Bound::new(py, PyContext { inner: RwLock::new(Arc::new(ctx)), packed: RwLock::new(None) })?;
+        let b = Bound::new(
+            py,
+            PyContext {
+                inner: RwLock::new(Arc::new(ctx)),
+                packed: RwLock::new(None),
+            },
+        )?;
         PyContext::register(&b)?;
         Ok(b)
     }
@@ -105,7 +111,9 @@ fn plaintext_moduli(p: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64>> {
             } else if let Ok(v) = x.extract::<Vec<u64>>() {
                 Ok(v)
             } else {
-                Err(ParameterError::new_err("p must be a positive integer, a list of them (CRT), or None"))
+                Err(ParameterError::new_err(
+                    "p must be a positive integer, a list of them (CRT), or None",
+                ))
             }
         }
     }
@@ -150,19 +158,40 @@ impl PyContext {
             }
         }
         let encoding = match encoding {
-            "batch" => Encoding::Batch { scale_bits, weight_scale_bits },
+            "batch" => Encoding::Batch {
+                scale_bits,
+                weight_scale_bits,
+            },
             "fractional" => {
                 if p.is_empty() {
                     // The seed's published modulus where it fits, else a small prime.
                     p = vec![if m >= 4096 { 953_983_721 } else { 65537 }];
                 }
-                Encoding::Fractional { base, int_digits, frac_digits }
+                Encoding::Fractional {
+                    base,
+                    int_digits,
+                    frac_digits,
+                }
             }
-            other => return Err(ParameterError::new_err(format!("encoding must be 'batch' or 'fractional', got {other:?}"))),
+            other => {
+                return Err(ParameterError::new_err(format!(
+                    "encoding must be 'batch' or 'fractional', got {other:?}"
+                )))
+            }
         };
-        let req = ParametersRequest { m, p, n_plaintext_moduli, sec, encoding, moduli_sizes };
+        let req = ParametersRequest {
+            m,
+            p,
+            n_plaintext_moduli,
+            sec,
+            encoding,
+            moduli_sizes,
+        };
         let params = run(py, || req.build())?;
-        Ok(PyContext { inner: RwLock::new(Arc::new(HeContext::new(params))), packed: RwLock::new(None) })
+        Ok(PyContext {
+            inner: RwLock::new(Arc::new(HeContext::new(params))),
+            packed: RwLock::new(None),
+        })
     }
 
     /// Generates the secret, public and relinearization keys, and rotation
@@ -174,21 +203,30 @@ impl PyContext {
         let mut c = me.get().without_keys();
         let needs: Vec<RotationNeed> = match rotations {
             Some(r) if r.is_instance_of::<pyo3::types::PyBool>() => {
-                if r.is_truthy()? { power_of_two_needs(c.params().m()) } else { vec![] }
+                if r.is_truthy()? {
+                    power_of_two_needs(c.params().m())
+                } else {
+                    vec![]
+                }
             }
             Some(r) if !r.is_none() => r
                 .extract::<Vec<(usize, Vec<usize>)>>()
-                .map_err(|_| HEError::new_err("rotations must be True, False, None or [(level, [steps])]"))?
+                .map_err(|_| {
+                    HEError::new_err("rotations must be True, False, None or [(level, [steps])]")
+                })?
                 .into_iter()
-                .map(|(level, steps)| RotationNeed { level, steps })
+                .map(|(level, steps)| RotationNeed::at(level, steps))
                 .collect(),
             _ => match me.packed() {
                 Some(pm) => pm.layout(c.params()).map_err(to_py)?.rotation_needs(),
                 None => vec![],
             },
         };
-        // A packed model multiplies at the top level only: one relinearization key.
-        let levels = if me.packed().is_some() { 1 } else { usize::MAX };
+        // A packed model multiplies at the levels of its activations only.
+        let levels = match me.packed() {
+            Some(pm) => pm.layout(c.params()).map_err(to_py)?.product_levels(),
+            None => usize::MAX,
+        };
         let ctx = run(slf.py(), move || {
             c.keygen_for_levels(levels)?;
             if !needs.is_empty() {
@@ -216,7 +254,8 @@ impl PyContext {
     /// publishes from `export_model(..., plan=plan)`); `keygen()` makes its keys.
     #[staticmethod]
     fn from_plan<'py>(py: Python<'py>, info: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        py.import("pycrcnn.planner")?.call_method1("context_from_plan", (info,))
+        py.import("pycrcnn.planner")?
+            .call_method1("context_from_plan", (info,))
     }
 
     /// The packed model the context was planned for (None otherwise).
@@ -228,7 +267,11 @@ impl PyContext {
     /// Rotation keys held: [(level, [steps])].
     #[getter]
     fn rotation_steps(&self) -> Vec<(usize, Vec<usize>)> {
-        self.get().rotation_steps().into_iter().map(|n| (n.level, n.steps)).collect()
+        self.get()
+            .rotation_steps()
+            .into_iter()
+            .map(|n| (n.level, n.steps))
+            .collect()
     }
 
     /// True when this context holds the secret key.
@@ -263,7 +306,9 @@ impl PyContext {
     fn from_secret_bytes<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyContext>> {
         let ctx = run(py, || context_from_bytes(data, true))?;
         if !ctx.has_secret_key() {
-            return Err(super::errors::FormatError::new_err("these bytes hold a public context, not a secret key"));
+            return Err(super::errors::FormatError::new_err(
+                "these bytes hold a public context, not a secret key",
+            ));
         }
         PyContext::wrap(py, ctx)
     }
@@ -273,16 +318,24 @@ impl PyContext {
     fn save_secret_key(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
         let ctx = self.get();
         let b = run(py, || secret_key_to_bytes(&ctx))?;
-        write_private(&path, &b).map_err(|e| HEError::new_err(format!("cannot write {}: {e}", path.display())))
+        write_private(&path, &b)
+            .map_err(|e| HEError::new_err(format!("cannot write {}: {e}", path.display())))
     }
 
     /// Loads a context saved with `save_secret_key`.
     #[staticmethod]
-    fn load_secret_key<'py>(py: Python<'py>, path: std::path::PathBuf) -> PyResult<Bound<'py, PyContext>> {
-        let data = std::fs::read(&path).map_err(|e| HEError::new_err(format!("cannot read {}: {e}", path.display())))?;
+    fn load_secret_key<'py>(
+        py: Python<'py>,
+        path: std::path::PathBuf,
+    ) -> PyResult<Bound<'py, PyContext>> {
+        let data = std::fs::read(&path)
+            .map_err(|e| HEError::new_err(format!("cannot read {}: {e}", path.display())))?;
         let ctx = run(py, || context_from_bytes(&data, true))?;
         if !ctx.has_secret_key() {
-            return Err(super::errors::FormatError::new_err(format!("{} holds a public context, not a secret key", path.display())));
+            return Err(super::errors::FormatError::new_err(format!(
+                "{} holds a public context, not a secret key",
+                path.display()
+            )));
         }
         PyContext::wrap(py, ctx)
     }
@@ -303,8 +356,14 @@ impl PyContext {
             }
             let scale = (pm.spec().input_bits as f64).exp2();
             let limit = (*ctx.params().p().iter().min().unwrap_or(&0) / 2) as f64;
-            if let Some(bad) = view.iter().find(|v| !v.is_finite() || (*v * scale).round().abs() >= limit) {
-                return Err(HEError::new_err(format!("cannot encrypt {bad}: inputs must be finite and below {:.3e}", limit / scale)));
+            if let Some(bad) = view
+                .iter()
+                .find(|v| !v.is_finite() || (*v * scale).round().abs() >= limit)
+            {
+                return Err(HEError::new_err(format!(
+                    "cannot encrypt {bad}: inputs must be finite and below {:.3e}",
+                    limit / scale
+                )));
             }
             let ints: Vec<i64> = view.iter().map(|v| (v * scale).round() as i64).collect();
             let t = run(py, || pm.encrypt(&ctx, &ints))?;
@@ -323,8 +382,11 @@ impl PyContext {
             // Logits = integers / 2^output_bits, [1, classes].
             let v = run(py, || pm.decrypt_integers(&ctx, &t))?;
             let scale = (pm.spec().output_bits as f64).exp2();
-            let out = ndarray::Array2::from_shape_vec((1, v.len()), v.iter().map(|&y| y as f64 / scale).collect())
-                .map_err(|e| HEError::new_err(e.to_string()))?;
+            let out = ndarray::Array2::from_shape_vec(
+                (1, v.len()),
+                v.iter().map(|&y| y as f64 / scale).collect(),
+            )
+            .map_err(|e| HEError::new_err(e.to_string()))?;
             return Ok(out.into_pyarray(py).into_any());
         }
         let out = run(py, || ctx.decrypt(&t))?;
@@ -337,7 +399,11 @@ impl PyContext {
     /// logical shape (the values times the tensor's scale), int64 when all
     /// fit, else an object array. Raises NoiseBudgetExhausted instead of
     /// returning garbage.
-    fn decrypt_integers<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    fn decrypt_integers<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let t = tensor_arg(x)?;
         let ctx = self.get();
         if self.packed().is_some() {
@@ -373,7 +439,11 @@ impl PyContext {
     }
 
     /// Element-wise product of two tensors (relinearized).
-    fn multiply(slf: &Bound<'_, PyContext>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    fn multiply(
+        slf: &Bound<'_, PyContext>,
+        a: &Bound<'_, PyAny>,
+        b: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
         let (ta, tb) = (tensor_arg(a)?, tensor_arg(b)?);
         let ctx = slf.get().get();
         let out = run(slf.py(), || ctx.multiply(&ta, &tb))?;
@@ -381,17 +451,27 @@ impl PyContext {
     }
 
     /// Σ coefficients[k] · x^k element-wise (lowest degree first).
-    fn polynomial(slf: &Bound<'_, PyContext>, x: &Bound<'_, PyAny>, coefficients: Vec<f64>) -> PyResult<Py<PyAny>> {
+    fn polynomial(
+        slf: &Bound<'_, PyContext>,
+        x: &Bound<'_, PyAny>,
+        coefficients: Vec<f64>,
+    ) -> PyResult<Py<PyAny>> {
         let t = tensor_arg(x)?;
         let ctx = slf.get().get();
-        let out = run(slf.py(), || crate::layers::polynomial(&ctx, &t, &coefficients))?;
+        let out = run(slf.py(), || {
+            crate::layers::polynomial(&ctx, &t, &coefficients)
+        })?;
         wrap_tensor(slf.py(), out, slf.clone().unbind())
     }
 
     /// Measured plaintext coefficients (needs the secret key): `max_abs`
     /// against `limit` (p/2 or T/2) and `wrap_risk`, the decode error that
     /// possibly wrapped coefficients (measured above p/4) could cause.
-    fn measure_coefficients<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    fn measure_coefficients<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let t = tensor_arg(x)?;
         let ctx = self.get();
         let (max_abs, limit, risk) = run(py, || ctx.measure_coefficients(&t))?;
@@ -420,7 +500,11 @@ impl PyContext {
     #[getter]
     fn p(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let ps = self.get().params().p().to_vec();
-        Ok(if ps.len() == 1 { ps[0].into_pyobject(py)?.into_any().unbind() } else { ps.into_pyobject(py)?.into_any().unbind() })
+        Ok(if ps.len() == 1 {
+            ps[0].into_pyobject(py)?.into_any().unbind()
+        } else {
+            ps.into_pyobject(py)?.into_any().unbind()
+        })
     }
 
     /// Security level in bits.
@@ -451,13 +535,21 @@ impl PyContext {
     /// Hex id of the keys (None before keygen).
     #[getter]
     fn key_id(&self) -> Option<String> {
-        self.get().key_id().ok().map(|k| k.iter().map(|b| format!("{b:02x}")).collect())
+        self.get()
+            .key_id()
+            .ok()
+            .map(|k| k.iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Hex fingerprint of the parameters (including the NTT build).
     #[getter]
     fn fingerprint(&self) -> String {
-        self.get().params().fingerprint().iter().map(|b| format!("{b:02x}")).collect()
+        self.get()
+            .params()
+            .fingerprint()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// All parameters as a dict (what a server compares requests with).
@@ -466,17 +558,31 @@ impl PyContext {
         let par = ctx.params();
         let d = PyDict::new(py);
         d.set_item("m", par.m())?;
-        d.set_item("p", if par.p().len() == 1 { par.p()[0].into_pyobject(py)?.into_any() } else { par.p().to_vec().into_pyobject(py)?.into_any() })?;
+        d.set_item(
+            "p",
+            if par.p().len() == 1 {
+                par.p()[0].into_pyobject(py)?.into_any()
+            } else {
+                par.p().to_vec().into_pyobject(py)?.into_any()
+            },
+        )?;
         d.set_item("sec", par.sec())?;
         d.set_item("encoding", par.encoding().name())?;
         d.set_item("moduli", par.moduli().to_vec())?;
         d.set_item("log_q", par.log_q_at_level(0))?;
         match par.encoding() {
-            Encoding::Batch { scale_bits, weight_scale_bits } => {
+            Encoding::Batch {
+                scale_bits,
+                weight_scale_bits,
+            } => {
                 d.set_item("scale_bits", scale_bits)?;
                 d.set_item("weight_scale_bits", weight_scale_bits)?;
             }
-            Encoding::Fractional { base, int_digits, frac_digits } => {
+            Encoding::Fractional {
+                base,
+                int_digits,
+                frac_digits,
+            } => {
                 d.set_item("base", base)?;
                 d.set_item("int_digits", int_digits)?;
                 d.set_item("frac_digits", frac_digits)?;
@@ -485,12 +591,17 @@ impl PyContext {
         Ok(d)
     }
 
-    fn __reduce__<'py>(slf: &Bound<'py, PyContext>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+    fn __reduce__<'py>(
+        slf: &Bound<'py, PyContext>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
         let py = slf.py();
         let me = slf.get();
         let cls = py.get_type::<PyContext>();
         if me.get().has_secret_key() {
-            Ok((cls.getattr("from_secret_bytes")?, (me.secret_key_bytes(py)?,)))
+            Ok((
+                cls.getattr("from_secret_bytes")?,
+                (me.secret_key_bytes(py)?,),
+            ))
         } else {
             Ok((cls.getattr("from_public")?, (me.public_context(py)?,)))
         }
@@ -498,8 +609,20 @@ impl PyContext {
 
     fn __repr__(&self) -> String {
         let c = self.get();
-        let keys = if c.has_secret_key() { "secret key" } else if c.keys().is_ok() { "public keys only" } else { "no keys" };
-        format!("Context(m={}, p={:?}, sec={}, encoding={:?}, {keys})", c.params().m(), c.params().p(), c.params().sec(), c.params().encoding().name())
+        let keys = if c.has_secret_key() {
+            "secret key"
+        } else if c.keys().is_ok() {
+            "public keys only"
+        } else {
+            "no keys"
+        };
+        format!(
+            "Context(m={}, p={:?}, sec={}, encoding={:?}, {keys})",
+            c.params().m(),
+            c.params().p(),
+            c.params().sec(),
+            c.params().encoding().name()
+        )
     }
 }
 
@@ -522,8 +645,9 @@ pub fn as_f64_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'
     let kwargs = pyo3::types::PyDict::new(x.py());
     kwargs.set_item("dtype", "float64")?;
     kwargs.set_item("order", "C")?;
-    let arr = np.call_method("asarray", (x,), Some(&kwargs)).map_err(|e| {
-        HEError::new_err(format!("expected numbers or a numeric array: {e}"))
-    })?;
-    arr.extract::<PyReadonlyArrayDyn<'py, f64>>().map_err(|e| to_py(crate::he::HeError::Value(e.to_string())))
+    let arr = np
+        .call_method("asarray", (x,), Some(&kwargs))
+        .map_err(|e| HEError::new_err(format!("expected numbers or a numeric array: {e}")))?;
+    arr.extract::<PyReadonlyArrayDyn<'py, f64>>()
+        .map_err(|e| to_py(crate::he::HeError::Value(e.to_string())))
 }

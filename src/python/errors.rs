@@ -10,20 +10,59 @@ use pyo3::PyErr;
 
 use crate::he::HeError;
 
-create_exception!(pycrcnn, HEError, PyValueError, "Base of every pycrcnn engine error (a ValueError).");
-create_exception!(pycrcnn, SecretKeyRequired, HEError, "The operation needs the secret key, which this context does not hold.");
-create_exception!(pycrcnn, NoiseBudgetExhausted, HEError, "A ciphertext's noise budget is used up; decrypting it would give garbage.");
-create_exception!(pycrcnn, PlaintextOverflow, HEError, "A value would not fit in the plaintext modulus.");
-create_exception!(pycrcnn, ParameterError, HEError, "Encryption parameters that cannot be met.");
-create_exception!(pycrcnn, FormatError, HEError, "Bytes that are not a valid, intact, matching pycrcnn blob.");
-create_exception!(pycrcnn, RunCancelled, HEError, "A model run stopped by its per-layer callback.");
+create_exception!(
+    pycrcnn,
+    HEError,
+    PyValueError,
+    "Base of every pycrcnn engine error (a ValueError)."
+);
+create_exception!(
+    pycrcnn,
+    SecretKeyRequired,
+    HEError,
+    "The operation needs the secret key, which this context does not hold."
+);
+create_exception!(
+    pycrcnn,
+    NoiseBudgetExhausted,
+    HEError,
+    "A ciphertext's noise budget is used up; decrypting it would give garbage."
+);
+create_exception!(
+    pycrcnn,
+    PlaintextOverflow,
+    HEError,
+    "A value would not fit in the plaintext modulus."
+);
+create_exception!(
+    pycrcnn,
+    ParameterError,
+    HEError,
+    "Encryption parameters that cannot be met."
+);
+create_exception!(
+    pycrcnn,
+    FormatError,
+    HEError,
+    "Bytes that are not a valid, intact, matching pycrcnn blob."
+);
+create_exception!(
+    pycrcnn,
+    RunCancelled,
+    HEError,
+    "A model run stopped by its per-layer callback."
+);
 
 /// Engine error → Python exception (the class of the root cause, with the
 /// layer that raised it as attributes).
 pub fn to_py(e: HeError) -> PyErr {
     let msg = e.to_string();
     let (layer, root) = match e {
-        HeError::AtLayer { index, name, source } => (Some((index, name)), *source),
+        HeError::AtLayer {
+            index,
+            name,
+            source,
+        } => (Some((index, name)), *source),
         e => (None, e),
     };
     let mut budget = None;

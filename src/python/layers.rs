@@ -24,7 +24,10 @@ fn weights_of(w: &Bound<'_, PyAny>, ndim: usize, what: &str) -> PyResult<(Vec<us
     let a = as_f64_array(w)?;
     let v = a.as_array();
     if v.ndim() != ndim {
-        return Err(HEError::new_err(format!("{what}: weights must have {ndim} dimensions, got shape {:?}", v.shape())));
+        return Err(HEError::new_err(format!(
+            "{what}: weights must have {ndim} dimensions, got shape {:?}",
+            v.shape()
+        )));
     }
     Ok((v.shape().to_vec(), v.iter().cloned().collect()))
 }
@@ -40,11 +43,16 @@ fn bias_of(b: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<f64>>> {
 fn new_layer(py: Python<'_>, ctx: &Bound<'_, PyAny>, layer: Layer) -> PyResult<PyLayer> {
     let c = super::tensor::context_arg(ctx)?;
     let _ = py;
-    Ok(PyLayer { layer: Arc::new(layer), ctx: c.unbind() })
+    Ok(PyLayer {
+        layer: Arc::new(layer),
+        ctx: c.unbind(),
+    })
 }
 
 fn affine(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>) -> PyResult<Layer> {
-    Affine::new(geometry, weights, bias).map(Layer::Affine).map_err(super::errors::to_py)
+    Affine::new(geometry, weights, bias)
+        .map(Layer::Affine)
+        .map_err(super::errors::to_py)
 }
 
 impl PyLayer {
@@ -60,15 +68,25 @@ impl PyLayer {
 
     /// The input tensor, its Context and engine context; refuses tensors made
     /// under other parameters than the layer's.
-    fn input<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyCipherTensor>, Py<PyContext>, Arc<HeContext>)> {
+    fn input<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyCipherTensor>, Py<PyContext>, Arc<HeContext>)> {
         let tensor = x
             .cast::<PyCipherTensor>()
-            .map_err(|_| HEError::new_err("a layer takes a CipherTensor (or the seed's object array, via pycrcnn.layers)"))?
+            .map_err(|_| {
+                HEError::new_err(
+                    "a layer takes a CipherTensor (or the seed's object array, via pycrcnn.layers)",
+                )
+            })?
             .clone();
         let ctx_obj = tensor.get().context_ref().clone_ref(py);
         let ctx = ctx_obj.bind(py).get().get();
         if ctx.params().fingerprint() != self.ctx.bind(py).get().get().params().fingerprint() {
-            return Err(HEError::new_err("the tensor was encrypted under other parameters than the layer's context"));
+            return Err(HEError::new_err(
+                "the tensor was encrypted under other parameters than the layer's context",
+            ));
         }
         Ok((tensor, ctx_obj, ctx))
     }
@@ -131,17 +149,35 @@ impl PyLayer {
     /// torch.nn.Linear: weight [out, in]; inputs are flattened per image.
     #[staticmethod]
     #[pyo3(signature = (ctx, weight, bias=None))]
-    fn linear(py: Python<'_>, ctx: &Bound<'_, PyAny>, weight: &Bound<'_, PyAny>, bias: Option<&Bound<'_, PyAny>>) -> PyResult<PyLayer> {
+    fn linear(
+        py: Python<'_>,
+        ctx: &Bound<'_, PyAny>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyLayer> {
         let (shape, w) = weights_of(weight, 2, "Linear")?;
-        let g = Geometry::Linear { in_features: shape[1], out_features: shape[0] };
+        let g = Geometry::Linear {
+            in_features: shape[1],
+            out_features: shape[0],
+        };
         new_layer(py, ctx, affine(g, w, bias_of(bias)?)?)
     }
 
     /// torch.nn.AvgPool2d (count_include_pad=True); stride defaults to the kernel size.
     #[staticmethod]
     #[pyo3(signature = (ctx, kernel_size, stride=None, padding=(0, 0)))]
-    fn avg_pool2d(py: Python<'_>, ctx: &Bound<'_, PyAny>, kernel_size: (usize, usize), stride: Option<(usize, usize)>, padding: (usize, usize)) -> PyResult<PyLayer> {
-        let g = Geometry::AvgPool2d { kernel: kernel_size, stride: stride.unwrap_or(kernel_size), padding };
+    fn avg_pool2d(
+        py: Python<'_>,
+        ctx: &Bound<'_, PyAny>,
+        kernel_size: (usize, usize),
+        stride: Option<(usize, usize)>,
+        padding: (usize, usize),
+    ) -> PyResult<PyLayer> {
+        let g = Geometry::AvgPool2d {
+            kernel: kernel_size,
+            stride: stride.unwrap_or(kernel_size),
+            padding,
+        };
         new_layer(py, ctx, affine(g, vec![1.0], None)?)
     }
 
@@ -153,9 +189,15 @@ impl PyLayer {
 
     /// Σ coefficients[k] x^k (lowest degree first).
     #[staticmethod]
-    fn polynomial(py: Python<'_>, ctx: &Bound<'_, PyAny>, coefficients: Vec<f64>) -> PyResult<PyLayer> {
+    fn polynomial(
+        py: Python<'_>,
+        ctx: &Bound<'_, PyAny>,
+        coefficients: Vec<f64>,
+    ) -> PyResult<PyLayer> {
         if coefficients.iter().all(|&c| c == 0.0) || coefficients.len() < 2 {
-            return Err(HEError::new_err("a polynomial activation needs a non-zero coefficient of degree ≥ 1"));
+            return Err(HEError::new_err(
+                "a polynomial activation needs a non-zero coefficient of degree ≥ 1",
+            ));
         }
         if coefficients.iter().any(|c| !c.is_finite()) {
             return Err(HEError::new_err("polynomial coefficients must be finite"));
@@ -200,7 +242,9 @@ impl PyLayer {
 
     /// Output shape of one image for an input shape of one image.
     fn output_shape(&self, in_shape: Vec<usize>) -> PyResult<Vec<usize>> {
-        self.layer.output_shape(&in_shape).map_err(super::errors::to_py)
+        self.layer
+            .output_shape(&in_shape)
+            .map_err(super::errors::to_py)
     }
 
     /// The layer's parameters.
@@ -209,7 +253,15 @@ impl PyLayer {
         d.set_item("type", self.layer.name())?;
         match &*self.layer {
             Layer::Affine(a) => match &a.geometry() {
-                Geometry::Conv2d { out_channels, in_channels, kernel, stride, padding, dilation, groups } => {
+                Geometry::Conv2d {
+                    out_channels,
+                    in_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                } => {
                     d.set_item("in_channels", in_channels)?;
                     d.set_item("out_channels", out_channels)?;
                     d.set_item("kernel_size", kernel)?;
@@ -219,7 +271,15 @@ impl PyLayer {
                     d.set_item("groups", groups)?;
                     d.set_item("bias", !a.bias().is_empty())?;
                 }
-                Geometry::Conv1d { out_channels, in_channels, kernel, stride, padding, dilation, groups } => {
+                Geometry::Conv1d {
+                    out_channels,
+                    in_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                } => {
                     d.set_item("in_channels", in_channels)?;
                     d.set_item("out_channels", out_channels)?;
                     d.set_item("kernel_size", kernel)?;
@@ -229,12 +289,19 @@ impl PyLayer {
                     d.set_item("groups", groups)?;
                     d.set_item("bias", !a.bias().is_empty())?;
                 }
-                Geometry::Linear { in_features, out_features } => {
+                Geometry::Linear {
+                    in_features,
+                    out_features,
+                } => {
                     d.set_item("in_features", in_features)?;
                     d.set_item("out_features", out_features)?;
                     d.set_item("bias", !a.bias().is_empty())?;
                 }
-                Geometry::AvgPool2d { kernel, stride, padding } => {
+                Geometry::AvgPool2d {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
                     d.set_item("kernel_size", kernel)?;
                     d.set_item("stride", stride)?;
                     d.set_item("padding", padding)?;

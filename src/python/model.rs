@@ -49,7 +49,9 @@ fn python_callback(
     raised: Arc<Mutex<Option<PyErr>>>,
 ) -> impl FnMut(&LayerReport, &Arc<CipherTensor>) -> crate::he::Result<Flow> + Send {
     move |report, tensor| {
-        let Some(cb) = &callback else { return Ok(Flow::Continue) };
+        let Some(cb) = &callback else {
+            return Ok(Flow::Continue);
+        };
         Python::attach(|py| {
             let outcome = (|| -> PyResult<bool> {
                 let t = wrap_shared(py, tensor.clone(), ctx.clone_ref(py))?;
@@ -72,7 +74,11 @@ fn python_callback(
 
 /// Runs `f` on the engine's pool; an error raised by the Python callback
 /// propagates as it was raised, any other as its engine exception.
-fn run_with_callback<T: Send>(py: Python<'_>, raised: &Mutex<Option<PyErr>>, f: impl FnOnce() -> crate::he::Result<T> + Send) -> PyResult<T> {
+fn run_with_callback<T: Send>(
+    py: Python<'_>,
+    raised: &Mutex<Option<PyErr>>,
+    f: impl FnOnce() -> crate::he::Result<T> + Send,
+) -> PyResult<T> {
     run(py, || Ok(f()))?.map_err(|e| match raised.lock().ok().and_then(|mut s| s.take()) {
         Some(py_err) => py_err,
         None => to_py(e),
@@ -84,8 +90,13 @@ impl PyModel {
     /// A model of `(index, layer)` pairs in order.
     #[new]
     fn new(layers: Vec<(i64, Bound<'_, PyLayer>)>) -> PyModel {
-        let steps = layers.iter().map(|(i, l)| Step::new(*i, l.get().layer().clone())).collect();
-        PyModel { model: Model::new(steps) }
+        let steps = layers
+            .iter()
+            .map(|(i, l)| Step::new(*i, l.get().layer().clone()))
+            .collect();
+        PyModel {
+            model: Model::new(steps),
+        }
     }
 
     fn __len__(&self) -> usize {
@@ -94,18 +105,31 @@ impl PyModel {
 
     /// `[start, stop)` position ranges between rencryption layers.
     fn segments(&self) -> Vec<(usize, usize)> {
-        self.model.segments().into_iter().map(|r| (r.start, r.end)).collect()
+        self.model
+            .segments()
+            .into_iter()
+            .map(|r| (r.start, r.end))
+            .collect()
     }
 
     /// The model on plaintext inputs `x` (`[N, ...]`, float64) in the batch
     /// encoding's exact integer arithmetic at `scale_bits` / `weight_scale_bits`
     /// (rencryptions included). Returns `(integers, scale)`: what an
     /// encrypted run decrypts to with `decrypt_integers` when nothing wraps.
-    fn reference<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, scale_bits: u32, weight_scale_bits: u32) -> PyResult<(Bound<'py, PyAny>, f64)> {
+    fn reference<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        scale_bits: u32,
+        weight_scale_bits: u32,
+    ) -> PyResult<(Bound<'py, PyAny>, f64)> {
         let arr = super::context::as_f64_array(x)?;
         let x = arr.as_array().to_owned();
         let model = &self.model;
-        let encoding = crate::he::Encoding::Batch { scale_bits, weight_scale_bits };
+        let encoding = crate::he::Encoding::Batch {
+            scale_bits,
+            weight_scale_bits,
+        };
         let out = run(py, || model.reference(x.view(), encoding))?;
         Ok((super::integers::integers_to_py(py, out.values)?, out.scale))
     }
@@ -135,7 +159,9 @@ impl PyModel {
         switch_result: &str,
         callback: Option<Py<PyAny>>,
     ) -> PyResult<(Py<PyAny>, Vec<Py<PyDict>>)> {
-        let tensor = x.cast::<PyCipherTensor>().map_err(|_| HEError::new_err("a model runs on a CipherTensor: encrypt the input first"))?;
+        let tensor = x.cast::<PyCipherTensor>().map_err(|_| {
+            HEError::new_err("a model runs on a CipherTensor: encrypt the input first")
+        })?;
         let ctx_obj = tensor.get().context_ref().clone_ref(py);
         let ctx = ctx_obj.bind(py).get().get();
         let t = tensor.get().get();
@@ -143,18 +169,31 @@ impl PyModel {
             "never" => SwitchResult::Never,
             "always" => SwitchResult::Always,
             "auto" => SwitchResult::Auto,
-            other => return Err(HEError::new_err(format!("switch_result must be \"never\", \"always\" or \"auto\", got {other:?}"))),
+            other => {
+                return Err(HEError::new_err(format!(
+                    "switch_result must be \"never\", \"always\" or \"auto\", got {other:?}"
+                )))
+            }
         };
         let range = match (start, stop) {
             (None, None) => None,
             (a, b) => Some(a.unwrap_or(0)..b.unwrap_or(self.model.len())),
         };
-        let options = RunOptions { range, rencrypt, measure_noise, switch_result };
+        let options = RunOptions {
+            range,
+            rencrypt,
+            measure_noise,
+            switch_result,
+        };
         let raised = Arc::new(Mutex::new(None));
         let mut on_layer = python_callback(callback, ctx_obj.clone_ref(py), raised.clone());
         let model = &self.model;
-        let (out, reports) = run_with_callback(py, &raised, || model.run(&ctx, t, &options, &mut on_layer))?;
-        let reports = reports.iter().map(|r| report_dict(py, r).map(Bound::unbind)).collect::<PyResult<_>>()?;
+        let (out, reports) =
+            run_with_callback(py, &raised, || model.run(&ctx, t, &options, &mut on_layer))?;
+        let reports = reports
+            .iter()
+            .map(|r| report_dict(py, r).map(Bound::unbind))
+            .collect::<PyResult<_>>()?;
         Ok((wrap_tensor(py, out, ctx_obj)?, reports))
     }
 
@@ -164,13 +203,24 @@ impl PyModel {
     /// `failure` is `None` or `(position, exception)` for the first layer
     /// that would fail.
     #[pyo3(signature = (ctx, input_bound=1.0, callback=None))]
-    fn predict(&self, py: Python<'_>, ctx: &Bound<'_, PyContext>, input_bound: f64, callback: Option<Py<PyAny>>) -> PyResult<(Vec<Py<PyDict>>, Option<(usize, Py<PyAny>)>)> {
+    fn predict(
+        &self,
+        py: Python<'_>,
+        ctx: &Bound<'_, PyContext>,
+        input_bound: f64,
+        callback: Option<Py<PyAny>>,
+    ) -> PyResult<(Vec<Py<PyDict>>, Option<(usize, Py<PyAny>)>)> {
         let engine = ctx.get().get();
         let raised = Arc::new(Mutex::new(None));
         let mut on_layer = python_callback(callback, ctx.clone().unbind(), raised.clone());
         let model = &self.model;
-        let (reports, failure) = run_with_callback(py, &raised, || model.predict(&engine, input_bound, &mut on_layer))?;
-        let reports = reports.iter().map(|r| report_dict(py, r).map(Bound::unbind)).collect::<PyResult<_>>()?;
+        let (reports, failure) = run_with_callback(py, &raised, || {
+            model.predict(&engine, input_bound, &mut on_layer)
+        })?;
+        let reports = reports
+            .iter()
+            .map(|r| report_dict(py, r).map(Bound::unbind))
+            .collect::<PyResult<_>>()?;
         let failure = failure.map(|(p, e)| (p, to_py(e).into_value(py).into_any()));
         Ok((reports, failure))
     }

@@ -16,7 +16,10 @@ fn pool() -> PyResult<Arc<rayon::ThreadPool>> {
         return Ok(p);
     }
     set_threads(0)?;
-    POOL.read().ok().and_then(|g| g.clone()).ok_or_else(|| HEError::new_err("no thread pool"))
+    POOL.read()
+        .ok()
+        .and_then(|g| g.clone())
+        .ok_or_else(|| HEError::new_err("no thread pool"))
 }
 
 fn set_threads(n: usize) -> PyResult<()> {
@@ -24,7 +27,9 @@ fn set_threads(n: usize) -> PyResult<()> {
         .num_threads(n)
         .build()
         .map_err(|e| HEError::new_err(format!("cannot start {n} threads: {e}")))?;
-    *POOL.write().map_err(|_| HEError::new_err("thread pool lock poisoned"))? = Some(Arc::new(p));
+    *POOL
+        .write()
+        .map_err(|_| HEError::new_err("thread pool lock poisoned"))? = Some(Arc::new(p));
     Ok(())
 }
 
@@ -65,7 +70,9 @@ pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T> + Send) -> PyR
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown".into());
-            Err(to_py(HeError::Backend(format!("internal error (caught panic: {what}); please report it"))))
+            Err(to_py(HeError::Backend(format!(
+                "internal error (caught panic: {what}); please report it"
+            ))))
         }
     }
 }

@@ -12,7 +12,11 @@ use crate::layers::{Geometry, Layer};
 const TYPES: &str = "Conv2d, Conv1d, Linear, AvgPool2d, Flatten, Square, Polynomial";
 
 /// A parameter of `layer_type` (an error naming it when it is missing).
-fn param<'py>(params: &Bound<'py, PyDict>, layer_type: &str, key: &str) -> PyResult<Bound<'py, PyAny>> {
+fn param<'py>(
+    params: &Bound<'py, PyDict>,
+    layer_type: &str,
+    key: &str,
+) -> PyResult<Bound<'py, PyAny>> {
     params
         .get_item(key)?
         .ok_or_else(|| HEError::new_err(format!("{layer_type}: parameter {key:?} is missing")))
@@ -22,11 +26,20 @@ fn param<'py>(params: &Bound<'py, PyDict>, layer_type: &str, key: &str) -> PyRes
 fn size(params: &Bound<'_, PyDict>, layer_type: &str, key: &str) -> PyResult<usize> {
     param(params, layer_type, key)?
         .extract::<usize>()
-        .map_err(|_| HEError::new_err(format!("{layer_type}: {key} must be a non-negative integer")))
+        .map_err(|_| {
+            HEError::new_err(format!(
+                "{layer_type}: {key} must be a non-negative integer"
+            ))
+        })
 }
 
 /// A parameter per spatial axis: one integer for every axis, or one per axis.
-fn sizes(params: &Bound<'_, PyDict>, layer_type: &str, key: &str, axes: usize) -> PyResult<Vec<usize>> {
+fn sizes(
+    params: &Bound<'_, PyDict>,
+    layer_type: &str,
+    key: &str,
+    axes: usize,
+) -> PyResult<Vec<usize>> {
     let value = param(params, layer_type, key)?;
     if let Ok(n) = value.extract::<usize>() {
         return Ok(vec![n; axes]);
@@ -35,7 +48,10 @@ fn sizes(params: &Bound<'_, PyDict>, layer_type: &str, key: &str, axes: usize) -
         Ok(v) if v.len() == axes => Ok(v),
         _ => Err(HEError::new_err(format!(
             "{layer_type}: {key} must be a non-negative integer or {axes} of them, got {}",
-            value.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into())
+            value
+                .repr()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|_| "?".into())
         ))),
     }
 }
@@ -67,7 +83,11 @@ fn geometry(layer_type: &str, params: &Bound<'_, PyDict>) -> PyResult<Geometry> 
             in_features: size(params, layer_type, "in_features")?,
             out_features: size(params, layer_type, "out_features")?,
         },
-        "AvgPool2d" => Geometry::AvgPool2d { kernel: pair("kernel_size")?, stride: pair("stride")?, padding: pair("padding")? },
+        "AvgPool2d" => Geometry::AvgPool2d {
+            kernel: pair("kernel_size")?,
+            stride: pair("stride")?,
+            padding: pair("padding")?,
+        },
         other => return Err(HEError::new_err(format!("{other}: not an affine layer"))),
     })
 }
@@ -76,16 +96,26 @@ fn geometry(layer_type: &str, params: &Bound<'_, PyDict>) -> PyResult<Geometry> 
 /// parameters (those of `pycrcnn.spec.LayerSpec.params`), for the shape of
 /// one input image; an error if the input does not fit the layer.
 #[pyfunction]
-pub fn layer_output_shape(layer_type: &str, in_shape: Vec<usize>, params: &Bound<'_, PyDict>) -> PyResult<Vec<usize>> {
+pub fn layer_output_shape(
+    layer_type: &str,
+    in_shape: Vec<usize>,
+    params: &Bound<'_, PyDict>,
+) -> PyResult<Vec<usize>> {
     let layer = match layer_type {
         "Conv2d" | "Conv1d" | "Linear" | "AvgPool2d" => {
-            return geometry(layer_type, params)?.output_shape(&in_shape).map_err(to_py);
+            return geometry(layer_type, params)?
+                .output_shape(&in_shape)
+                .map_err(to_py);
         }
         "Flatten" => Layer::Flatten,
         "Square" => Layer::Square,
         // the coefficients do not change the shape
         "Polynomial" => Layer::Polynomial(Vec::new()),
-        other => return Err(HEError::new_err(format!("unknown layer type {other:?}; known: {TYPES}"))),
+        other => {
+            return Err(HEError::new_err(format!(
+                "unknown layer type {other:?}; known: {TYPES}"
+            )))
+        }
     };
     layer.output_shape(&in_shape).map_err(to_py)
 }

@@ -37,7 +37,11 @@ impl PyCipherTensor {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let empty = g.with_data(ndarray::ArrayD::default(ndarray::IxDyn(&[0])), g.scale(), g.growth().clone());
+        let empty = g.with_data(
+            ndarray::ArrayD::default(ndarray::IxDyn(&[0])),
+            g.scale(),
+            g.growth().clone(),
+        );
         let arc = std::mem::replace(&mut *g, Arc::new(empty));
         Arc::try_unwrap(arc).unwrap_or_else(|a| (*a).clone())
     }
@@ -58,11 +62,22 @@ pub fn wrap_tensor(py: Python<'_>, t: CipherTensor, ctx: Py<PyContext>) -> PyRes
 
 /// Wraps a shared tensor without copying it (a model run's intermediate
 /// handed to a callback: the runner consumes it later only if Python let go).
-pub fn wrap_shared(py: Python<'_>, t: Arc<CipherTensor>, ctx: Py<PyContext>) -> PyResult<Py<PyAny>> {
+pub fn wrap_shared(
+    py: Python<'_>,
+    t: Arc<CipherTensor>,
+    ctx: Py<PyContext>,
+) -> PyResult<Py<PyAny>> {
     let single = t.batch().is_none() && t.data().ndim() == 0;
-    let base = PyCipherTensor { inner: RwLock::new(t), ctx };
+    let base = PyCipherTensor {
+        inner: RwLock::new(t),
+        ctx,
+    };
     if single {
-        Ok(Bound::new(py, PyClassInitializer::from(base).add_subclass(PyCtxt))?.into_any().unbind())
+        Ok(
+            Bound::new(py, PyClassInitializer::from(base).add_subclass(PyCtxt))?
+                .into_any()
+                .unbind(),
+        )
     } else {
         Ok(Bound::new(py, base)?.into_any().unbind())
     }
@@ -74,7 +89,10 @@ pub fn tensor_arg(x: &Bound<'_, PyAny>) -> PyResult<Arc<CipherTensor>> {
         Ok(t) => Ok(t.get().get()),
         Err(_) => Err(HEError::new_err(format!(
             "expected a CipherTensor or PyCtxt, got {}",
-            x.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            x.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))),
     }
 }
@@ -89,7 +107,9 @@ pub fn context_arg<'py>(x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyContext>
             return Ok(c);
         }
     }
-    Err(HEError::new_err("expected a pycrcnn Context or Pyfhel object"))
+    Err(HEError::new_err(
+        "expected a pycrcnn Context or Pyfhel object",
+    ))
 }
 
 enum Key {
@@ -103,9 +123,14 @@ fn parse_key(key: &Bound<'_, PyAny>, shape: &[usize], batch: bool) -> PyResult<V
         Err(_) => vec![key.clone()],
     };
     let nd = shape.len();
-    let n_real = items.iter().filter(|i| !i.is(&PyEllipsis::get(key.py()))).count();
+    let n_real = items
+        .iter()
+        .filter(|i| !i.is(&PyEllipsis::get(key.py())))
+        .count();
     if n_real > nd {
-        return Err(index_error(format!("too many indices for a tensor of {nd} dimensions")));
+        return Err(index_error(format!(
+            "too many indices for a tensor of {nd} dimensions"
+        )));
     }
     let mut keys = Vec::new();
     let mut axis = 0;
@@ -120,17 +145,23 @@ fn parse_key(key: &Bound<'_, PyAny>, shape: &[usize], batch: bool) -> PyResult<V
         let len = shape[axis];
         if let Ok(s) = it.cast::<PySlice>() {
             let ind = s.indices(len as isize)?;
-            let idx: Vec<usize> = (0..ind.slicelength).map(|k| (ind.start + k as isize * ind.step) as usize).collect();
+            let idx: Vec<usize> = (0..ind.slicelength)
+                .map(|k| (ind.start + k as isize * ind.step) as usize)
+                .collect();
             let full = ind.start == 0 && ind.step == 1 && ind.slicelength == len;
             keys.push(Key::Slice(idx, full));
         } else if let Ok(i) = it.extract::<isize>() {
             let j = if i < 0 { i + len as isize } else { i };
             if j < 0 || j >= len as isize {
-                return Err(index_error(format!("index {i} is out of range for axis {axis} of length {len}")));
+                return Err(index_error(format!(
+                    "index {i} is out of range for axis {axis} of length {len}"
+                )));
             }
             keys.push(Key::Index(j));
         } else {
-            return Err(index_error("tensors take integers, slices and ... as indices"));
+            return Err(index_error(
+                "tensors take integers, slices and ... as indices",
+            ));
         }
         axis += 1;
     }
@@ -178,7 +209,11 @@ fn operand(x: &Bound<'_, PyAny>) -> PyResult<Operand> {
         return Ok(Operand::Tensor(t.get().get()));
     }
     // Pyfhel's PyPtxt carries its value.
-    let v = if let Ok(val) = x.getattr("_pycrcnn_value") { val } else { x.clone() };
+    let v = if let Ok(val) = x.getattr("_pycrcnn_value") {
+        val
+    } else {
+        x.clone()
+    };
     Ok(Operand::Plain(as_f64_array(&v)?.as_array().to_owned()))
 }
 
@@ -203,15 +238,21 @@ impl PyCipherTensor {
         let mut ctx: Option<Py<PyContext>> = None;
         for i in 0..n {
             let item = flat.get_item(i)?;
-            let t = item.cast::<PyCipherTensor>().map_err(|_| HEError::new_err("every element must be a PyCtxt or a ciphertext from to_numpy()"))?;
+            let t = item.cast::<PyCipherTensor>().map_err(|_| {
+                HEError::new_err("every element must be a PyCtxt or a ciphertext from to_numpy()")
+            })?;
             if ctx.is_none() {
                 ctx = Some(t.get().ctx.clone_ref(py));
             }
             parts.push((*t.get().get()).clone());
         }
-        let ctx = ctx.ok_or_else(|| HEError::new_err("cannot build a CipherTensor from an empty array"))?;
+        let ctx =
+            ctx.ok_or_else(|| HEError::new_err("cannot build a CipherTensor from an empty array"))?;
         let t = run(py, || CipherTensor::stack(&parts, &shape))?;
-        Ok(PyCipherTensor { inner: RwLock::new(Arc::new(t)), ctx })
+        Ok(PyCipherTensor {
+            inner: RwLock::new(Arc::new(t)),
+            ctx,
+        })
     }
 
     /// numpy defers to our reflected operators (`array * tensor` → `tensor.__rmul__`).
@@ -264,7 +305,11 @@ impl PyCipherTensor {
     }
 
     fn __len__(&self) -> PyResult<usize> {
-        self.get().shape().first().copied().ok_or_else(|| pyo3::exceptions::PyTypeError::new_err("len() of a single ciphertext"))
+        self.get()
+            .shape()
+            .first()
+            .copied()
+            .ok_or_else(|| pyo3::exceptions::PyTypeError::new_err("len() of a single ciphertext"))
     }
 
     fn __getitem__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
@@ -287,7 +332,11 @@ impl PyCipherTensor {
         let phys = t.data().shape().to_vec();
         let out = np.call_method1("empty", (t.data().len(), "object"))?;
         for (i, e) in t.data().iter().enumerate() {
-            let single = t.with_data(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), e.clone()), t.scale(), t.growth().clone());
+            let single = t.with_data(
+                ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), e.clone()),
+                t.scale(),
+                t.growth().clone(),
+            );
             out.set_item(i, self.result(py, single)?)?;
         }
         out.call_method1("reshape", (PyTuple::new(py, phys)?,))
@@ -335,7 +384,12 @@ impl PyCipherTensor {
 
     /// Parses bytes made under `ctx`'s parameters and key (a Context or Pyfhel).
     #[classmethod]
-    fn from_bytes(_cls: &Bound<'_, pyo3::types::PyType>, py: Python<'_>, data: &[u8], ctx: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    fn from_bytes(
+        _cls: &Bound<'_, pyo3::types::PyType>,
+        py: Python<'_>,
+        data: &[u8],
+        ctx: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
         let c = context_arg(ctx)?;
         let engine = c.get().get();
         let t = run(py, || tensor_from_bytes(data, &engine))?;
@@ -404,8 +458,16 @@ impl PyCipherTensor {
         self.result(py, t.neg())
     }
 
-    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>, Bound<'py, PyBytes>))> {
-        let f = py.import("pycrcnn._engine")?.getattr("_tensor_from_pickle")?;
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(
+        Bound<'py, PyAny>,
+        (Bound<'py, PyBytes>, Bound<'py, PyBytes>),
+    )> {
+        let f = py
+            .import("pycrcnn._engine")?
+            .getattr("_tensor_from_pickle")?;
         let ctx = self.ctx.bind(py).get();
         Ok((f, (self.to_bytes(py)?, ctx.public_context(py)?)))
     }
@@ -438,17 +500,21 @@ impl PyCtxt {
     /// Writes the ciphertext's bytes to `path`.
     fn save(slf: PyRef<'_, Self>, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
         let b = slf.as_super().to_bytes(py)?;
-        std::fs::write(&path, b.as_bytes()).map_err(|e| HEError::new_err(format!("cannot write {}: {e}", path.display())))
+        std::fs::write(&path, b.as_bytes())
+            .map_err(|e| HEError::new_err(format!("cannot write {}: {e}", path.display())))
     }
 
     /// Replaces this ciphertext by the one saved at `path` (same context).
     fn load(slf: PyRef<'_, Self>, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
-        let data = std::fs::read(&path).map_err(|e| HEError::new_err(format!("cannot read {}: {e}", path.display())))?;
+        let data = std::fs::read(&path)
+            .map_err(|e| HEError::new_err(format!("cannot read {}: {e}", path.display())))?;
         let base = slf.as_super();
         let engine = base.ctx.bind(py).get().get();
         let t = run(py, || tensor_from_bytes(&data, &engine))?;
         if t.batch().is_some() || t.data().ndim() != 0 {
-            return Err(HEError::new_err("the file does not hold a single ciphertext"));
+            return Err(HEError::new_err(
+                "the file does not hold a single ciphertext",
+            ));
         }
         match base.inner.write() {
             Ok(mut g) => *g = Arc::new(t),
@@ -459,13 +525,21 @@ impl PyCtxt {
 
     fn __repr__(slf: PyRef<'_, Self>) -> String {
         let base = slf.as_super();
-        format!("PyCtxt(level={:?}, encoding={:?})", base.get().level().ok(), base.get().params().encoding().name())
+        format!(
+            "PyCtxt(level={:?}, encoding={:?})",
+            base.get().level().ok(),
+            base.get().params().encoding().name()
+        )
     }
 }
 
 /// Unpickles a tensor: into a live context holding its key, or a public one.
 #[pyfunction]
-pub fn _tensor_from_pickle(py: Python<'_>, data: &[u8], public_context: &[u8]) -> PyResult<Py<PyAny>> {
+pub fn _tensor_from_pickle(
+    py: Python<'_>,
+    data: &[u8],
+    public_context: &[u8],
+) -> PyResult<Py<PyAny>> {
     let frame = open_frame(data).map_err(super::errors::to_py)?;
     let ctx = match PyContext::find_live(py, &frame.key_id) {
         Some(c) => c,

@@ -1,0 +1,302 @@
+//! Slot placement and rotation schedule of a packed linear map between two
+//! slot layouts (one SIMD row of n slots, cyclic): the part of the packed
+//! layout that is pure integer bookkeeping, no encryption.
+//!
+//! A map sends input feature f (at slot `pos_in[f]`) to output feature f'
+//! (at slot `pos_out[f']`) with weight w. Written by diagonals,
+//! `y = Σ_k D_k ⊙ rot(x, k)` with `D_k[pos_out[f']] = w` for
+//! `k = pos_in[f] − pos_out[f'] (mod n)`. Each diagonal costs one
+//! ciphertext × plaintext product, so outputs are placed where their
+//! receptive fields share diagonals: output (o, i, j) sits at its receptive
+//! field's first input slot plus a per-channel offset, chosen greedily to
+//! add the fewest new diagonals. Rotations follow baby-step/giant-step:
+//! `k = g + b` with b in a window `[b_lo, b_hi]` containing 0 (baby steps:
+//! successive rotations of the input by ±1, multiplied by masks) and the
+//! distinct giants g applied by Horner's rule after the products (their key
+//! switching noise is then never multiplied by a mask). Horner's gaps use
+//! keys for the most frequent gaps and power-of-two steps for the rest.
+
+use std::collections::BTreeMap;
+
+use crate::he::{HeError, Result};
+
+/// How to evaluate one map: where its outputs go and the rotations it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapPlan {
+    /// Slot of each output feature.
+    pub pos_out: Vec<usize>,
+    /// Diagonal terms: per giant (descending), per baby b (as i64), the
+    /// diagonal k = g + b (mod n) — the masks are built from these.
+    pub giants: Vec<(usize, Vec<(i64, usize)>)>,
+    /// Lowest and highest baby step (b_lo ≤ 0 ≤ b_hi).
+    pub babies: (i64, i64),
+    /// Horner's rotation sequence: per giant after the first, the steps
+    /// taking the accumulator from the previous giant to this one, then
+    /// the final steps to rotation 0 (last entry).
+    pub horner: Vec<Vec<usize>>,
+    /// Number of non-zero diagonals (ciphertext × plaintext products).
+    pub diagonals: usize,
+}
+
+impl MapPlan {
+    /// Rotations per evaluation.
+    pub fn rotations(&self) -> usize {
+        (self.babies.1 - self.babies.0) as usize + self.horner.iter().map(Vec::len).sum::<usize>()
+    }
+
+    /// Rotation key steps it needs.
+    pub fn steps(&self, n: usize) -> Vec<usize> {
+        let mut s: Vec<usize> = self.horner.iter().flatten().copied().collect();
+        if self.babies.1 > 0 {
+            s.push(1);
+        }
+        if self.babies.0 < 0 {
+            s.push(n - 1);
+        }
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+}
+
+/// Places the outputs of a map (rows: per output feature, its (input
+/// feature, weight) terms) of logical shape `out_shape` [C, H, W], inputs at
+/// `pos_in`, in a row of `n` slots; plans its rotations.
+pub fn plan_map(
+    rows: &[Vec<(usize, i64)>],
+    out_shape: [usize; 3],
+    pos_in: &[usize],
+    n: usize,
+) -> Result<MapPlan> {
+    let [co, h, w] = out_shape;
+    let hw = h * w;
+    if co * hw != rows.len() || rows.len() > n {
+        return Err(HeError::Parameter(format!(
+            "packed map: {} outputs do not fit {n} slots (or the shape {out_shape:?} is wrong)",
+            rows.len()
+        )));
+    }
+    // Anchor of spatial position s: its receptive field's first input slot (over all channels).
+    let anchor: Vec<usize> = (0..hw)
+        .map(|s| {
+            (0..co)
+                .flat_map(|o| rows[o * hw + s].iter().map(|&(f, _)| pos_in[f]))
+                .min()
+                .unwrap_or(s)
+        })
+        .collect();
+    let mut occupied = vec![false; n];
+    let mut diag = vec![false; n];
+    let mut pos_out = vec![0usize; rows.len()];
+    let mut seen = vec![false; n];
+    for o in 0..co {
+        // The channel's diagonals relative to its anchors.
+        let mut rel = Vec::new();
+        for s in 0..hw {
+            for &(f, _) in &rows[o * hw + s] {
+                let r = (pos_in[f] + n - anchor[s]) % n;
+                if !seen[r] {
+                    seen[r] = true;
+                    rel.push(r);
+                }
+            }
+        }
+        for &r in &rel {
+            seen[r] = false;
+        }
+        let mut best: Option<(usize, usize)> = None;
+        for off in 0..n {
+            if anchor.iter().any(|&a| occupied[(a + off) % n]) {
+                continue;
+            }
+            let cost = rel.iter().filter(|&&r| !diag[(r + n - off) % n]).count();
+            if best.map_or(true, |(c, _)| cost < c) {
+                best = Some((cost, off));
+                if cost == 0 {
+                    break;
+                }
+            }
+        }
+        let (_, off) = best.ok_or_else(|| {
+            HeError::Parameter(format!(
+                "packed map: no room for output channel {o} in {n} slots"
+            ))
+        })?;
+        for s in 0..hw {
+            let p = (anchor[s] + off) % n;
+            occupied[p] = true;
+            pos_out[o * hw + s] = p;
+        }
+        for &r in &rel {
+            diag[(r + n - off) % n] = true;
+        }
+    }
+    let ks: Vec<usize> = (0..n).filter(|&k| diag[k]).collect();
+    Ok(schedule(ks, pos_out, n))
+}
+
+/// Chooses the baby window and Horner's keys for the diagonal set `ks`.
+fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
+    // Diagonals read as signed (−n/2, n/2] or as [0, n): the periods of the
+    // two readings differ when d1 does not divide n.
+    let mut best: Option<(usize, MapPlan)> = None;
+    for signed_mode in [false, true] {
+        let signed = |k: usize| {
+            if signed_mode && k > n / 2 {
+                k as i64 - n as i64
+            } else {
+                k as i64
+            }
+        };
+        for d1 in 1..=64usize.min(n) {
+            for lo in -(d1 as i64 - 1)..=0 {
+                // b(k) ∈ [lo, lo + d1): k − b ≡ 0 (mod d1) in the signed sense.
+                let mut giants: BTreeMap<usize, Vec<(i64, usize)>> = BTreeMap::new();
+                let (mut b_lo, mut b_hi) = (0i64, 0i64);
+                for &k in &ks {
+                    let sk = signed(k);
+                    let b = (sk - lo).rem_euclid(d1 as i64) + lo;
+                    b_lo = b_lo.min(b);
+                    b_hi = b_hi.max(b);
+                    let g = (sk - b).rem_euclid(n as i64) as usize;
+                    giants.entry(g).or_default().push((b, k));
+                }
+                let gs: Vec<usize> = giants.keys().rev().copied().collect();
+                let mut gaps: Vec<usize> = gs.windows(2).map(|p| p[0] - p[1]).collect();
+                gaps.push(*gs.last().unwrap_or(&0));
+                // Baby steps use special-prime keys (about twice a giant step's cost).
+                let cost_upper =
+                    2 * (b_hi - b_lo) as usize + gaps.iter().filter(|&&g| g > 0).count();
+                if best.as_ref().is_some_and(|(c, _)| cost_upper >= *c) {
+                    continue;
+                }
+                let horner = horner_steps(&gaps);
+                let plan = MapPlan {
+                    pos_out: pos_out.clone(),
+                    giants: gs.iter().map(|g| (*g, giants[g].clone())).collect(),
+                    babies: (b_lo, b_hi),
+                    horner,
+                    diagonals: ks.len(),
+                };
+                let cost = plan.rotations() + (b_hi - b_lo) as usize;
+                if best.as_ref().map_or(true, |(c, _)| cost < *c) {
+                    best = Some((cost, plan));
+                }
+            }
+        }
+    }
+    best.map(|(_, p)| p).unwrap_or(MapPlan {
+        pos_out,
+        giants: vec![],
+        babies: (0, 0),
+        horner: vec![],
+        diagonals: 0,
+    })
+}
+
+/// Key steps for each gap: the three most frequent gaps get keys of their
+/// own, the rest are sums of power-of-two steps.
+fn horner_steps(gaps: &[usize]) -> Vec<Vec<usize>> {
+    let mut freq: BTreeMap<usize, usize> = BTreeMap::new();
+    for &g in gaps.iter().filter(|&&g| g > 0) {
+        *freq.entry(g).or_default() += 1;
+    }
+    let mut by: Vec<(usize, usize)> = freq.into_iter().collect();
+    by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let direct: Vec<usize> = by
+        .iter()
+        .take(3)
+        .filter(|(g, c)| *c > 1 || g.count_ones() > 1)
+        .map(|(g, _)| *g)
+        .collect();
+    gaps.iter()
+        .map(|&g| {
+            if g == 0 {
+                vec![]
+            } else if direct.contains(&g) {
+                vec![g]
+            } else {
+                (0..usize::BITS)
+                    .filter(|b| g >> b & 1 == 1)
+                    .map(|b| 1usize << b)
+                    .collect()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluating_the_plan_in_the_clear_gives_the_map() {
+        // A 2-channel 6×6 input at two blocks of 64, a 3×3 stride-1 conv to 3 channels.
+        let n = 128;
+        let pos_in: Vec<usize> = (0..2)
+            .flat_map(|c| (0..6).flat_map(move |i| (0..6).map(move |j| c * 64 + i * 8 + j)))
+            .collect();
+        let mut rows = Vec::new();
+        for o in 0..3 {
+            for i in 0..4 {
+                for j in 0..4 {
+                    let mut r = Vec::new();
+                    for c in 0..2 {
+                        for a in 0..3 {
+                            for b in 0..3 {
+                                r.push((
+                                    c * 36 + (i + a) * 6 + j + b,
+                                    (o * 7 + c * 3 + a * 2 + b) as i64 - 9,
+                                ));
+                            }
+                        }
+                    }
+                    rows.push(r);
+                }
+            }
+        }
+        let plan = plan_map(&rows, [3, 4, 4], &pos_in, n).unwrap();
+        let x: Vec<i64> = (0..n as i64).map(|v| (v * 37) % 11 - 5).collect();
+        let rot = |v: &[i64], k: usize| -> Vec<i64> { (0..n).map(|p| v[(p + k) % n]).collect() };
+        // Babies, masks by diagonal, Horner over the giants.
+        let mut acc: Option<Vec<i64>> = None;
+        for (gi, (g, terms)) in plan.giants.iter().enumerate() {
+            if let Some(a) = acc.take() {
+                let mut a = a;
+                for &s in &plan.horner[gi - 1] {
+                    a = rot(&a, s);
+                }
+                acc = Some(a);
+            }
+            let mut inner = vec![0i64; n];
+            for &(b, k) in terms {
+                let xb = rot(&x, (b.rem_euclid(n as i64)) as usize);
+                for p in 0..n {
+                    // D_k[(p − g)] with D_k[pos_out[f']] = w for pos_in[f] − pos_out[f'] = k.
+                    let q = (p + n - g) % n;
+                    if let Some(fo) = plan.pos_out.iter().position(|&s| s == q) {
+                        if let Some(&(_, w)) = rows[fo]
+                            .iter()
+                            .find(|&&(f, _)| (pos_in[f] + n - q) % n == k)
+                        {
+                            inner[p] += w * xb[p];
+                        }
+                    }
+                }
+            }
+            acc = Some(match acc {
+                Some(a) => a.iter().zip(&inner).map(|(u, v)| u + v).collect(),
+                None => inner,
+            });
+        }
+        let mut y = acc.unwrap();
+        for &s in plan.horner.last().unwrap() {
+            y = rot(&y, s);
+        }
+        for (fo, r) in rows.iter().enumerate() {
+            let want: i64 = r.iter().map(|&(f, w)| w * x[pos_in[f]]).sum();
+            assert_eq!(y[plan.pos_out[fo]], want);
+        }
+        assert!(plan.diagonals <= 2 * 9 * 3, "{}", plan.diagonals);
+    }
+}
