@@ -104,6 +104,15 @@ class EncodedModel(list):
             enc = _encode_layer(HE, layer)
             enc.torch_index, enc.spec = layer.index, layer
             self.append(enc)
+        # A square followed by an average pooling runs as one engine step (the
+        # squares of a window are added before BFV scales them back: one scaling
+        # per pooled output instead of one per square); the pooling's element
+        # then passes its input through. Fixed here, so that iterating over the
+        # layers computes exactly as model(x) does.
+        for a, b in zip(self[:-1], self[1:]):
+            fused = a._layer.fuse_with(b._layer) if a._layer is not None and b._layer is not None else None
+            if fused is not None:
+                a._layer, b._layer = fused
 
     # -- description -----------------------------------------------------------
     @property

@@ -10,6 +10,7 @@ use crate::he::encoding::fractional_encode;
 use crate::he::error::value_err;
 use crate::he::growth::{negacyclic_bound, Growth};
 use crate::he::tensor::{check_fits, shaped, Element};
+use super::{Affine, AffineMap};
 use crate::he::{CipherTensor, Encoding, HeContext, HeError, Multiplier, Result};
 
 /// x² element-wise. `x` is consumed: each input ciphertext is freed as soon
@@ -18,9 +19,75 @@ pub fn square(ctx: &HeContext, x: CipherTensor) -> Result<CipherTensor> {
     ctx.square(x)
 }
 
+/// Whether `map` is a sum pooling [`square_pool`] can fuse with the square
+/// before it: the batch encoding, unit weights, no bias, and every input
+/// in at most one output (non-overlapping windows).
+fn sums_disjoint_windows(map: &AffineMap, x: &CipherTensor) -> bool {
+    if !matches!(x.params().encoding(), Encoding::Batch { .. }) || !map.bias.is_empty() || map.divisor == 1.0 {
+        return false;
+    }
+    if map.weights.iter().any(|&w| w != 1.0) || map.terms.iter().any(|t| t.is_empty()) {
+        return false;
+    }
+    let mut used = vec![false; map.in_shape.iter().product::<usize>()];
+    for &(i, _) in map.terms.iter().flatten() {
+        if std::mem::replace(&mut used[i as usize], true) {
+            return false;
+        }
+    }
+    true
+}
+
+/// x² followed by the average pooling `pool`, as one step: the squares of
+/// each window are added before BFV scales the product back (one scaling
+/// per pooled output instead of one per square, the most expensive part of
+/// a square). Any other pooling runs as a square, then the pooling.
+pub fn square_pool(ctx: &HeContext, x: CipherTensor, pool: &Affine) -> Result<CipherTensor> {
+    ctx.check(&x)?;
+    let map = pool.map_for(x.image_shape())?;
+    if !sums_disjoint_windows(&map, &x) {
+        return pool.forward(&square(ctx, x)?);
+    }
+    let params = x.params().clone();
+    let level = x.level()?;
+    let sq_growth = x.growth().mul(x.growth());
+    let sq_scale = x.scale() * x.scale();
+    check_fits(&params, &sq_growth, sq_scale, "square")?;
+    let (scale_out, weight_factor) = map.output_scale(&params, sq_scale);
+    let growth = map.output_growth(&params, &sq_growth, scale_out, weight_factor)?;
+    let name = pool.geometry().name();
+    check_fits(&params, &growth, scale_out, name)?;
+    let start = x.image_axes_start();
+    let imgs = x.physical_images();
+    let in_per: usize = map.in_shape.iter().product::<usize>().max(1);
+    let out_per: usize = map.out_shape.iter().product::<usize>().max(1);
+    let flat: Vec<&Element> = x.data().iter().collect();
+    let ncomp = params.p().len();
+    // One job per pooled output and plaintext modulus: both threads stay busy
+    // whatever the number of CRT primes.
+    let jobs: Vec<(usize, usize, usize)> =
+        (0..imgs).flat_map(|i| (0..out_per).flat_map(move |o| (0..ncomp).map(move |k| (i, o, k)))).collect();
+    let cts: Vec<Ciphertext> = jobs
+        .par_iter()
+        .map(|&(img, o, k)| {
+            let base = img * in_per;
+            let window: Vec<&Ciphertext> = map.terms[o].iter().map(|&(i, _)| &flat[base + i as usize][k]).collect();
+            ctx.square_sum(k, &window, level)
+        })
+        .collect::<Result<_>>()?;
+    let mut it = cts.into_iter();
+    let out: Vec<Element> = (0..imgs * out_per).map(|_| it.by_ref().take(ncomp).collect()).collect();
+    let mut shape = if start == 1 { vec![imgs] } else { vec![] };
+    shape.extend_from_slice(&map.out_shape);
+    let data = shaped(&shape, out)?;
+    Ok(x.with_data(data, scale_out, growth))
+}
+
 /// Σ_k coeffs[k] · x^k element-wise (coefficients lowest degree first).
 pub fn polynomial(ctx: &HeContext, x: &CipherTensor, coeffs: &[f64]) -> Result<CipherTensor> {
     ctx.check(x)?;
+    // Powers are products: their input needs two parts (a square's output has three).
+    let x = &ctx.relinearized(x)?;
     let d = coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
     if d == 0 {
         return value_err("a polynomial activation needs degree ≥ 1 (a constant is not an activation)");

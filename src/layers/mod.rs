@@ -10,13 +10,34 @@ mod affine_map;
 mod kernel;
 mod reference;
 
-pub use activation::{polynomial, square};
+pub use activation::{polynomial, square, square_pool};
 pub use affine::{Affine, Geometry};
 pub use affine_map::AffineMap;
 pub use kernel::weighted_sum;
 pub use reference::{encode_inputs, IntTensor};
 
+use std::sync::Arc;
+
 use crate::he::{CipherTensor, HeContext, Result};
+
+/// The average pooling a [`Layer::SquarePool`] applies after its square:
+/// the pooling model's own layer, shared (and its weight cache with it).
+pub struct PoolAfterSquare(Arc<Layer>);
+
+impl PoolAfterSquare {
+    /// The pooling.
+    pub fn pool(&self) -> &Affine {
+        match &*self.0 {
+            Layer::Affine(a) => a,
+            _ => unreachable!("PoolAfterSquare holds an AvgPool2d (checked by Layer::fuse_square)"),
+        }
+    }
+
+    /// The pooling as a layer.
+    pub fn layer(&self) -> &Arc<Layer> {
+        &self.0
+    }
+}
 
 /// One encrypted layer.
 pub enum Layer {
@@ -24,6 +45,13 @@ pub enum Layer {
     Affine(Affine),
     /// x².
     Square,
+    /// x², then the average pooling after it, as one step (see
+    /// [`square_pool`]): what a model's square becomes when a pooling
+    /// follows it, chosen when the model is built.
+    SquarePool(PoolAfterSquare),
+    /// A layer whose work the layer before it does (the pooling of a
+    /// [`Layer::SquarePool`]): passes its input through, keeps the name.
+    Absorbed(Arc<Layer>),
     /// Σ c_k x^k (coefficients lowest degree first).
     Polynomial(Vec<f64>),
     /// Flattens each image to one axis.
@@ -35,11 +63,26 @@ pub enum Layer {
 }
 
 impl Layer {
+    /// A square followed by `next` fused into one step where `next` is an
+    /// average pooling: `(the fused square, what replaces next)`; `None`
+    /// otherwise. Chosen once, when the model is built, so that a model run
+    /// and a loop over its layers compute the same way.
+    pub fn fuse_square(next: &Arc<Layer>) -> Option<(Layer, Layer)> {
+        match &**next {
+            Layer::Affine(a) if matches!(a.geometry(), Geometry::AvgPool2d { .. }) => {
+                Some((Layer::SquarePool(PoolAfterSquare(next.clone())), Layer::Absorbed(next.clone())))
+            }
+            _ => None,
+        }
+    }
+
     /// The torch-like name of the layer.
     pub fn name(&self) -> String {
         match self {
             Layer::Affine(a) => a.geometry().name().to_string(),
             Layer::Square => "Square".into(),
+            Layer::SquarePool(p) => format!("Square+{}", p.pool().geometry().name()),
+            Layer::Absorbed(l) => l.name(),
             Layer::Polynomial(_) => "Polynomial".into(),
             Layer::Flatten => "Flatten".into(),
             Layer::Rencryption => "Rencryption".into(),
@@ -49,7 +92,7 @@ impl Layer {
 
     /// Whether it needs ciphertext products (relinearization keys, noise).
     pub fn multiplies_ciphertexts(&self) -> bool {
-        matches!(self, Layer::Square | Layer::Polynomial(_))
+        matches!(self, Layer::Square | Layer::SquarePool(_) | Layer::Polynomial(_))
             || matches!(self, Layer::Packed(s) if s.stage() == crate::model::packed::Stage::Square)
     }
 
@@ -59,6 +102,8 @@ impl Layer {
         match self {
             Layer::Affine(a) => a.forward(x),
             Layer::Square => square(ctx, x.clone()),
+            Layer::SquarePool(p) => square_pool(ctx, x.clone(), p.pool()),
+            Layer::Absorbed(_) => Ok(x.clone()),
             Layer::Polynomial(c) => polynomial(ctx, x, c),
             Layer::Flatten => {
                 let n: usize = x.image_shape().iter().product();
@@ -77,6 +122,11 @@ impl Layer {
                 ctx.check(&x)?;
                 square(ctx, x)
             }
+            Layer::SquarePool(p) => square_pool(ctx, x, p.pool()),
+            Layer::Absorbed(_) => {
+                ctx.check(&x)?;
+                Ok(x)
+            }
             _ => self.forward(ctx, &x),
         }
     }
@@ -91,7 +141,12 @@ impl Layer {
                 a.probe(probe)
             }
             // Flattening moves values without changing them.
-            Layer::Flatten => Ok(probe.clone()),
+            Layer::Flatten | Layer::Absorbed(_) => Ok(probe.clone()),
+            // Unfused on the probe: the fused step's noise is at most the same.
+            Layer::SquarePool(p) => {
+                ctx.check(probe)?;
+                p.pool().probe(&square(ctx, probe.clone())?)
+            }
             Layer::Packed(_) => Err(crate::he::HeError::Value(
                 "packed stages are not predicted on probes: the packed plan's report predicts them".into(),
             )),
@@ -104,6 +159,7 @@ impl Layer {
         match self {
             Layer::Affine(a) => a.geometry().output_shape(in_shape),
             Layer::Flatten => Ok(vec![in_shape.iter().product()]),
+            Layer::SquarePool(p) => p.pool().geometry().output_shape(in_shape),
             Layer::Packed(s) => Ok(s.output_shape()),
             _ => Ok(in_shape.to_vec()),
         }

@@ -95,6 +95,11 @@ impl Layer {
                 let values = checked_map(&x.values, |v| v.checked_mul(v)).ok_or_else(|| overflow(&name))?;
                 Ok(IntTensor { values, scale: x.scale * x.scale })
             }
+            Layer::SquarePool(p) => {
+                let sq = Layer::Square.reference(x, encoding)?;
+                p.layer().reference(&sq, encoding)
+            }
+            Layer::Absorbed(_) => Ok(x.clone()),
             Layer::Polynomial(coeffs) => {
                 let d = coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
                 if d == 0 {

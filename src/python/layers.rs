@@ -186,6 +186,19 @@ impl PyLayer {
         wrap_tensor(py, out, ctx_obj)
     }
 
+    /// This square fused with the average pooling `next` after it: the
+    /// `(square, pooling)` layers to use in their place (the square then
+    /// pools, the pooling passes its input through), or `None` when this is
+    /// not a square or `next` not an average pooling.
+    fn fuse_with(&self, py: Python<'_>, next: &PyLayer) -> Option<(PyLayer, PyLayer)> {
+        if !matches!(*self.layer, Layer::Square) {
+            return None;
+        }
+        Layer::fuse_square(&next.layer).map(|(square, pool)| {
+            (PyLayer { layer: Arc::new(square), ctx: self.ctx.clone_ref(py) }, PyLayer { layer: Arc::new(pool), ctx: next.ctx.clone_ref(py) })
+        })
+    }
+
     /// torch-like name.
     #[getter]
     fn name(&self) -> String {
