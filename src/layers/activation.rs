@@ -38,31 +38,79 @@ fn sums_disjoint_windows(map: &AffineMap, x: &CipherTensor) -> bool {
     true
 }
 
-/// x² followed by the average pooling `pool`, as one step: the squares of
-/// each window are added before BFV scales the product back (one scaling
-/// per pooled output instead of one per square, the most expensive part of
-/// a square). Any other pooling runs as a square, then the pooling.
-pub fn square_pool(ctx: &HeContext, x: CipherTensor, pool: &Affine) -> Result<CipherTensor> {
+/// [`before` →] x² → the average pooling `pool`, as one step: each pooled
+/// output adds the tensor squares of its window before BFV scales the sum
+/// back (one scaling per pooled output instead of one per square, the most
+/// expensive part of a square), and with `before` (an affine layer) each
+/// square's input is computed where it is needed, so the affine layer's
+/// output is never held whole (the memory peak of an encrypted CNN). Any
+/// pooling that is not a sum over disjoint windows runs unfused.
+pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, pool: &Affine) -> Result<CipherTensor> {
     ctx.check(&x)?;
-    let map = pool.map_for(x.image_shape())?;
-    if !sums_disjoint_windows(&map, &x) {
-        return pool.forward(&square(ctx, x)?);
-    }
     let params = x.params().clone();
     let level = x.level()?;
-    let sq_growth = x.growth().mul(x.growth());
-    let sq_scale = x.scale() * x.scale();
+    let bmap = before.map(|b| b.map_for(x.image_shape())).transpose()?;
+    let sq_in_shape = bmap.as_ref().map_or_else(|| x.image_shape().to_vec(), |m| m.out_shape.clone());
+    let map = pool.map_for(&sq_in_shape)?;
+    if !sums_disjoint_windows(&map, &x) {
+        let y = match before {
+            Some(b) => b.forward(&x)?,
+            None => x,
+        };
+        return pool.forward(&square(ctx, y)?);
+    }
+    // Scales and bounds as the three layers would give them, checked in order.
+    let (b_scale, b_growth, prepared, bias) = match (before, &bmap) {
+        (Some(b), Some(m)) => {
+            let (scale, wf) = m.output_scale(&params, x.scale());
+            let growth = m.output_growth(&params, x.growth(), scale, wf)?;
+            check_fits(&params, &growth, scale, b.geometry().name())?;
+            let mut polys: std::collections::HashMap<u64, Vec<fhe_math::rq::Poly>> = std::collections::HashMap::new();
+            for &v in &m.bias {
+                if let std::collections::hash_map::Entry::Vacant(slot) = polys.entry(v.to_bits()) {
+                    slot.insert(x.constant_polys(&[v], scale, level)?);
+                }
+            }
+            (scale, growth, Some(b.prepared(m, &x)?), polys)
+        }
+        _ => (x.scale(), x.growth().clone(), None, Default::default()),
+    };
+    let sq_growth = b_growth.mul(&b_growth);
+    let sq_scale = b_scale * b_scale;
     check_fits(&params, &sq_growth, sq_scale, "square")?;
     let (scale_out, weight_factor) = map.output_scale(&params, sq_scale);
     let growth = map.output_growth(&params, &sq_growth, scale_out, weight_factor)?;
-    let name = pool.geometry().name();
-    check_fits(&params, &growth, scale_out, name)?;
+    check_fits(&params, &growth, scale_out, pool.geometry().name())?;
     let start = x.image_axes_start();
     let imgs = x.physical_images();
-    let in_per: usize = map.in_shape.iter().product::<usize>().max(1);
+    let in_per: usize = x.image_shape().iter().product::<usize>().max(1);
+    let sq_per: usize = sq_in_shape.iter().product::<usize>().max(1);
     let out_per: usize = map.out_shape.iter().product::<usize>().max(1);
     let flat: Vec<&Element> = x.data().iter().collect();
     let ncomp = params.p().len();
+    let bfv = params.bfv();
+    // The square's input j of image `img`, component k.
+    let input = |img: usize, j: usize, k: usize| -> Result<std::borrow::Cow<'_, Ciphertext>> {
+        let base = img * in_per;
+        let (Some(m), Some(prepared)) = (&bmap, &prepared) else {
+            return Ok(std::borrow::Cow::Borrowed(&flat[img * sq_per + j][k]));
+        };
+        let terms = &m.terms[j];
+        let mut ct = if terms.is_empty() {
+            Multiplier::scalar(0, flat[base][k][0].ctx()).apply(&flat[base][k], &bfv[k])?
+        } else {
+            let (cts, ws): (Vec<&Ciphertext>, Vec<&Multiplier>) =
+                terms.iter().map(|&(i, w)| (&flat[base + i as usize][k], &prepared[w as usize])).unzip();
+            weighted_sum(&cts, &ws, &bfv[k])?
+        };
+        if !m.bias.is_empty() {
+            let poly = &bias[&m.bias[j % m.out_shape.iter().product::<usize>().max(1)].to_bits()][k];
+            let mut parts: Vec<fhe_math::rq::Poly> = ct.iter().cloned().collect();
+            parts[0] += poly;
+            ct = Ciphertext::new(parts, &bfv[k])?;
+        }
+        Ok(std::borrow::Cow::Owned(ct))
+    };
     // One job per pooled output and plaintext modulus: both threads stay busy
     // whatever the number of CRT primes.
     let jobs: Vec<(usize, usize, usize)> =
@@ -70,9 +118,9 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, pool: &Affine) -> Result<Ci
     let cts: Vec<Ciphertext> = jobs
         .par_iter()
         .map(|&(img, o, k)| {
-            let base = img * in_per;
-            let window: Vec<&Ciphertext> = map.terms[o].iter().map(|&(i, _)| &flat[base + i as usize][k]).collect();
-            ctx.square_sum(k, &window, level)
+            let window: Vec<std::borrow::Cow<'_, Ciphertext>> = map.terms[o].iter().map(|&(j, _)| input(img, j as usize, k)).collect::<Result<_>>()?;
+            let refs: Vec<&Ciphertext> = window.iter().map(|c| &**c).collect();
+            ctx.square_sum(k, &refs, level)
         })
         .collect::<Result<_>>()?;
     let mut it = cts.into_iter();

@@ -20,22 +20,33 @@ use std::sync::Arc;
 
 use crate::he::{CipherTensor, HeContext, Result};
 
-/// The average pooling a [`Layer::SquarePool`] applies after its square:
-/// the pooling model's own layer, shared (and its weight cache with it).
-pub struct PoolAfterSquare(Arc<Layer>);
+/// A square with the layers fused around it (see [`square_pool`]): the
+/// affine layer before it, if any, and the average pooling after it, each
+/// the model's own layer, shared (and their weight caches with them).
+pub struct FusedSquare {
+    before: Option<Arc<Layer>>,
+    pool: Arc<Layer>,
+}
 
-impl PoolAfterSquare {
-    /// The pooling.
-    pub fn pool(&self) -> &Affine {
-        match &*self.0 {
-            Layer::Affine(a) => a,
-            _ => unreachable!("PoolAfterSquare holds an AvgPool2d (checked by Layer::fuse_square)"),
+impl FusedSquare {
+    /// The affine layer before the square, if fused.
+    pub fn before(&self) -> Option<&Affine> {
+        match self.before.as_deref() {
+            Some(Layer::Affine(a)) => Some(a),
+            _ => None,
         }
     }
 
-    /// The pooling as a layer.
-    pub fn layer(&self) -> &Arc<Layer> {
-        &self.0
+    /// The pooling after the square, if it still is one.
+    pub fn pool(&self) -> Option<&Affine> {
+        match &*self.pool {
+            Layer::Affine(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn pool_or_err(&self) -> Result<&Affine> {
+        self.pool().ok_or_else(|| crate::he::HeError::Value("a fused square needs an average pooling after it".into()))
     }
 }
 
@@ -45,10 +56,10 @@ pub enum Layer {
     Affine(Affine),
     /// x².
     Square,
-    /// x², then the average pooling after it, as one step (see
-    /// [`square_pool`]): what a model's square becomes when a pooling
-    /// follows it, chosen when the model is built.
-    SquarePool(PoolAfterSquare),
+    /// [affine →] x² → average pooling as one step (see [`square_pool`]):
+    /// what a model's square becomes when a pooling follows it, chosen when
+    /// the model is built.
+    SquarePool(FusedSquare),
     /// A layer whose work the layer before it does (the pooling of a
     /// [`Layer::SquarePool`]): passes its input through, keeps the name.
     Absorbed(Arc<Layer>),
@@ -63,17 +74,24 @@ pub enum Layer {
 }
 
 impl Layer {
-    /// A square followed by `next` fused into one step where `next` is an
-    /// average pooling: `(the fused square, what replaces next)`; `None`
-    /// otherwise. Chosen once, when the model is built, so that a model run
-    /// and a loop over its layers compute the same way.
-    pub fn fuse_square(next: &Arc<Layer>) -> Option<(Layer, Layer)> {
-        match &**next {
-            Layer::Affine(a) if matches!(a.geometry(), Geometry::AvgPool2d { .. }) => {
-                Some((Layer::SquarePool(PoolAfterSquare(next.clone())), Layer::Absorbed(next.clone())))
-            }
-            _ => None,
+    /// A square between `before` and `next` fused into one step where
+    /// `next` is an average pooling: the layers to use in place of
+    /// `(before, the square, next)`; `before` is absorbed when it is an
+    /// affine layer (its output is then never held whole: the memory peak of
+    /// a CNN), else left as it is (`None`). `None` when `next` is not an
+    /// average pooling. Chosen once, when the model is built, so that a
+    /// model run and a loop over its layers compute the same way.
+    pub fn fuse_square(before: Option<&Arc<Layer>>, next: &Arc<Layer>) -> Option<(Option<Layer>, Layer, Layer)> {
+        if !matches!(&**next, Layer::Affine(a) if matches!(a.geometry(), Geometry::AvgPool2d { .. })) {
+            return None;
         }
+        let before = before.filter(|b| matches!(&***b, Layer::Affine(_))).cloned();
+        let fused = Layer::SquarePool(FusedSquare { before: before.clone(), pool: next.clone() });
+        let pool = Layer::Absorbed(next.clone());
+        Some(match before {
+            Some(_) => (Some(fused), Layer::Absorbed(Arc::new(Layer::Square)), pool),
+            None => (None, fused, pool),
+        })
     }
 
     /// The torch-like name of the layer.
@@ -81,7 +99,10 @@ impl Layer {
         match self {
             Layer::Affine(a) => a.geometry().name().to_string(),
             Layer::Square => "Square".into(),
-            Layer::SquarePool(p) => format!("Square+{}", p.pool().geometry().name()),
+            Layer::SquarePool(f) => {
+                let before = f.before().map(|a| format!("{}+", a.geometry().name())).unwrap_or_default();
+                format!("{before}Square+{}", f.pool().map_or("?", |p| p.geometry().name()))
+            }
             Layer::Absorbed(l) => l.name(),
             Layer::Polynomial(_) => "Polynomial".into(),
             Layer::Flatten => "Flatten".into(),
@@ -102,7 +123,7 @@ impl Layer {
         match self {
             Layer::Affine(a) => a.forward(x),
             Layer::Square => square(ctx, x.clone()),
-            Layer::SquarePool(p) => square_pool(ctx, x.clone(), p.pool()),
+            Layer::SquarePool(f) => square_pool(ctx, x.clone(), f.before(), f.pool_or_err()?),
             Layer::Absorbed(_) => Ok(x.clone()),
             Layer::Polynomial(c) => polynomial(ctx, x, c),
             Layer::Flatten => {
@@ -122,7 +143,7 @@ impl Layer {
                 ctx.check(&x)?;
                 square(ctx, x)
             }
-            Layer::SquarePool(p) => square_pool(ctx, x, p.pool()),
+            Layer::SquarePool(f) => square_pool(ctx, x, f.before(), f.pool_or_err()?),
             Layer::Absorbed(_) => {
                 ctx.check(&x)?;
                 Ok(x)
@@ -143,9 +164,13 @@ impl Layer {
             // Flattening moves values without changing them.
             Layer::Flatten | Layer::Absorbed(_) => Ok(probe.clone()),
             // Unfused on the probe: the fused step's noise is at most the same.
-            Layer::SquarePool(p) => {
+            Layer::SquarePool(f) => {
                 ctx.check(probe)?;
-                p.pool().probe(&square(ctx, probe.clone())?)
+                let x = match f.before() {
+                    Some(a) => a.probe(probe)?,
+                    None => probe.clone(),
+                };
+                f.pool_or_err()?.probe(&square(ctx, x)?)
             }
             Layer::Packed(_) => Err(crate::he::HeError::Value(
                 "packed stages are not predicted on probes: the packed plan's report predicts them".into(),
@@ -159,7 +184,13 @@ impl Layer {
         match self {
             Layer::Affine(a) => a.geometry().output_shape(in_shape),
             Layer::Flatten => Ok(vec![in_shape.iter().product()]),
-            Layer::SquarePool(p) => p.pool().geometry().output_shape(in_shape),
+            Layer::SquarePool(f) => {
+                let sq = match f.before() {
+                    Some(a) => a.geometry().output_shape(in_shape)?,
+                    None => in_shape.to_vec(),
+                };
+                f.pool_or_err()?.geometry().output_shape(&sq)
+            }
             Layer::Packed(s) => Ok(s.output_shape()),
             _ => Ok(in_shape.to_vec()),
         }

@@ -95,9 +95,12 @@ impl Layer {
                 let values = checked_map(&x.values, |v| v.checked_mul(v)).ok_or_else(|| overflow(&name))?;
                 Ok(IntTensor { values, scale: x.scale * x.scale })
             }
-            Layer::SquarePool(p) => {
-                let sq = Layer::Square.reference(x, encoding)?;
-                p.layer().reference(&sq, encoding)
+            Layer::SquarePool(f) => {
+                let y = match f.before.as_ref() {
+                    Some(b) => b.reference(x, encoding)?,
+                    None => x.clone(),
+                };
+                f.pool.reference(&Layer::Square.reference(&y, encoding)?, encoding)
             }
             Layer::Absorbed(_) => Ok(x.clone()),
             Layer::Polynomial(coeffs) => {

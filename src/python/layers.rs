@@ -186,16 +186,20 @@ impl PyLayer {
         wrap_tensor(py, out, ctx_obj)
     }
 
-    /// This square fused with the average pooling `next` after it: the
-    /// `(square, pooling)` layers to use in their place (the square then
-    /// pools, the pooling passes its input through), or `None` when this is
-    /// not a square or `next` not an average pooling.
-    fn fuse_with(&self, py: Python<'_>, next: &PyLayer) -> Option<(PyLayer, PyLayer)> {
+    /// This square fused with the layer `before` it (absorbed when affine)
+    /// and the average pooling `next` after it: the layers to use in place
+    /// of `(before, square, next)` (`before` is `None` when it stays as it
+    /// is), or `None` when this is not a square or `next` not an average
+    /// pooling. The fused layer computes all three; the absorbed ones pass
+    /// their input through.
+    #[pyo3(signature = (next, before=None))]
+    fn fuse_with(&self, py: Python<'_>, next: &PyLayer, before: Option<&PyLayer>) -> Option<(Option<PyLayer>, PyLayer, PyLayer)> {
         if !matches!(*self.layer, Layer::Square) {
             return None;
         }
-        Layer::fuse_square(&next.layer).map(|(square, pool)| {
-            (PyLayer { layer: Arc::new(square), ctx: self.ctx.clone_ref(py) }, PyLayer { layer: Arc::new(pool), ctx: next.ctx.clone_ref(py) })
+        let wrap = |layer: Layer, ctx: &Py<PyContext>| PyLayer { layer: Arc::new(layer), ctx: ctx.clone_ref(py) };
+        Layer::fuse_square(before.map(|b| &b.layer), &next.layer).map(|(b, square, pool)| {
+            (b.map(|l| wrap(l, &self.ctx)), wrap(square, &self.ctx), wrap(pool, &next.ctx))
         })
     }
 
