@@ -245,6 +245,42 @@ mod tests {
     }
 
     #[test]
+    fn fused_conv_square_pool_matches_the_layers_one_by_one() {
+        use crate::layers::{Affine, Geometry, Layer};
+        use std::sync::Arc;
+        let batch = Encoding::Batch { scale_bits: 6, weight_scale_bits: 6 };
+        // Two plaintext primes: the fused step's jobs cover every CRT component.
+        let ctx = crate::he::context::tests::make_n(4096, vec![], 2, batch, None);
+        let g = Geometry::Conv2d { out_channels: 3, in_channels: 2, kernel: (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 1 };
+        let w = random(&[3 * 2 * 9], -1.0, 1.0).into_raw_vec_and_offset().0;
+        let conv = Arc::new(Layer::Affine(Affine::new(g, w, Some(vec![0.5, -0.25, 0.125])).unwrap()));
+        let pool = Arc::new(Layer::Affine(Affine::new(Geometry::AvgPool2d { kernel: (2, 2), stride: (2, 2), padding: (0, 0) }, vec![1.0], None).unwrap()));
+        let x = random(&[5, 2, 4, 6], -1.0, 1.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let plain = pool.forward(&ctx, &Layer::Square.forward(&ctx, &conv.forward(&ctx, &t).unwrap()).unwrap()).unwrap();
+        let (before, sq, after) = Layer::fuse_square(Some(&conv), &pool).unwrap();
+        let before = before.expect("an affine layer before the square is absorbed");
+        let fused = after.forward(&ctx, &sq.forward(&ctx, &before.forward(&ctx, &t).unwrap()).unwrap()).unwrap();
+        assert_eq!(before.name(), "Conv2d+Square+AvgPool2d");
+        assert_eq!((fused.shape(), fused.scale()), (plain.shape(), plain.scale()));
+        assert_eq!(ctx.decrypt_integers(&fused).unwrap(), ctx.decrypt_integers(&plain).unwrap());
+        assert!(fused.data().iter().all(|e| e.iter().all(|c| c.len() == 3)), "not relinearized");
+        // And the reference agrees with both.
+        let r = crate::layers::encode_inputs(x.view(), batch).unwrap();
+        let r = before.reference(&r, batch).unwrap();
+        assert_eq!(r.scale, plain.scale());
+        // Three-part results serialize, add to two-part ones, and feed a product.
+        let bytes = crate::he::serialize::tensor_to_bytes(&fused);
+        let back = crate::he::serialize::tensor_from_bytes(&bytes, &ctx).unwrap();
+        let fresh = ctx.encrypt(ArrayD::zeros(IxDyn(&[5, 3, 2, 3])).view()).unwrap();
+        let fresh = fresh.with_data(fresh.data().clone(), back.scale(), back.growth().clone()).switch_to_level(back.level().unwrap()).unwrap();
+        assert_eq!(ctx.decrypt_integers(&back.add(&fresh).unwrap()).unwrap(), ctx.decrypt_integers(&plain).unwrap());
+        // (m=4096 has no budget for a second product: that it runs is the check.)
+        let sq2 = ctx.multiply(&back, &back).unwrap();
+        assert!(sq2.data().iter().all(|e| e.iter().all(|c| c.len() == 2)));
+    }
+
+    #[test]
     fn square_consumes_and_matches() {
         let batch = Encoding::Batch { scale_bits: 8, weight_scale_bits: 8 };
         let ctx = make(4096, vec![], batch, None);
