@@ -15,7 +15,7 @@ use super::error::{value_err, HeError, Result};
 use super::galois::{RotationKeys, RotationNeed};
 use super::growth::Growth;
 use super::params::{Encoding, HeParameters};
-use super::square::Squarer;
+use super::square::{Squarer, Tensor};
 use super::tensor::{at_common_level, check_fits, shaped, CipherTensor, Element};
 
 /// The keys of a context. `secret` is `None` on a server.
@@ -494,22 +494,24 @@ impl HeContext {
         Ok(sq)
     }
 
-    /// Σ cts[i]² (plaintext modulus `k`, all at `level`): the tensor squares
-    /// are added in the extended basis and scaled back by t/Q once, which
-    /// costs one scaling instead of one per square (three parts, switched
-    /// down like [`HeContext::square_ct`]).
-    pub(crate) fn square_sum(&self, k: usize, cts: &[&Ciphertext], level: usize) -> Result<Ciphertext> {
-        let squarer = self.squarer(k, level)?;
-        let mut acc: Option<super::square::Tensor> = None;
-        for ct in cts {
-            let t = squarer.tensor(&*self.two_part(k, ct)?)?;
-            match acc.as_mut() {
-                None => acc = Some(t),
-                Some(a) => a.add_assign(&t),
-            }
+    /// Adds the tensor square of `ct` (plaintext modulus `k`, at `level`) to
+    /// `acc`: tensor squares added in the extended basis and scaled back by
+    /// t/Q once ([`HeContext::square_finish`]) cost one scaling instead of one
+    /// per square (a square followed by a sum pooling).
+    pub(crate) fn square_add(&self, k: usize, ct: &Ciphertext, level: usize, acc: &mut Option<Tensor>) -> Result<()> {
+        let t = self.squarer(k, level)?.tensor(&*self.two_part(k, ct)?)?;
+        match acc.as_mut() {
+            None => *acc = Some(t),
+            Some(a) => a.add_assign(&t),
         }
+        Ok(())
+    }
+
+    /// The ciphertext of a sum of tensor squares: three parts, switched down
+    /// like [`HeContext::square_ct`].
+    pub(crate) fn square_finish(&self, k: usize, acc: Option<Tensor>, level: usize) -> Result<Ciphertext> {
         let acc = acc.ok_or_else(|| HeError::Value("a sum of squares needs at least one ciphertext".into()))?;
-        let mut sq = squarer.finish(acc)?;
+        let mut sq = self.squarer(k, level)?.finish(acc)?;
         if level + 2 < self.params.levels() {
             sq.switch_down()?;
         }

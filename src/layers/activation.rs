@@ -5,7 +5,7 @@ use fhe::bfv::Ciphertext;
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
-use super::kernel::weighted_sum;
+use super::kernel::{weighted_sum, weighted_sums};
 use crate::he::encoding::fractional_encode;
 use crate::he::error::value_err;
 use crate::he::growth::{negacyclic_bound, Growth};
@@ -90,38 +90,91 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, po
     let ncomp = params.p().len();
     let bfv = params.bfv();
     // The square's input j of image `img`, component k.
-    let input = |img: usize, j: usize, k: usize| -> Result<std::borrow::Cow<'_, Ciphertext>> {
+    // The square's inputs are computed a group at a time: the affine layer's
+    // outputs that read the same inputs (a conv's channels at one position)
+    // in one pass of the kernel. Without an affine layer a group is one input.
+    let (bgroups, slot_of): (Vec<Vec<usize>>, Vec<(usize, usize)>) = match &bmap {
+        Some(m) => {
+            let groups = m.groups();
+            let mut slot = vec![(0, 0); sq_per];
+            for (g, members) in groups.iter().enumerate() {
+                for (i, &j) in members.iter().enumerate() {
+                    slot[j] = (g, i);
+                }
+            }
+            (groups, slot)
+        }
+        None => ((0..sq_per).map(|j| vec![j]).collect(), (0..sq_per).map(|j| (j, 0)).collect()),
+    };
+    let group_inputs = |img: usize, g: usize, k: usize| -> Result<Vec<std::borrow::Cow<'_, Ciphertext>>> {
         let base = img * in_per;
         let (Some(m), Some(prepared)) = (&bmap, &prepared) else {
-            return Ok(std::borrow::Cow::Borrowed(&flat[img * sq_per + j][k]));
+            return Ok(bgroups[g].iter().map(|&j| std::borrow::Cow::Borrowed(&flat[img * sq_per + j][k])).collect());
         };
-        let terms = &m.terms[j];
-        let mut ct = if terms.is_empty() {
-            Multiplier::scalar(0, flat[base][k][0].ctx()).apply(&flat[base][k], &bfv[k])?
+        let members = &bgroups[g];
+        let terms = &m.terms[members[0]];
+        let mut cts = if terms.is_empty() {
+            let zero = Multiplier::scalar(0, flat[base][k][0].ctx()).apply(&flat[base][k], &bfv[k])?;
+            vec![zero; members.len()]
         } else {
-            let (cts, ws): (Vec<&Ciphertext>, Vec<&Multiplier>) =
-                terms.iter().map(|&(i, w)| (&flat[base + i as usize][k], &prepared[w as usize])).unzip();
-            weighted_sum(&cts, &ws, &bfv[k])?
+            let inputs: Vec<&Ciphertext> = terms.iter().map(|&(i, _)| &flat[base + i as usize][k]).collect();
+            let ws: Vec<Vec<&Multiplier>> = members.iter().map(|&j| m.terms[j].iter().map(|&(_, w)| &prepared[w as usize]).collect()).collect();
+            let ws: Vec<&[&Multiplier]> = ws.iter().map(|w| w.as_slice()).collect();
+            weighted_sums(&inputs, &ws, &bfv[k])?
         };
         if !m.bias.is_empty() {
-            let poly = &bias[&m.bias[j % m.out_shape.iter().product::<usize>().max(1)].to_bits()][k];
-            let mut parts: Vec<fhe_math::rq::Poly> = ct.iter().cloned().collect();
-            parts[0] += poly;
-            ct = Ciphertext::new(parts, &bfv[k])?;
+            for (ct, &j) in cts.iter_mut().zip(members) {
+                let poly = &bias[&m.bias[j].to_bits()][k];
+                let mut parts: Vec<fhe_math::rq::Poly> = ct.iter().cloned().collect();
+                parts[0] += poly;
+                *ct = Ciphertext::new(parts, &bfv[k])?;
+            }
         }
-        Ok(std::borrow::Cow::Owned(ct))
+        Ok(cts.into_iter().map(std::borrow::Cow::Owned).collect())
     };
-    // One job per pooled output and plaintext modulus: both threads stay busy
-    // whatever the number of CRT primes.
+    // Pooled outputs whose windows' inputs come from the same groups, slot by
+    // slot, are computed together (each group once); one job per such set
+    // and plaintext modulus.
+    let mut by_signature: std::collections::HashMap<Vec<usize>, usize> = std::collections::HashMap::new();
+    let mut pgroups: Vec<Vec<usize>> = Vec::new();
+    for (o, terms) in map.terms.iter().enumerate() {
+        let sig: Vec<usize> = terms.iter().map(|&(j, _)| slot_of[j as usize].0).collect();
+        match by_signature.get(&sig) {
+            Some(&g) if pgroups[g].len() < 16 => pgroups[g].push(o),
+            _ => {
+                by_signature.insert(sig, pgroups.len());
+                pgroups.push(vec![o]);
+            }
+        }
+    }
     let jobs: Vec<(usize, usize, usize)> =
-        (0..imgs).flat_map(|i| (0..out_per).flat_map(move |o| (0..ncomp).map(move |k| (i, o, k)))).collect();
-    let cts: Vec<Ciphertext> = jobs
+        (0..imgs).flat_map(|i| (0..pgroups.len()).flat_map(move |g| (0..ncomp).map(move |k| (i, g, k)))).collect();
+    let results: Vec<Vec<Ciphertext>> = jobs
         .par_iter()
-        .map(|&(img, o, k)| {
-            let window: Vec<std::borrow::Cow<'_, Ciphertext>> = map.terms[o].iter().map(|&(j, _)| input(img, j as usize, k)).collect::<Result<_>>()?;
-            let refs: Vec<&Ciphertext> = window.iter().map(|c| &**c).collect();
-            ctx.square_sum(k, &refs, level)
+        .map(|&(img, pg, k)| {
+            let outs = &pgroups[pg];
+            let mut accs: Vec<Option<crate::he::square::Tensor>> = (0..outs.len()).map(|_| None).collect();
+            for slot in 0..map.terms[outs[0]].len() {
+                let g = slot_of[map.terms[outs[0]][slot].0 as usize].0;
+                let inputs = group_inputs(img, g, k)?;
+                for (acc, &o) in accs.iter_mut().zip(outs) {
+                    let j = map.terms[o][slot].0 as usize;
+                    ctx.square_add(k, &inputs[slot_of[j].1], level, acc)?;
+                }
+            }
+            accs.into_iter().map(|acc| ctx.square_finish(k, acc, level)).collect()
         })
+        .collect::<Result<_>>()?;
+    let mut slots: Vec<Vec<Option<Ciphertext>>> = (0..imgs * out_per).map(|_| vec![None; ncomp]).collect();
+    for (&(img, pg, k), cts) in jobs.iter().zip(results) {
+        for (&o, ct) in pgroups[pg].iter().zip(cts) {
+            slots[img * out_per + o][k] = Some(ct);
+        }
+    }
+    let cts: Vec<Ciphertext> = slots
+        .into_iter()
+        .flatten()
+        .map(|c| c.ok_or_else(|| HeError::Backend("an output of the fused square was not computed".into())))
         .collect::<Result<_>>()?;
     let mut it = cts.into_iter();
     let out: Vec<Element> = (0..imgs * out_per).map(|_| it.by_ref().take(ncomp).collect()).collect();

@@ -194,7 +194,10 @@ impl PyLayer {
     /// their input through.
     #[pyo3(signature = (next, before=None))]
     fn fuse_with(&self, py: Python<'_>, next: &PyLayer, before: Option<&PyLayer>) -> Option<(Option<PyLayer>, PyLayer, PyLayer)> {
-        if !matches!(*self.layer, Layer::Square) {
+        // The fractional encoding gains nothing (its pooling multiplies by an
+        // encoded 1/k², which a sum of tensors cannot take): unfused there.
+        let batch = matches!(self.ctx.get().get().params().encoding(), crate::he::Encoding::Batch { .. });
+        if !batch || !matches!(*self.layer, Layer::Square) {
             return None;
         }
         let wrap = |layer: Layer, ctx: &Py<PyContext>| PyLayer { layer: Arc::new(layer), ctx: ctx.clone_ref(py) };
