@@ -432,6 +432,16 @@ impl HeContext {
         Ok(a.with_data(data, scale, growth))
     }
 
+    /// Whether squares can run at `level` (keys, a modulus left below).
+    pub(crate) fn can_square(&self, level: usize) -> Result<()> {
+        for k in 0..self.params.p().len() {
+            // The keys' check first: it says why m=1024 has no products.
+            self.multiplicator(k, level)?;
+            self.squarer(k, level)?;
+        }
+        Ok(())
+    }
+
     /// The squarer of plaintext modulus `k` at `level`.
     fn squarer(&self, k: usize, level: usize) -> Result<&Squarer> {
         let all = self.squarers.get_or_init(|| {
@@ -527,10 +537,7 @@ impl HeContext {
         let level = x.level()?;
         let growth = x.growth().mul(&x.growth());
         check_fits(&self.params, &growth, x.scale() * x.scale(), "square")?;
-        for k in 0..self.params.p().len() {
-            self.squarer(k, level)?;
-            self.multiplicator(k, level)?;
-        }
+        self.can_square(level)?;
         let template = x.with_data(ndarray::ArrayD::default(IxDyn(&[0])), x.scale() * x.scale(), growth);
         let data = x.into_data();
         let shape = data.shape().to_vec();

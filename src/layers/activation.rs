@@ -59,6 +59,7 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, po
         };
         return pool.forward(&square(ctx, y)?);
     }
+    ctx.can_square(level)?;
     // Scales and bounds as the three layers would give them, checked in order.
     let (b_scale, b_growth, prepared, bias) = match (before, &bmap) {
         (Some(b), Some(m)) => {
