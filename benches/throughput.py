@@ -9,7 +9,9 @@ memory is per model):
   [0, 1]): m, plaintext primes, moduli, scales, the planner's predicted seconds;
 * the first ``--n`` test digits (default: one full batch of m) encrypted,
   run and decrypted in batches of m (the last one partly filled): seconds of
-  each phase; the forward pass with 2 threads and again with 1 thread;
+  each phase; the forward pass with 2 threads and the first batch again with
+  1 thread (wall and CPU seconds: on a shared machine the CPU seconds per
+  image are the load-independent figure), and the 2-thread speed-up;
 * amortized images/s and ms/image (server-side forward, and end to end);
 * exact matches of the decrypted integers with ``plan.reference`` (images
   whose every output equals it), argmax agreement with float torch and
@@ -19,8 +21,9 @@ memory is per model):
   forward pass is from it;
 * peak RSS, the load average before and after.
 
-Writes ``benches/results/throughput.json`` and ``throughput.md`` (the
-Markdown table that goes into the README, with the date and the machine).
+Writes ``benches/results/throughput.json`` and ``throughput.md`` (with
+``--n N``: ``throughput_nN.*``; the Markdown table that goes into the README,
+with the date, the machine and the load average).
 
 Usage::
 
@@ -69,12 +72,17 @@ def torch_model(name: str):
 
 
 def product_cost(ctx) -> float:
-    """Seconds of one ciphertext square (one CRT component, relinearized, at the top level) on one thread."""
+    """Seconds of one ciphertext square (one CRT component, the engine's
+    square, unfused, at the top level) on one thread."""
     t = ctx.encrypt(np.full((1, 8), 0.5))
     set_num_threads(1)
     t0 = time.perf_counter()
     ctx.square(t)
     return (time.perf_counter() - t0) / (8 * len(ctx.p if isinstance(ctx.p, list) else [ctx.p]))
+
+
+def loadavg() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def bench_model(name: str, n: int) -> dict:
@@ -104,7 +112,8 @@ def bench_model(name: str, n: int) -> dict:
         torch_s = time.perf_counter() - t0
     ref = plan.reference(x)
 
-    enc_s = fwd_s = dec_s = fwd1_s = 0.0
+    load_before = loadavg()
+    enc_s = fwd_s = dec_s = fwd1_s = fwd2_first_s = cpu1_s = 0.0
     outs = []
     for start in range(0, n, m):
         part = x[start:start + m]
@@ -115,11 +124,12 @@ def bench_model(name: str, n: int) -> dict:
         t0 = time.perf_counter()
         y = model(t)
         fwd_s += time.perf_counter() - t0
-        if start == 0:  # the same batch again on one thread
+        if start == 0:  # the same batch again on one thread: wall and CPU seconds
+            fwd2_first_s = fwd_s
             set_num_threads(1)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model(t)
-            fwd1_s = time.perf_counter() - t0
+            fwd1_s, cpu1_s = time.perf_counter() - t0, time.process_time() - c0
             set_num_threads(2)
         del t
         t0 = time.perf_counter()
@@ -139,24 +149,31 @@ def bench_model(name: str, n: int) -> dict:
     set_num_threads(2)
     floor_per_image = products * k * cost / m
     batches = -(-n // m)
-    first_batch_images = min(n, m)
+    first = min(n, m)
     return {
         "model": name, "n": n, "batches": batches, "plan": {**plan.parameters, "seconds": round(plan_s, 2),
                                                             "predicted_forward_s_1_thread": round(sum(r["seconds"] for r in plan.report), 2),
                                                             "report": plan.report, "notes": plan.notes},
+        "layers": [layer._layer.name for layer in model],
         "encrypt_s": round(enc_s, 2), "forward_s": round(fwd_s, 2), "decrypt_s": round(dec_s, 2),
+        "forward_2_threads_first_batch_s": round(fwd2_first_s, 2),
         "forward_1_thread_first_batch_s": round(fwd1_s, 2),
+        "cpu_s_1_thread_first_batch": round(cpu1_s, 2),
         "images_per_s_forward_2_threads": round(n / fwd_s, 1),
-        "images_per_s_forward_1_thread": round(first_batch_images / fwd1_s, 1),
-        "speedup_2_threads": round((fwd1_s / first_batch_images) / (fwd_s / n), 2) if batches == 1 else None,
+        "images_per_s_forward_1_thread": round(first / fwd1_s, 1),
+        # a pass costs the same for a full or a partly filled batch: per image of a full batch
+        "cpu_ms_per_image_1_thread": round(1e3 * cpu1_s / m, 3),
+        "images_per_s_1_thread_cpu": round(m / cpu1_s, 1),
+        "speedup_2_threads": round(fwd1_s / fwd2_first_s, 2),
         "ms_per_image_forward": round(1e3 * fwd_s / n, 3),
         "images_per_s_end_to_end": round(n / (enc_s + fwd_s + dec_s), 1),
         "exact_matches": exact, "argmax_agreement": agree, "accuracy_encrypted": correct / n,
         "accuracy_torch": torch_correct / n, "torch_s": round(torch_s, 4),
         "ciphertext_products_per_batch": products * k, "product_cost_ms": round(cost * 1e3, 3),
         "floor_ms_per_image_1_thread": round(floor_per_image * 1e3, 4),
-        "distance_to_floor_1_thread": round((fwd1_s / first_batch_images) / floor_per_image, 2) if floor_per_image else None,
+        "distance_to_floor_1_thread_cpu": round((cpu1_s / m) / floor_per_image, 2) if floor_per_image else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "load_before": load_before, "load_after": loadavg(),
     }
 
 
@@ -170,24 +187,27 @@ def _shapes(spec):
 
 def markdown(results: list, meta: dict) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']} (load average {meta['load_before']} before, "
-             f"{meta['load_after']} after; the machine is shared: read times with that in mind). "
-             f"Command: `{meta['command']}`.", "",
-             "| model | digits | m, primes × bits, moduli | scales (in/w) | encrypt s | forward s (2 thr) | decrypt s "
-             "| images/s (2 thr / 1 thr) | ms/image | exact vs reference | argmax = torch | accuracy (enc / torch) "
-             "| torch s | floor ms/image (1 thr) | peak RSS MB |",
-             "|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+             f"{meta['load_after']} after; per model below; the machine is shared: wall times stretch with the load, "
+             f"CPU seconds on 1 thread much less). Command: `{meta['command']}`.", "",
+             "| model | digits | m, primes × bits, moduli | scales (in/w) | encrypt s | forward s (2 thr) "
+             "| decrypt s | images/s 2 thr (wall) | images/s 1 thr (wall / CPU) | 2 thr ÷ 1 thr | CPU ms/image 1 thr "
+             "| floor ms/image (distance) | exact vs reference | argmax = torch | accuracy (enc / torch) | torch s "
+             "| peak RSS MB | load (before / after) |",
+             "|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---|---:|---:|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error']} |" + " |" * 13)
+            lines.append(f"| {r['model']} | error: {r['error']} |" + " |" * 16)
             continue
         p = r["plan"]
         primes = f"{len(p['p'])}×{max(int(q).bit_length() for q in p['p'])}"
         lines.append(
             f"| {r['model']} | {r['n']} | {p['m']}, {primes}, {p['moduli_sizes']} | {p['scale_bits']}/{p['weight_scale_bits']} "
-            f"| {r['encrypt_s']} | {r['forward_s']} | {r['decrypt_s']} | {r['images_per_s_forward_2_threads']} / "
-            f"{r['images_per_s_forward_1_thread']} | {r['ms_per_image_forward']} | {r['exact_matches']}/{r['n']} "
-            f"| {r['argmax_agreement']}/{r['n']} | {r['accuracy_encrypted']:.4f} / {r['accuracy_torch']:.4f} "
-            f"| {r['torch_s']} | {r['floor_ms_per_image_1_thread']} | {r['peak_rss_mb']} |")
+            f"| {r['encrypt_s']} | {r['forward_s']} | {r['decrypt_s']} | {r['images_per_s_forward_2_threads']} "
+            f"| {r['images_per_s_forward_1_thread']} / {r['images_per_s_1_thread_cpu']} | {r['speedup_2_threads']} "
+            f"| {r['cpu_ms_per_image_1_thread']} | {r['floor_ms_per_image_1_thread']} ({r['distance_to_floor_1_thread_cpu']}×) "
+            f"| {r['exact_matches']}/{r['n']} | {r['argmax_agreement']}/{r['n']} "
+            f"| {r['accuracy_encrypted']:.4f} / {r['accuracy_torch']:.4f} | {r['torch_s']} | {r['peak_rss_mb']} "
+            f"| {r['load_before']} / {r['load_after']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +225,7 @@ def main() -> None:
         return
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-            "load_before": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+            "load_before": loadavg(),
             "command": "python benches/throughput.py" + (f" --n {args.n}" if args.n else "")}
     results = []
     for name in args.models:
@@ -216,11 +236,12 @@ def main() -> None:
         r = json.loads(line)
         results.append(r)
         print(json.dumps(r)[:400], flush=True)
-    meta["load_after"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    meta["load_after"] = loadavg()
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    stem = "throughput" if not args.n else f"throughput_n{args.n}"
+    (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     md = markdown(results, meta)
-    (OUT / "throughput.md").write_text(md)
+    (OUT / f"{stem}.md").write_text(md)
     print(md)
 
 

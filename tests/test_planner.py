@@ -183,3 +183,25 @@ def test_auto_parameters_in_the_tester_and_the_client_config(tmp_path):
     assert ctx.encoding == "batch" and ctx.p
     with pytest.raises(ValueError, match="model_path"):
         context_from_config({"encryption_parameters": ["auto"], "net": "no_such_model"})
+
+
+def test_square_and_pooling_are_fused_when_the_model_is_built(digits):
+    """The conv, square and pooling of conv_square_pool_net run as one engine
+    step (the square unrelinearized, the squares of a window added before BFV
+    scales them back); a loop over the layers computes the same integers as
+    model(x), both equal to plan.reference."""
+    x, _ = digits
+    spec = conv_square_pool_net()
+    plan = pycrcnn.plan(spec, x[:32], input_range=(0.0, 1.0), m=4096)
+    ctx = plan.context
+    ctx.keygen()
+    model = plan.model(ctx)
+    assert [layer._layer.name for layer in model][:3] == ["Conv2d+Square+AvgPool2d", "Square", "AvgPool2d"]
+    want = plan.reference(x[:16])
+    t = ctx.encrypt(x[:16])
+    y, reports = model.run(t)
+    assert _exact(ctx.decrypt_integers(y), want)
+    assert [r["shape"] for r in reports][:3] == [[16, 3, 6, 6]] * 3
+    for layer in model:
+        t = layer(t)
+    assert _exact(ctx.decrypt_integers(t), want)

@@ -104,6 +104,21 @@ class EncodedModel(list):
             enc = _encode_layer(HE, layer)
             enc.torch_index, enc.spec = layer.index, layer
             self.append(enc)
+        # A square followed by an average pooling runs as one engine step with
+        # the affine layer before it: each square's input is computed where it
+        # is needed (the conv's output is never held whole) and the squares of
+        # a window are added before BFV scales them back (one scaling per
+        # pooled output). The absorbed elements pass their input through.
+        # Fixed here, so that iterating over the layers computes as model(x).
+        for k in range(1, len(self) - 1):
+            prev, sq, nxt = self[k - 1], self[k], self[k + 1]
+            if any(getattr(e, "_layer", None) is None for e in (prev, sq, nxt)):
+                continue
+            fused = sq._layer.fuse_with(nxt._layer, prev._layer)
+            if fused is not None:
+                new_prev, sq._layer, nxt._layer = fused
+                if new_prev is not None:
+                    prev._layer = new_prev
 
     # -- description -----------------------------------------------------------
     @property

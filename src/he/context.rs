@@ -18,6 +18,7 @@ use super::error::{value_err, HeError, Result};
 use super::galois::{RotationKeys, RotationNeed};
 use super::growth::Growth;
 use super::params::{Encoding, HeParameters};
+use super::square::{Squarer, Tensor};
 use super::tensor::{at_common_level, check_fits, shaped, CipherTensor, Element};
 
 /// The keys of a context. `secret` is `None` on a server.
@@ -90,32 +91,26 @@ impl Keys {
 pub struct HeContext {
     params: Arc<HeParameters>,
     keys: Option<Keys>,
+    /// Squarers per plaintext modulus and product level, made on first use
+    /// (they depend on the parameters only).
+    squarers: std::sync::OnceLock<Result<Vec<Vec<Squarer>>>>,
 }
 
 impl HeContext {
     /// A context without keys.
     pub fn new(params: HeParameters) -> HeContext {
-        HeContext {
-            params: Arc::new(params),
-            keys: None,
-        }
+        HeContext { params: Arc::new(params), keys: None, squarers: Default::default() }
     }
 
     /// A context with the same parameters (the same `Arc`: tensors of either
     /// are compatible) and no keys.
     pub fn without_keys(&self) -> HeContext {
-        HeContext {
-            params: self.params.clone(),
-            keys: None,
-        }
+        HeContext { params: self.params.clone(), keys: None, squarers: Default::default() }
     }
 
     /// A context with loaded keys (public context or secret key blobs).
     pub(crate) fn with_keys(params: Arc<HeParameters>, keys: Keys) -> HeContext {
-        HeContext {
-            params,
-            keys: Some(keys),
-        }
+        HeContext { params, keys: Some(keys), squarers: Default::default() }
     }
 
     /// The validated parameters.
@@ -506,7 +501,7 @@ impl HeContext {
         x.iter()
             .zip(y)
             .enumerate()
-            .map(|(k, (cx, cy))| Ok(self.multiplicator(k, level)?.multiply(cx, cy)?))
+            .map(|(k, (cx, cy))| Ok(self.multiplicator(k, level)?.multiply(&*self.two_part(k, cx)?, &*self.two_part(k, cy)?)?))
             .collect()
     }
 
@@ -537,22 +532,113 @@ impl HeContext {
         Ok(a.with_data(data, scale, growth))
     }
 
-    /// Element-wise square (relinearized) that consumes `x`: each input
-    /// ciphertext is freed as soon as its square exists, so the input and the
-    /// output are never both whole in memory.
+    /// Whether squares can run at `level` (keys, a modulus left below).
+    pub(crate) fn can_square(&self, level: usize) -> Result<()> {
+        for k in 0..self.params.p().len() {
+            // The keys' check first: it says why m=1024 has no products.
+            self.multiplicator(k, level)?;
+            self.squarer(k, level)?;
+        }
+        Ok(())
+    }
+
+    /// The squarer of plaintext modulus `k` at `level`.
+    fn squarer(&self, k: usize, level: usize) -> Result<&Squarer> {
+        let all = self.squarers.get_or_init(|| {
+            self.params
+                .bfv()
+                .iter()
+                .map(|par| (0..product_levels(par.moduli().len())).map(|l| Squarer::new(par, l)).collect())
+                .collect()
+        });
+        let all = all.as_ref().map_err(|e| HeError::Backend(e.to_string()))?;
+        all.get(k).and_then(|v| v.get(level)).ok_or_else(|| {
+            HeError::Value(format!(
+                "no ciphertext products at modulus level {level} (the last level, or m={} without room for one); multiply before switching down",
+                self.params.m()
+            ))
+        })
+    }
+
+    /// `ct` (plaintext modulus `k`) with two parts: relinearized at its
+    /// level when it is the three-part output of a square. Products call it
+    /// on their inputs, so relinearization happens only where a product
+    /// feeds another product, after the linear layers between them (whose
+    /// noise then does not multiply the key-switching noise).
+    pub(crate) fn two_part<'a>(&self, k: usize, ct: &'a Ciphertext) -> Result<std::borrow::Cow<'a, Ciphertext>> {
+        if ct.len() == 2 {
+            return Ok(std::borrow::Cow::Borrowed(ct));
+        }
+        let level = self.params.bfv()[k].level_of_context(ct[0].ctx())?;
+        let rk = self.keys()?.relin[k].get(level).ok_or_else(|| {
+            HeError::Parameter(format!("no relinearization key at modulus level {level}: a product's input needs one here"))
+        })?;
+        let mut c = ct.clone();
+        rk.relinearizes(&mut c)?;
+        Ok(std::borrow::Cow::Owned(c))
+    }
+
+    /// Every element of `x` with two parts (see [`HeContext::two_part`]).
+    pub fn relinearized(&self, x: &CipherTensor) -> Result<CipherTensor> {
+        self.check(x)?;
+        if x.data().iter().all(|e| e.iter().all(|c| c.len() == 2)) {
+            return Ok(x.clone());
+        }
+        let elems: Vec<&Element> = x.data().iter().collect();
+        let out: Vec<Element> = elems
+            .par_iter()
+            .map(|e| e.iter().enumerate().map(|(k, c)| Ok(self.two_part(k, c)?.into_owned())).collect())
+            .collect::<Result<_>>()?;
+        Ok(x.with_data(shaped(x.data().shape(), out)?, x.scale(), x.growth().clone()))
+    }
+
+    /// The square of one ciphertext (plaintext modulus `k`) at `level`:
+    /// three parts, switched down a level while two moduli or more remain
+    /// below (the next layers run on smaller ciphertexts).
+    pub(crate) fn square_ct(&self, k: usize, ct: &Ciphertext, level: usize) -> Result<Ciphertext> {
+        let ct = self.two_part(k, ct)?;
+        let mut sq = self.squarer(k, level)?.square(&ct)?;
+        if level + 2 < self.params.levels() {
+            sq.switch_down()?;
+        }
+        Ok(sq)
+    }
+
+    /// Adds the tensor square of `ct` (plaintext modulus `k`, at `level`) to
+    /// `acc`: tensor squares added in the extended basis and scaled back by
+    /// t/Q once ([`HeContext::square_finish`]) cost one scaling instead of one
+    /// per square (a square followed by a sum pooling).
+    pub(crate) fn square_add(&self, k: usize, ct: &Ciphertext, level: usize, acc: &mut Option<Tensor>) -> Result<()> {
+        let t = self.squarer(k, level)?.tensor(&*self.two_part(k, ct)?)?;
+        match acc.as_mut() {
+            None => *acc = Some(t),
+            Some(a) => a.add_assign(&t),
+        }
+        Ok(())
+    }
+
+    /// The ciphertext of a sum of tensor squares: three parts, switched down
+    /// like [`HeContext::square_ct`].
+    pub(crate) fn square_finish(&self, k: usize, acc: Option<Tensor>, level: usize) -> Result<Ciphertext> {
+        let acc = acc.ok_or_else(|| HeError::Value("a sum of squares needs at least one ciphertext".into()))?;
+        let mut sq = self.squarer(k, level)?.finish(acc)?;
+        if level + 2 < self.params.levels() {
+            sq.switch_down()?;
+        }
+        Ok(sq)
+    }
+
+    /// Element-wise square that consumes `x`: each input ciphertext is freed
+    /// as soon as its square exists, so the input and the output are never
+    /// both whole in memory. The output is not relinearized (three parts):
+    /// the next product relinearizes its inputs.
     pub fn square(&self, x: CipherTensor) -> Result<CipherTensor> {
         self.check(&x)?;
         let level = x.level()?;
         let growth = x.growth().mul(&x.growth());
         check_fits(&self.params, &growth, x.scale() * x.scale(), "square")?;
-        for k in 0..self.params.p().len() {
-            self.multiplicator(k, level)?;
-        }
-        let template = x.with_data(
-            ndarray::ArrayD::default(IxDyn(&[0])),
-            x.scale() * x.scale(),
-            growth,
-        );
+        self.can_square(level)?;
+        let template = x.with_data(ndarray::ArrayD::default(IxDyn(&[0])), x.scale() * x.scale(), growth);
         let data = x.into_data();
         let shape = data.shape().to_vec();
         let data = if data.is_standard_layout() {
@@ -564,7 +650,7 @@ impl HeContext {
         // Each input element is dropped as soon as its square exists.
         let out: Vec<Element> = elems
             .into_par_iter()
-            .map(|e| self.product(&e, &e, level))
+            .map(|e| e.iter().enumerate().map(|(k, c)| self.square_ct(k, c, level)).collect::<Result<Element>>())
             .collect::<Result<_>>()?;
         let data = shaped(&shape, out)?;
         Ok(template.with_data(data, template.scale(), template.growth().clone()))

@@ -9,6 +9,7 @@ pub mod growth;
 pub mod multiplier;
 pub mod params;
 pub mod serialize;
+pub mod square;
 pub mod tensor;
 
 pub use context::HeContext;

@@ -367,8 +367,9 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
             let b = r.bytes()?;
             let par = &params.bfv()[k];
             let ct = guarded("ciphertext", || Ciphertext::from_bytes(b, par))?;
-            if ct.len() != 2 {
-                return Err(HeError::Format("a ciphertext must have two parts".into()));
+            // Three parts: the unrelinearized output of a square.
+            if !(2..=3).contains(&ct.len()) {
+                return Err(HeError::Format("a ciphertext must have two or three parts".into()));
             }
             let l = par
                 .level_of_context(ct[0].ctx())

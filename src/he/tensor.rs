@@ -177,9 +177,30 @@ impl CipherTensor {
         let out: Vec<Element> = a
             .par_iter()
             .zip(b.par_iter())
-            .map(|(x, y)| x.iter().zip(y.iter()).map(|(cx, cy)| f(cx, cy)).collect())
-            .collect();
+            .map(|(x, y)| {
+                x.iter()
+                    .zip(y.iter())
+                    .enumerate()
+                    .map(|(k, (cx, cy))| match cx.len().cmp(&cy.len()) {
+                        std::cmp::Ordering::Equal => Ok(f(cx, cy)),
+                        std::cmp::Ordering::Less => Ok(f(&self.with_parts(k, cx, cy.len())?, cy)),
+                        std::cmp::Ordering::Greater => Ok(f(cx, &self.with_parts(k, cy, cx.len())?)),
+                    })
+                    .collect::<Result<Element>>()
+            })
+            .collect::<Result<_>>()?;
         shaped(self.data.shape(), out)
+    }
+
+    /// `ct` (plaintext modulus `k`) padded with zero parts to `n` parts: a
+    /// two-part ciphertext is a three-part one whose third part is 0, so an
+    /// unrelinearized square's output and a two-part ciphertext can be added.
+    fn with_parts(&self, k: usize, ct: &Ciphertext, n: usize) -> Result<Ciphertext> {
+        let mut parts: Vec<Poly> = ct.iter().cloned().collect();
+        while parts.len() < n {
+            parts.push(Poly::zero(ct[0].ctx(), fhe_math::rq::Representation::Ntt));
+        }
+        Ok(Ciphertext::new(parts, &self.params.bfv()[k])?)
     }
 
     /// Element-wise sum with another tensor of the same shape and scale.

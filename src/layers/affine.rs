@@ -588,6 +588,12 @@ impl Affine {
     /// `map` (one of this layer's, all of which share its weights) on `x`,
     /// with the weights encoded for `x`'s parameters and level once and cached.
     fn apply(&self, map: &AffineMap, x: &CipherTensor) -> Result<CipherTensor> {
+        let prepared = self.prepared(map, x)?;
+        map.apply(x, &prepared, self.geometry.name())
+    }
+
+    /// The weights of `map` encoded for `x`'s parameters and level (cached).
+    pub(crate) fn prepared(&self, map: &AffineMap, x: &CipherTensor) -> Result<Arc<Vec<Multiplier>>> {
         let level = x.level()?;
         let key = (x.params().fingerprint(), level);
         let cached = self
@@ -612,7 +618,7 @@ impl Affine {
                 p
             }
         };
-        map.apply(x, &prepared, self.geometry.name())
+        Ok(prepared)
     }
 }
 

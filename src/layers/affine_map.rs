@@ -9,7 +9,7 @@ use fhe::bfv::Ciphertext;
 use fhe_math::rq::Poly;
 use rayon::prelude::*;
 
-use super::kernel::weighted_sum;
+use super::kernel::weighted_sums;
 use crate::he::encoding::fractional_encode;
 use crate::he::growth::{negacyclic_bound, Growth};
 use crate::he::tensor::{check_fits, shaped, Element};
@@ -130,6 +130,24 @@ impl AffineMap {
         }
     }
 
+    /// Output indices grouped by the inputs they read (the same inputs in the
+    /// same order), at most 16 per group.
+    pub fn groups(&self) -> Vec<Vec<usize>> {
+        let mut index: HashMap<Vec<u32>, usize> = HashMap::new();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (o, t) in self.terms.iter().enumerate() {
+            let key: Vec<u32> = t.iter().map(|&(i, _)| i).collect();
+            match index.get(&key) {
+                Some(&g) if groups[g].len() < 16 => groups[g].push(o),
+                _ => {
+                    index.insert(key, groups.len());
+                    groups.push(vec![o]);
+                }
+            }
+        }
+        groups
+    }
+
     /// Encodes the weights as multipliers for ciphertexts at `level`.
     pub fn prepare_weights(&self, params: &HeParameters, level: usize) -> Result<Vec<Multiplier>> {
         let ctx = params.bfv()[0].context_at_level(level)?.clone();
@@ -208,29 +226,39 @@ impl AffineMap {
         let flat: Vec<&Element> = x.data().iter().collect();
         let ncomp = params.p().len();
         let bfv = params.bfv();
-        let jobs: Vec<(usize, usize)> = (0..imgs)
-            .flat_map(|i| (0..out_per_img).map(move |o| (i, o)))
-            .collect();
-        let out: Result<Vec<Element>> = jobs
+        // Outputs that read the same inputs (a convolution's channels at one
+        // position, a linear layer's features) are computed together: each
+        // input is read once for all of them.
+        let groups = self.groups();
+        let jobs: Vec<(usize, usize, usize)> =
+            (0..imgs).flat_map(|i| (0..groups.len()).flat_map(move |g| (0..ncomp).map(move |k| (i, g, k)))).collect();
+        let sums: Vec<Vec<Ciphertext>> = jobs
             .par_iter()
-            .map(|&(img, o)| {
-                let terms = &self.terms[o];
+            .map(|&(img, g, k)| {
+                let group = &groups[g];
+                let terms = &self.terms[group[0]];
                 let base = img * in_per_img;
-                (0..ncomp)
-                    .map(|k| {
-                        if terms.is_empty() {
-                            // No input reaches this output (all padding): 0 · x, a valid encryption of 0.
-                            let zero = Multiplier::scalar(0, flat[base][k][0].ctx());
-                            return zero.apply(&flat[base][k], &bfv[k]);
-                        }
-                        let (cts, ws): (Vec<&Ciphertext>, Vec<&Multiplier>) = terms
-                            .iter()
-                            .map(|&(i, w)| (&flat[base + i as usize][k], &prepared[w as usize]))
-                            .unzip();
-                        weighted_sum(&cts, &ws, &bfv[k])
-                    })
-                    .collect::<Result<Element>>()
+                if terms.is_empty() {
+                    // No input reaches these outputs (all padding): 0 · x, a valid encryption of 0.
+                    let zero = Multiplier::scalar(0, flat[base][k][0].ctx()).apply(&flat[base][k], &bfv[k])?;
+                    return Ok(vec![zero; group.len()]);
+                }
+                let cts: Vec<&Ciphertext> = terms.iter().map(|&(i, _)| &flat[base + i as usize][k]).collect();
+                let ws: Vec<Vec<&Multiplier>> =
+                    group.iter().map(|&o| self.terms[o].iter().map(|&(_, w)| &prepared[w as usize]).collect()).collect();
+                let ws: Vec<&[&Multiplier]> = ws.iter().map(|w| w.as_slice()).collect();
+                weighted_sums(&cts, &ws, &bfv[k])
             })
+            .collect::<Result<_>>()?;
+        let mut slots: Vec<Vec<Option<Ciphertext>>> = (0..imgs * out_per_img).map(|_| vec![None; ncomp]).collect();
+        for (&(img, g, k), cts) in jobs.iter().zip(sums) {
+            for (&o, ct) in groups[g].iter().zip(cts) {
+                slots[img * out_per_img + o][k] = Some(ct);
+            }
+        }
+        let out: Result<Vec<Element>> = slots
+            .into_iter()
+            .map(|e| e.into_iter().map(|c| c.ok_or_else(|| HeError::Backend("an output of the map was not computed".into()))).collect())
             .collect();
         let mut out = out?;
         if !self.bias.is_empty() {

@@ -14,16 +14,22 @@ use crate::he::{HeError, Multiplier, Result};
 /// Σ_k cts[k] · ws[k], reduced lazily. All ciphertexts must share parameters,
 /// level and size. Terms whose multiplier is the integer 0 are skipped unless
 /// all are (the result is then a valid encryption of 0).
-pub fn weighted_sum(
-    cts: &[&Ciphertext],
-    ws: &[&Multiplier],
-    par: &Arc<BfvParameters>,
-) -> Result<Ciphertext> {
-    if cts.is_empty() || cts.len() != ws.len() {
+pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+    let mut out = weighted_sums(cts, &[ws], par)?;
+    out.pop().ok_or_else(|| HeError::Backend("weighted sum without output".into()))
+}
+
+/// Several weighted sums of the same ciphertexts, Σ_k cts[k] · ws[g][k] for
+/// every g, in one pass: each input coefficient is read once for all the
+/// sums (the output channels of a convolution at one position share their
+/// inputs), so the kernel runs at the speed of its multiply-adds rather
+/// than of memory. Terms whose multipliers are all the integer 0 are skipped.
+pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvParameters>) -> Result<Vec<Ciphertext>> {
+    if cts.is_empty() || ws.is_empty() || ws.iter().any(|w| w.len() != cts.len()) {
         return Err(HeError::Value(format!(
-            "weighted sum needs as many ciphertexts as weights and at least one (got {} and {})",
+            "weighted sum needs as many ciphertexts as weights and at least one (got {} and {:?})",
             cts.len(),
-            ws.len()
+            ws.iter().map(|w| w.len()).collect::<Vec<_>>()
         )));
     }
     let first = cts[0];
@@ -39,16 +45,20 @@ pub fn weighted_sum(
     let moduli = ctx.moduli_operators();
     let nmod = moduli.len();
     let degree = first[0].coefficients().shape()[1];
-    for w in ws {
+    for w in ws.iter().flat_map(|w| w.iter()) {
         if !w.fits(nmod, degree) {
             return Err(HeError::Value(
                 "a multiplier was prepared for another ciphertext level".into(),
             ));
         }
     }
-    let mut terms: Vec<usize> = (0..cts.len()).filter(|&k| !ws[k].is_zero()).collect();
+    let mut terms: Vec<usize> = (0..cts.len()).filter(|&k| ws.iter().any(|w| !w[k].is_zero())).collect();
     if terms.is_empty() {
         terms.push(0);
+    }
+    // One output, one multiplier: the exact product, no accumulator.
+    if let ([w], [k]) = (ws, &terms[..]) {
+        return Ok(vec![w[*k].apply(cts[*k], par)?]);
     }
     // How many products of two residues fit in a u128 before reducing.
     let limits: Vec<u64> = ctx
@@ -61,16 +71,9 @@ pub fn weighted_sum(
         })
         .collect();
 
-    // Rows of all terms, resolved once: (x rows per part, multiplier).
+    // Rows of all terms, resolved once: x rows per (part, modulus).
+    let views: Vec<Vec<_>> = terms.iter().map(|&k| (0..nparts).map(|part| cts[k][part].coefficients()).collect()).collect();
     let mut rows: Vec<Vec<&[u64]>> = Vec::with_capacity(terms.len());
-    let views: Vec<Vec<_>> = terms
-        .iter()
-        .map(|&k| {
-            (0..nparts)
-                .map(|part| cts[k][part].coefficients())
-                .collect()
-        })
-        .collect();
     for v in &views {
         let mut r = Vec::with_capacity(nparts * nmod);
         for view in v {
@@ -84,46 +87,55 @@ pub fn weighted_sum(
         }
         rows.push(r);
     }
-    let mut parts = Vec::with_capacity(nparts);
-    // One multiplier: the exact product, no accumulator.
-    if let [k] = terms[..] {
-        return ws[k].apply(cts[k], par);
-    }
-    // The accumulator covers a chunk of coefficients so that it stays in L1
-    // cache while every term streams through it once.
-    const CHUNK: usize = 256;
-    let mut acc = [0u128; CHUNK];
+    // Polynomial multipliers' rows, resolved once.
+    let poly_rows = |g: usize, k: usize, j: usize| -> Result<Option<&[u64]>> {
+        match ws[g][k] {
+            Multiplier::Scalar(_) => Ok(None),
+            Multiplier::Poly(arr) => Ok(Some(arr.row(j).to_slice().ok_or_else(|| HeError::Backend("non-contiguous multiplier".into()))?)),
+        }
+    };
+    let nout = ws.len();
+    // The accumulators cover a chunk of coefficients per output so that they
+    // stay in cache while every term streams through them once.
+    let chunk: usize = if nout > 4 { 64 } else { 256 };
+    let mut acc = vec![0u128; chunk * nout];
+    let mut outs: Vec<Vec<Poly>> = (0..nout).map(|_| Vec::with_capacity(nparts)).collect();
     for part in 0..nparts {
-        let mut out = Array2::<u64>::zeros((nmod, degree));
+        let mut out: Vec<Array2<u64>> = (0..nout).map(|_| Array2::<u64>::zeros((nmod, degree))).collect();
         for j in 0..nmod {
             let qj = &moduli[j];
-            let mut row = out.row_mut(j);
-            let out_row = row
-                .as_slice_mut()
-                .ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
-            for start in (0..degree).step_by(CHUNK) {
-                let len = CHUNK.min(degree - start);
-                let acc = &mut acc[..len];
+            let wrows: Vec<Vec<(u128, Option<&[u64]>)>> = (0..nout)
+                .map(|g| {
+                    terms
+                        .iter()
+                        .map(|&k| {
+                            let s = match ws[g][k] {
+                                Multiplier::Scalar(r) => r[j] as u128,
+                                Multiplier::Poly(_) => 0,
+                            };
+                            Ok((s, poly_rows(g, k, j)?))
+                        })
+                        .collect::<Result<_>>()
+                })
+                .collect::<Result<_>>()?;
+            for start in (0..degree).step_by(chunk) {
+                let len = chunk.min(degree - start);
                 acc.iter_mut().for_each(|a| *a = 0);
                 let mut count = 0u64;
-                for (t, &k) in terms.iter().enumerate() {
+                for t in 0..terms.len() {
                     let xs = &rows[t][part * nmod + j][start..start + len];
-                    match ws[k] {
-                        Multiplier::Scalar(r) => {
-                            let w = r[j] as u128;
-                            for (a, &xi) in acc.iter_mut().zip(xs) {
-                                *a += xi as u128 * w;
+                    for (g, wg) in wrows.iter().enumerate() {
+                        let a = &mut acc[g * chunk..g * chunk + len];
+                        match wg[t] {
+                            (w, None) => {
+                                for (a, &xi) in a.iter_mut().zip(xs) {
+                                    *a += xi as u128 * w;
+                                }
                             }
-                        }
-                        Multiplier::Poly(arr) => {
-                            let wr = arr.row(j);
-                            let wsl = wr.to_slice().ok_or_else(|| {
-                                HeError::Backend("non-contiguous multiplier".into())
-                            })?;
-                            for ((a, &xi), &wi) in
-                                acc.iter_mut().zip(xs).zip(&wsl[start..start + len])
-                            {
-                                *a += xi as u128 * wi as u128;
+                            (_, Some(wsl)) => {
+                                for ((a, &xi), &wi) in a.iter_mut().zip(xs).zip(&wsl[start..start + len]) {
+                                    *a += xi as u128 * wi as u128;
+                                }
                             }
                         }
                     }
@@ -135,19 +147,20 @@ pub fn weighted_sum(
                         count = 1;
                     }
                 }
-                for (o, &a) in out_row[start..start + len].iter_mut().zip(acc.iter()) {
-                    *o = qj.reduce_u128(a);
+                for (g, o) in out.iter_mut().enumerate() {
+                    let mut row = o.row_mut(j);
+                    let out_row = row.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
+                    for (o, &a) in out_row[start..start + len].iter_mut().zip(&acc[g * chunk..g * chunk + len]) {
+                        *o = qj.reduce_u128(a);
+                    }
                 }
             }
         }
-        parts.push(Poly::try_convert_from(
-            out,
-            &ctx,
-            true,
-            Representation::Ntt,
-        )?);
+        for (g, o) in out.into_iter().enumerate() {
+            outs[g].push(Poly::try_convert_from(o, &ctx, true, Representation::Ntt)?);
+        }
     }
-    Ok(Ciphertext::new(parts, par)?)
+    outs.into_iter().map(|parts| Ok(Ciphertext::new(parts, par)?)).collect()
 }
 
 #[cfg(test)]

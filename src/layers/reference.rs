@@ -107,6 +107,14 @@ impl Layer {
                 let values = checked_map(&x.values, |v| v.checked_mul(v)).ok_or_else(|| overflow(&name))?;
                 Ok(IntTensor { values, scale: x.scale * x.scale })
             }
+            Layer::SquarePool(f) => {
+                let y = match f.before.as_ref() {
+                    Some(b) => b.reference(x, encoding)?,
+                    None => x.clone(),
+                };
+                f.pool.reference(&Layer::Square.reference(&y, encoding)?, encoding)
+            }
+            Layer::Absorbed(_) => Ok(x.clone()),
             Layer::Polynomial(coeffs) => {
                 let d = coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
                 if d == 0 {

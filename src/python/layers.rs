@@ -228,6 +228,26 @@ impl PyLayer {
         wrap_tensor(py, out, ctx_obj)
     }
 
+    /// This square fused with the layer `before` it (absorbed when affine)
+    /// and the average pooling `next` after it: the layers to use in place
+    /// of `(before, square, next)` (`before` is `None` when it stays as it
+    /// is), or `None` when this is not a square or `next` not an average
+    /// pooling. The fused layer computes all three; the absorbed ones pass
+    /// their input through.
+    #[pyo3(signature = (next, before=None))]
+    fn fuse_with(&self, py: Python<'_>, next: &PyLayer, before: Option<&PyLayer>) -> Option<(Option<PyLayer>, PyLayer, PyLayer)> {
+        // The fractional encoding gains nothing (its pooling multiplies by an
+        // encoded 1/k², which a sum of tensors cannot take): unfused there.
+        let batch = matches!(self.ctx.get().get().params().encoding(), crate::he::Encoding::Batch { .. });
+        if !batch || !matches!(*self.layer, Layer::Square) {
+            return None;
+        }
+        let wrap = |layer: Layer, ctx: &Py<PyContext>| PyLayer { layer: Arc::new(layer), ctx: ctx.clone_ref(py) };
+        Layer::fuse_square(before.map(|b| &b.layer), &next.layer).map(|(b, square, pool)| {
+            (b.map(|l| wrap(l, &self.ctx)), wrap(square, &self.ctx), wrap(pool, &next.ctx))
+        })
+    }
+
     /// torch-like name.
     #[getter]
     fn name(&self) -> String {

@@ -38,9 +38,11 @@ MAX_LOG_Q = {
     256: {1024: 14, 2048: 29, 4096: 58, 8192: 118, 16384: 237, 32768: 476},
 }
 #: one thread's cost per (m · moduli) of: a weighted-sum term (ct × scalar,
-#: lazily reduced), a ciphertext product with relinearization (measured on
-#: this machine, ../shared/notes/fhe-rs.md and packed-layout.md)
-COST_NS = {"term": 1.7, "product": 360.0}
+#: lazily reduced), a ciphertext square as the engine runs it (fused with the
+#: pooling after it, unrelinearized: 4.8 ms at m=8192 with three 60-bit
+#: moduli; fhe.rs's general product with relinearization is ≈ 360), measured
+#: on this machine (benches/throughput.py; ../shared/notes/fhe-rs.md)
+COST_NS = {"term": 2.2, "product": 200.0}
 #: the engine supports at most this many plaintext bits (CRT product)
 MAX_PLAINTEXT_BITS = 120
 
