@@ -37,7 +37,7 @@
 //! evaluates the same integers in i128: decryption must equal it exactly.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use fhe::bfv::{BfvParameters, Ciphertext, Encoding as FheEncoding, Plaintext};
 use fhe_math::rq::{traits::TryConvertFrom, Poly, Representation};
@@ -659,9 +659,16 @@ pub struct PackedModel {
     spec: PackedSpec,
     /// Layouts per parameter set (fingerprint).
     layouts: Cache<Layout>,
-    /// Masks per parameter set (fingerprint), built on first use.
-    cache: Cache<Vec<PrimeMasks>>,
+    /// Masks per parameter object, built on first use. Keyed by the object,
+    /// not its fingerprint: the masks are plaintexts of that object's fhe.rs
+    /// parameters, which fhe.rs refuses to mix with equal parameters of
+    /// another context (two clients with the same parameters).
+    cache: Mutex<Vec<(Weak<HeParameters>, Arc<Vec<PrimeMasks>>)>>,
 }
+
+/// Mask sets kept per model: one per context in use (the server binds a
+/// model to each client's context); the oldest go first.
+const MASK_SETS_KEPT: usize = 4;
 
 impl PackedModel {
     /// A validated model.
@@ -691,15 +698,29 @@ impl PackedModel {
         })
     }
 
-    fn masks(&self, params: &HeParameters) -> Result<Arc<Vec<PrimeMasks>>> {
+    fn masks(&self, params: &Arc<HeParameters>) -> Result<Arc<Vec<PrimeMasks>>> {
         let lay = self.layout(params)?;
-        cached(&self.cache, params.fingerprint(), || {
+        let poisoned = || HeError::Backend("packed model cache poisoned".into());
+        // A Weak keeps the allocation (not the parameters) alive, so its
+        // address cannot be reused by another context while it is held.
+        let same = |w: &Weak<HeParameters>| std::ptr::eq(w.as_ptr(), Arc::as_ptr(params));
+        if let Some((_, m)) = self.cache.lock().map_err(|_| poisoned())?.iter().find(|(w, _)| same(w)) {
+            return Ok(m.clone());
+        }
+        let built = Arc::new(
             params
                 .bfv()
                 .par_iter()
                 .map(|par| self.build_masks(&lay, par))
-                .collect::<Result<Vec<_>>>()
-        })
+                .collect::<Result<Vec<_>>>()?,
+        );
+        let mut c = self.cache.lock().map_err(|_| poisoned())?;
+        c.retain(|(w, _)| w.strong_count() > 0 && !same(w));
+        if c.len() >= MASK_SETS_KEPT {
+            c.remove(0);
+        }
+        c.push((Arc::downgrade(params), built.clone()));
+        Ok(built)
     }
 
     fn build_masks(&self, lay: &Layout, par: &Arc<BfvParameters>) -> Result<PrimeMasks> {
@@ -1594,6 +1615,24 @@ mod tests {
         sp.conv_bias = rnd(2, -2, 2);
         let ctx = context_bits(16384, vec![55, 55, 55, 55, 54, 54, 54, 54], 2, 31, &sp);
         check(sp, &ctx, 1);
+    }
+
+    #[test]
+    fn one_model_serves_contexts_with_equal_parameters() {
+        // Two clients with the same parameters: the masks of the first
+        // context's fhe.rs parameters must not be used with the second's.
+        let sp = spec([1, 8, 8], 2, 3, 1, 0, 4, 3);
+        let model = PackedModel::new(sp.clone()).unwrap();
+        for _ in 0..MASK_SETS_KEPT + 2 {
+            let ctx = context(8192, vec![55, 55, 54, 54], 1, &sp);
+            let x = rnd(64, -3, 3);
+            let mut out = model.encrypt(&ctx, &x).unwrap();
+            for s in model.stages() {
+                out = model.forward(&ctx, &out, s).unwrap();
+            }
+            assert_eq!(model.decrypt_integers(&ctx, &out).unwrap(), sp.reference(&x).unwrap());
+        }
+        assert!(model.cache.lock().unwrap().len() <= MASK_SETS_KEPT);
     }
 
     #[test]
