@@ -145,6 +145,21 @@ def test_context_cache_is_bounded_in_bytes(tmp_path):
         assert cache["bytes"] / cache["entries"] > 3 << 20, cache
 
 
+def test_a_context_larger_than_the_cache_is_kept_alone():
+    """Regression (latency bench, two-square LeNet-1 packed): a parsed context
+    larger than the whole byte bound (~1.7 GB against 512 MB) was never
+    cached, so every request of that client parsed it again (1.1 s) and bound
+    the plan's masks again (3 s). It is kept alone now, until the next put."""
+    from pycrcnn.registry import LRU
+
+    cache = LRU(8, max_bytes=100)
+    cache.put("small", 1, 40)
+    cache.put("huge", 2, 1000)
+    assert cache.get("huge") == 2 and cache.get("small") is None and cache.bytes == 1000
+    cache.put("other", 3, 40)
+    assert cache.get("huge") is None and cache.get("other") == 3 and cache.bytes == 40
+
+
 # ---------------------------------------------------------------------------
 # the fast slice: a few thousand blobs, a few hundred malformed requests
 

@@ -42,7 +42,11 @@ MODEL_SUFFIXES = (".npz", ".pt", ".pth")
 class LRU:
     """A small thread-safe LRU mapping, bounded in entries and, when
     ``max_bytes`` is given, in the bytes its values hold (each :meth:`put`
-    says how many; a value larger than the whole bound is not kept)."""
+    says how many). A value larger than the whole byte bound is kept alone:
+    the process holds it while it computes anyway, and the next request of
+    the same client (a two-square LeNet-1's packed context parses to ~1.7 GB)
+    must not parse it again; so the bound is the larger of ``max_bytes`` and
+    the largest single value."""
 
     def __init__(self, size: int, max_bytes: Optional[int] = None):
         self.size = max(0, int(size))
@@ -64,7 +68,7 @@ class LRU:
 
     def put(self, key: Any, value: Any, nbytes: int = 0) -> None:
         nbytes = max(0, int(nbytes))
-        if self.size == 0 or (self.max_bytes is not None and nbytes > self.max_bytes):
+        if self.size == 0:
             return
         with self._lock:
             old = self._d.pop(key, None)
@@ -72,7 +76,8 @@ class LRU:
                 self.bytes -= old[1]
             self._d[key] = (value, nbytes)
             self.bytes += nbytes
-            while len(self._d) > self.size or (self.max_bytes is not None and self.bytes > self.max_bytes):
+            while len(self._d) > self.size or (len(self._d) > 1 and self.max_bytes is not None
+                                               and self.bytes > self.max_bytes):
                 _, (_, n) = self._d.popitem(last=False)
                 self.bytes -= n
 
