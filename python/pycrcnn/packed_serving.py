@@ -82,11 +82,11 @@ class PackedPlan:
     def bind(self, ctx: Context) -> Any:
         """The plan's stages bound to ``ctx`` (the runner's model: ``run(x)``).
 
-        Each binding gets its own engine packed model: the engine caches a
-        model's encoded masks per parameter fingerprint, but they belong to
-        the parameter objects of the context that made them, and fhe.rs
-        refuses (asserts) products across two contexts' objects even when
-        their parameters are equal."""
+        Each binding gets its own engine packed model and so its own masks
+        (the engine keys a model's masks by the context's parameter object:
+        fhe.rs refuses products across two contexts' objects even when their
+        parameters are equal; one model could now serve several contexts,
+        see ``PackedModel``'s mask cache)."""
         from .planner.packed import build_packed, packed_model_from_info
 
         # attach + build read the context's packed model: one at a time, as
