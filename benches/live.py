@@ -15,13 +15,16 @@ from typing import Dict, List, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(models_dir: Path, log_path: Path, *extra: str, timeout: float = 120.0) -> Tuple[subprocess.Popen, str]:
-    """``python -m pycrcnn.server`` on a free port of 127.0.0.1: ``(process, base URL)``."""
+def start_server(models_dir: Path, log_path: Path, *extra: str, timeout: float = 120.0,
+                 launcher: Tuple[str, ...] = ("-m", "pycrcnn.server")) -> Tuple[subprocess.Popen, str]:
+    """``python -m pycrcnn.server`` (or ``python *launcher``) on a free port of
+    127.0.0.1: ``(process, base URL)``. The benches and the tests' fixtures
+    (``tests/conftest.py``) start their servers here."""
     import requests
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pycrcnn.server", "--models", str(models_dir), "--host",
+        proc = subprocess.Popen([sys.executable, *launcher, "--models", str(models_dir), "--host",
                                  "127.0.0.1", "--port", "0", *extra], stdout=subprocess.PIPE, stderr=log, env=env,
                                 cwd=str(ROOT))
     deadline = time.monotonic() + timeout
@@ -46,7 +49,7 @@ def start_server(models_dir: Path, log_path: Path, *extra: str, timeout: float =
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"the server at {url} does not answer")
+            raise RuntimeError(f"the server at {url} does not answer\n{Path(log_path).read_text(errors='replace')}")
         time.sleep(0.1)
     return proc, url
 
@@ -78,10 +81,11 @@ def worker_pids(master_pid: int) -> List[int]:
     return sorted(pids)
 
 
-def wait_for_workers(master_pid: int, n: int, timeout: float = 60.0) -> List[int]:
+def wait_for_workers(master_pid: int, n: int, timeout: float = 60.0, exclude=()) -> List[int]:
+    """The master's ``n`` workers, none of them in ``exclude`` (waits for replacements)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = worker_pids(master_pid)
+        pids = [p for p in worker_pids(master_pid) if p not in exclude]
         if len(pids) == n:
             return pids
         time.sleep(0.2)

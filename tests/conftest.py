@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import os
-import re
-import select
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,59 +49,11 @@ def server_models_dir(tmp_path_factory, shared_dir) -> Path:
     return folder
 
 
-def _start_server(models_dir: Path, log_path: Path, *extra: str, timeout: float = 60.0,
-                  launcher: tuple = ("-m", "pycrcnn.server")):
-    """Starts ``python -m pycrcnn.server`` (or ``python *launcher``) on a free
-    port; returns ``(process, base_url)``."""
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, *launcher, "--models", str(models_dir), "--host", "127.0.0.1",
-         "--port", "0", *extra],
-        stdout=subprocess.PIPE, stderr=log, env=env, cwd=str(REPO))
-    log.close()
-    deadline = time.monotonic() + timeout
-    line = b""
-    while b"\n" not in line and proc.poll() is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            line += chunk
-    line = line.decode("utf-8", "replace")
-    match = re.search(r"listening on (http://[\d.]+:\d+)", line)
-    if not match:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"the server did not start: {line!r}\n{log_path.read_text(errors='replace')}")
-    url = match.group(1)
-    import requests
-
-    while True:
-        try:
-            if requests.get(url + "/", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server at {url} does not answer\n{log_path.read_text(errors='replace')}")
-        time.sleep(0.1)
-    return proc, url
-
-
-def _stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout:
-        proc.stdout.close()
+# one place starts and stops a server process: the benches' (tests/test_robustness.py
+# and the fast slices import the benches' modules too)
+sys.path.insert(0, str(REPO / "benches"))
+from live import start_server as _start_server  # noqa: E402
+from live import stop_server as _stop_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from pycrcnn.client import Client, ServerError, ServerUnavailable
 from pycrcnn.models import load_shipped_spec
 
 from conftest import _start_server, _stop_server
+from live import wait_for_workers, worker_pids
 
 
 def cnn_context():
@@ -41,22 +42,6 @@ def float_logits(name, images):
     return load_shipped_spec(name).forward_numpy(datasets.normalize(images))
 
 
-def worker_pids(master_pid):
-    """The pids of the master's children (gunicorn's workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == master_pid:
-            pids.append(int(entry.name))
-    return sorted(pids)
-
-
 def cpu_seconds(pid):
     """utime + stime of a process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -74,16 +59,6 @@ def computing_worker(workers, idle, thread, timeout=60.0):
         if seconds > 0.3:
             return pid
     return None
-
-
-def wait_for_workers(master_pid, n, timeout=60.0, exclude=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = [p for p in worker_pids(master_pid) if p not in exclude]
-        if len(pids) == n:
-            return pids
-        time.sleep(0.2)
-    raise AssertionError(f"expected {n} workers of {master_pid}, have {worker_pids(master_pid)}")
 
 
 @pytest.fixture(scope="module")

@@ -455,7 +455,6 @@ class Client:
             report["decryption_seconds"] += time.perf_counter() - t0
         return np.concatenate(outputs, axis=0), report
 
-
     def classify_packed(self, ctx: Context, images: Any, net: str,
                         binary: bool = True) -> Tuple[np.ndarray, Dict[str, Any]]:
         """Classifies ``images`` one at a time in the packed layout: encrypts

@@ -81,18 +81,15 @@ class PackedPlan:
 
     def bind(self, ctx: Context) -> Any:
         """The plan's stages bound to ``ctx`` (the runner's model: ``run(x)``).
-
-        Each binding gets its own engine packed model and so its own masks
-        (the engine keys a model's masks by the context's parameter object:
-        fhe.rs refuses products across two contexts' objects even when their
-        parameters are equal; one model could now serve several contexts,
-        see ``PackedModel``'s mask cache)."""
-        from .planner.packed import build_packed, packed_model_from_info
+        Every binding shares the plan's engine model; the engine keeps its
+        masks per context (fhe.rs refuses products across two contexts'
+        parameter objects even when their parameters are equal)."""
+        from .planner.packed import build_packed
 
         # attach + build read the context's packed model: one at a time, as
         # a cached context may serve two models planned with the same parameters
         with self._bind_lock:
-            ctx.attach_packed(packed_model_from_info(self.info))
+            ctx.attach_packed(self.model)
             return build_packed(ctx)
 
 

@@ -343,10 +343,10 @@ def _read_request(state: _State) -> Tuple[Dict[str, Any], bytes, bytes, bool]:
     return header, pub, data, binary
 
 
-def _public_context(state: _State, header: Dict[str, Any], pub: bytes) -> Context:
-    """The request's public context: sent whole (``pub``), or named by
-    ``context_id`` (this process's cache, else the shared store: 404 if the
-    store has none)."""
+def _public_context(state: _State, header: Dict[str, Any], pub: bytes) -> Tuple[Context, str]:
+    """The request's public context and its id: sent whole (``pub``), or
+    named by ``context_id`` (this process's cache, else the shared store: 404
+    if the store has none)."""
     context_id = header.get("context_id")
     if pub and context_id is not None:
         raise ApiError(400, "send either public_context or context_id, not both")
@@ -358,15 +358,15 @@ def _public_context(state: _State, header: Dict[str, Any], pub: bytes) -> Contex
             raise ApiError(400, f"context_id must be the 64 hex digits POST /contexts answered, got {context_id!r}")
         ctx = state.contexts.get(context_id)
         if ctx is not None:
-            return ctx
+            return ctx, context_id
         blob = state.store.get(context_id)
         if blob is None:
             raise ApiError(404, f"unknown context_id {context_id}: this server has no such public context (never "
                                 "uploaded, or evicted from its bounded store); upload it with POST /contexts and retry",
                            context_id=context_id)
-        return _parse_public_context(state, blob, context_id)
+        return _parse_public_context(state, blob, context_id), context_id
     digest = hashlib.sha256(pub).hexdigest()
-    return state.contexts.get(digest) or _parse_public_context(state, pub, digest)
+    return state.contexts.get(digest) or _parse_public_context(state, pub, digest), digest
 
 
 def _parse_public_context(state: _State, pub: bytes, digest: str) -> Context:
@@ -420,10 +420,9 @@ def _compute(state: _State) -> Response:
         raise ApiError(400, f"switch_to_last_level must be true, false or \"auto\", got {switch!r}")
 
     # -- keys, parameters, data ---------------------------------------------------
-    ctx = _public_context(state, header, pub)
+    ctx, context_id = _public_context(state, header, pub)
     ignored = _check_parameters(header.get("encryption_parameters"), ctx)
     if layout == "packed":  # one image's packed ciphertexts through the model's saved plan
-        context_id = hashlib.sha256(pub).hexdigest() if pub else header["context_id"]
         try:
             result, out = run_packed(state.packed, entry, spec, (start, stop), context_id, ctx, data, t_start)
         except PackedRequestError as exc:
