@@ -421,6 +421,28 @@ def test_body_limit_413(server_models_dir, mlp_ctx, mlp_data):
     assert err.value.status == 413
 
 
+def test_public_context_limit_413(server_models_dir, mlp_ctx, mlp_data):
+    """A public context over --max-context-mb is refused before it is parsed
+    (uploaded or inline), and one under it is served."""
+    from pycrcnn.server import create_app
+
+    pub = mlp_ctx.public_context()
+    tight = create_app(server_models_dir, max_context_mb=(len(pub) - 1) / (1 << 20))
+    body, ctype = Client("http://unused").build_request(mlp_ctx, mlp_data[1], "tiny_mlp")
+    with tight.test_client() as tc:
+        for resp in (tc.post("/contexts", data=pub, content_type="application/octet-stream"),
+                     tc.post("/compute", data=body, content_type=ctype)):
+            assert resp.status_code == 413, resp.data[:300]
+            assert "--max-context-mb" in resp.get_json()["error"]
+        assert tight.extensions["pycrcnn"].contexts.stats()["entries"] == 0  # nothing was parsed
+    roomy = create_app(server_models_dir, max_context_mb=len(pub) / (1 << 20))
+    with roomy.test_client() as tc:
+        assert tc.post("/contexts", data=pub, content_type="application/octet-stream").status_code == 201
+        assert tc.post("/compute", data=body, content_type=ctype).status_code == 200
+    with pytest.raises(ValueError, match="max_context_mb"):
+        create_app(server_models_dir, max_context_mb=0)
+
+
 def test_busy_503_then_ok(server_models_dir, mlp_ctx, mlp_data):
     from pycrcnn.server import create_app
 

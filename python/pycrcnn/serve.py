@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-cache-mb", type=float, default=512,
                         help="bound in MB of the parsed public contexts one worker keeps: one holds ~100x its "
                              "upload, 5 MB at m=2048, 30-60 MB at m=4096 (default 512)")
+    parser.add_argument("--max-context-mb", type=float, default=64,
+                        help="largest public context accepted, in MB of its bytes (413 beyond): a worker parses "
+                             "one into 60-130x its size (default 64)")
     parser.add_argument("--context-dir", default=None,
                         help="directory of uploaded public contexts, shared by the workers "
                              "(default: $PYCRCNN_CONTEXT_DIR, else pycrcnn-contexts-<uid> in the temporary directory)")
@@ -120,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "models_dir": args.models, "max_request_mb": args.max_request_mb,
         "weight_cache_size": args.weight_cache_size, "context_cache_size": args.context_cache_size,
         "weight_cache_mb": args.weight_cache_mb, "context_cache_mb": args.context_cache_mb,
+        "max_context_mb": args.max_context_mb,
         "context_dir": args.context_dir, "context_store_mb": args.context_store_mb,
     }
     if args.dev:

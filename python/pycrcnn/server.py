@@ -107,8 +107,10 @@ def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None, 
 
 class _State:
     def __init__(self, models_dir: Path, max_request_bytes: int, max_concurrent: int, weight_cache_size: int,
-                 context_cache_size: int, store: ContextStore, weight_cache_bytes: int, context_cache_bytes: int):
+                 context_cache_size: int, store: ContextStore, weight_cache_bytes: int, context_cache_bytes: int,
+                 max_context_bytes: int):
         self.models_dir = models_dir
+        self.max_context_bytes = max_context_bytes
         self.registry = Registry(models_dir)
         self.max_request_bytes = max_request_bytes
         self.max_concurrent = max_concurrent
@@ -126,7 +128,8 @@ class _State:
 
 def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float = 512, max_concurrent: int = 1,
                weight_cache_size: int = 8, context_cache_size: int = 16, context_dir: Optional[os.PathLike] = None,
-               context_store_mb: float = 1024, weight_cache_mb: float = 256, context_cache_mb: float = 512) -> Flask:
+               context_store_mb: float = 1024, weight_cache_mb: float = 256, context_cache_mb: float = 512,
+               max_context_mb: float = 64) -> Flask:
     """The Flask application of one process (usable under any WSGI server).
 
     Args:
@@ -142,6 +145,9 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         context_store_mb: its bound in MB; least recently used contexts are evicted.
         weight_cache_mb, context_cache_mb: bounds of the two caches in the bytes their entries hold
             (malloc's statistics): a parsed public context holds ~100x its blob, 5 MB at m=2048.
+        max_context_mb: the largest public context accepted, in MB of its bytes (413 beyond): a
+            worker parses one into 60-130x its size, so this bounds what one upload can make a worker
+            hold (the two-square packed plan's context, with its rotation keys, is 28 MB).
     """
     if models_dir is None:
         models_dir = os.environ.get("PYCRCNN_MODELS") or _shipped_models_dir()
@@ -157,11 +163,13 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
     max_bytes = int(max_request_mb * (1 << 20))
     store = ContextStore(context_dir if context_dir is not None else ContextStore.default_folder(),
                          int(context_store_mb * (1 << 20)))
+    if not max_context_mb or max_context_mb <= 0:
+        raise ValueError(f"max_context_mb must be > 0, got {max_context_mb}")
     for name, value in (("weight_cache_mb", weight_cache_mb), ("context_cache_mb", context_cache_mb)):
         if value is None or value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     state = _State(folder, max_bytes, int(max_concurrent), int(weight_cache_size), int(context_cache_size), store,
-                   int(weight_cache_mb * (1 << 20)), int(context_cache_mb * (1 << 20)))
+                   int(weight_cache_mb * (1 << 20)), int(context_cache_mb * (1 << 20)), int(max_context_mb * (1 << 20)))
 
     app = Flask("pycrcnn.server")
     app.config["MAX_CONTENT_LENGTH"] = max_bytes
@@ -236,6 +244,9 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
         length = request.content_length
         if length is not None and length > state.max_request_bytes:
             return _too_large(state, length)
+        if length is not None and length > state.max_context_bytes:
+            _drain(request)
+            raise _context_too_large(state, length)
         blob = _read_body()
         context_id = ContextStore.id_of(blob)
         if state.contexts.get(context_id) is None:
@@ -373,6 +384,8 @@ def _parse_public_context(state: _State, pub: bytes, digest: str) -> Context:
     """Parses (and caches) a public context; 400 unless it is one."""
     if not pub:
         raise ApiError(400, "the public context is empty: send ctx.public_context()")
+    if len(pub) > state.max_context_bytes:
+        raise _context_too_large(state, len(pub))
     try:
         # without malloc statistics: the largest ratio measured (m=2048)
         ctx, nbytes = measured(lambda: Context.from_public(pub), 128 * len(pub))
@@ -387,6 +400,13 @@ def _parse_public_context(state: _State, pub: bytes, digest: str) -> Context:
     state.context_bytes[ctx.fingerprint] = nbytes
     state.contexts.put(digest, ctx, nbytes)
     return ctx
+
+
+def _context_too_large(state: _State, size: int) -> ApiError:
+    return ApiError(413, f"public context of {size} bytes is larger than this server accepts "
+                         f"({state.max_context_bytes} bytes = {state.max_context_bytes / (1 << 20):g} MB; server option "
+                         "--max-context-mb): a worker parses a context into 60-130x its size. Fewer rotation keys, "
+                         "fewer plaintext primes or a smaller m make it smaller")
 
 
 def _compute(state: _State) -> Response:
