@@ -208,6 +208,7 @@ def create_app(models_dir: Optional[os.PathLike] = None, max_request_mb: float =
             "status": "Server Works!",
             "version": __version__,
             "max_request_bytes": state.max_request_bytes,
+            "max_context_bytes": state.max_context_bytes,
             "max_concurrent": state.max_concurrent,
             "pid": os.getpid(),
             "endpoints": _ENDPOINTS,
