@@ -48,6 +48,10 @@ pub struct Squarer {
     base: Arc<Context>,
     extend: Scaler,
     down: Scaler,
+    /// t/(Q·q_last) into the next level's basis: the scaling back and the
+    /// modulus switch down as one rounding (one inverse NTT in the extended
+    /// basis, the forward NTT on one modulus fewer, no separate switch).
+    down_next: Option<Scaler>,
 }
 
 impl Squarer {
@@ -70,7 +74,17 @@ impl Squarer {
         let ext_ctx = Arc::new(Context::new(&basis, par.degree())?);
         let extend = Scaler::new(&base, &ext_ctx, ScalingFactor::one())?;
         let down = Scaler::new(&ext_ctx, &base, ScalingFactor::new(&BigUint::from(par.plaintext()), base.modulus()))?;
-        Ok(Squarer { par: par.clone(), base, extend, down })
+        // Switching down after the scaling rounds c·t/Q and then c'·Q'/Q;
+        // one scaling by t·Q'/Q² = t/(Q·q_last) into Q' rounds once.
+        let down_next = match par.context_at_level(level + 1) {
+            Ok(next) => {
+                let last = *base.moduli().last().ok_or_else(|| HeError::Backend("a level without moduli".into()))?;
+                let factor = ScalingFactor::new(&BigUint::from(par.plaintext()), &(base.modulus() * BigUint::from(last)));
+                Some(Scaler::new(&ext_ctx, next, factor)?)
+            }
+            Err(_) => None,
+        };
+        Ok(Squarer { par: par.clone(), base, extend, down, down_next })
     }
 
     /// The tensor square of a two-part ciphertext at this squarer's level.
@@ -92,12 +106,27 @@ impl Squarer {
     /// Scales a tensor (or a sum of tensors) back by t/Q: a three-part
     /// ciphertext at this squarer's level.
     pub fn finish(&self, t: Tensor) -> Result<Ciphertext> {
+        self.finish_with(t, &self.down)
+    }
+
+    /// [`Squarer::finish`] switched down to the next level in the same
+    /// rounding (the same plaintext as `finish` followed by
+    /// `Ciphertext::switch_down`, at a fraction of the switch's cost).
+    pub fn finish_switched(&self, t: Tensor) -> Result<Ciphertext> {
+        let down = self
+            .down_next
+            .as_ref()
+            .ok_or_else(|| HeError::Value("no level below this square's to switch down to".into()))?;
+        self.finish_with(t, down)
+    }
+
+    fn finish_with(&self, t: Tensor, down: &Scaler) -> Result<Ciphertext> {
         let parts = t
             .parts
             .into_iter()
             .map(|mut p| {
                 p.change_representation(Representation::PowerBasis);
-                let mut q = p.scale(&self.down)?;
+                let mut q = p.scale(down)?;
                 q.change_representation(Representation::Ntt);
                 Ok(q)
             })
