@@ -592,6 +592,32 @@ impl HeContext {
         Ok(x.with_data(shaped(x.data().shape(), out)?, x.scale(), x.growth().clone()))
     }
 
+    /// [`HeContext::relinearized`] for a tensor nobody needs afterwards:
+    /// each element is relinearized in place (no second copy in memory).
+    pub fn relinearize(&self, x: CipherTensor) -> Result<CipherTensor> {
+        self.check(&x)?;
+        if x.data().iter().all(|e| e.iter().all(|c| c.len() == 2)) {
+            return Ok(x);
+        }
+        let template = x.with_data(ndarray::ArrayD::default(IxDyn(&[0])), x.scale(), x.growth().clone());
+        let data = x.into_data();
+        let shape = data.shape().to_vec();
+        let data = if data.is_standard_layout() { data } else { data.as_standard_layout().into_owned() };
+        let (elems, _) = data.into_raw_vec_and_offset();
+        let out: Vec<Element> = elems
+            .into_par_iter()
+            .map(|mut e| {
+                for (k, c) in e.iter_mut().enumerate() {
+                    if c.len() == 3 {
+                        *c = self.two_part(k, c)?.into_owned();
+                    }
+                }
+                Ok(e)
+            })
+            .collect::<Result<_>>()?;
+        Ok(template.with_data(shaped(&shape, out)?, template.scale(), template.growth().clone()))
+    }
+
     /// The square of one ciphertext (plaintext modulus `k`) at `level`:
     /// three parts, switched down a level while two moduli or more remain
     /// below (the next layers run on smaller ciphertexts).
