@@ -34,6 +34,7 @@ def main() -> None:
     calib = datasets.normalize(datasets.load_mnist(split="train", limit=256)[0]).astype(np.float64)
     plan = pycrcnn.plan(args.model, calib, input_range=(0.0, 1.0))
     print(plan)
+    print(plan.table())
     ctx = plan.context
     ctx.keygen()
     model = plan.model(ctx)

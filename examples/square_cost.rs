@@ -51,6 +51,10 @@ fn main() {
     }));
     let mut tensors = Vec::new();
     println!("  tensor: {:.2} ms", ms(n, || { tensors = cts.iter().map(|c| sq.tensor(c).unwrap()).collect::<Vec<_>>(); }));
+    if switch {
+        let more: Vec<_> = cts.iter().map(|c| sq.tensor(c).unwrap()).collect();
+        println!("  finish switched down in its scaling: {:.2} ms", ms(n, || { black_box(more.into_iter().map(|t| sq.finish_switched(t).unwrap()).collect::<Vec<_>>()); }));
+    }
     let mut outs = Vec::new();
     println!("  finish: {:.2} ms", ms(n, || { outs = tensors.into_iter().map(|t| sq.finish(t).unwrap()).collect::<Vec<_>>(); }));
     println!("  switch down (3 parts): {:.2} ms", ms(n, || { for o in outs.iter_mut() { o.switch_down().unwrap(); } }));

@@ -205,3 +205,51 @@ def test_square_and_pooling_are_fused_when_the_model_is_built(digits):
     for layer in model:
         t = layer(t)
     assert _exact(ctx.decrypt_integers(t), want)
+
+
+def two_block_net(seed=2):
+    """conv 1→2 5×5 stride 2, Square, AvgPool 2, conv 2→6 3×3, Square, AvgPool 2, Flatten, Linear 24→10
+    (built here): the second conv has more outputs (96) than inputs (72) per image."""
+    rng = np.random.default_rng(seed)
+    conv = lambda i, o, k, s: {"in_channels": i, "out_channels": o, "kernel_size": (k, k), "stride": (s, s),  # noqa: E731
+                               "padding": (0, 0), "dilation": (1, 1), "groups": 1, "bias": True}
+    pool = {"kernel_size": (2, 2), "stride": (2, 2), "padding": (0, 0)}
+    return _spec("two_block", [
+        LayerSpec(0, "Conv2d", conv(1, 2, 5, 2), rng.normal(0, 0.3, (2, 1, 5, 5)), rng.normal(0, 0.1, 2)),
+        LayerSpec(1, "Square", {}),
+        LayerSpec(2, "AvgPool2d", pool),
+        LayerSpec(3, "Conv2d", conv(2, 6, 3, 1), rng.normal(0, 0.3, (6, 2, 3, 3)), rng.normal(0, 0.1, 6)),
+        LayerSpec(4, "Square", {}),
+        LayerSpec(5, "AvgPool2d", pool),
+        LayerSpec(6, "Flatten", {}),
+        LayerSpec(7, "Linear", {"in_features": 24, "out_features": 10, "bias": True},
+                  rng.normal(0, 0.2, (10, 24)), rng.normal(0, 0.1, 10)),
+    ], (1, 28, 28))
+
+
+def test_second_square_relinearizes_before_its_conv(digits):
+    """Two fused conv+square+pool blocks: the second relinearizes the first's
+    pooled (three-part) output before its conv, which has more outputs than
+    inputs; the results equal plan.reference exactly, each fused step switches
+    down in the square's own scaling, and the probes' noise prediction stays
+    within 2 bits or on the safe side."""
+    x, _ = digits
+    spec = two_block_net()
+    plan = pycrcnn.plan(spec, x[:32], input_range=(0.0, 1.0))
+    ctx = plan.context
+    ctx.keygen()
+    model = plan.model(ctx)
+    names = [layer._layer.name for layer in model]
+    assert names[0] == names[3] == "Conv2d+Square+AvgPool2d", names
+    t = ctx.encrypt(x[:16])
+    y, reports = model.run(t, measure_noise=True)
+    assert _exact(ctx.decrypt_integers(y), plan.reference(x[:16]))
+    levels = [r["level"] for r in reports]
+    assert levels[0] == 1 and levels[3] == min(2, len(ctx.moduli) - 1), levels
+    for predicted, measured in zip(plan.report, reports):
+        assert predicted["noise_budget"] - measured["noise_budget"] <= 2, (predicted, measured)
+        assert measured["noise_budget"] > 0
+    # A loop over the layers takes the same path.
+    for layer in model:
+        t = layer(t)
+    assert _exact(ctx.decrypt_integers(t), plan.reference(x[:16]))

@@ -592,16 +592,44 @@ impl HeContext {
         Ok(x.with_data(shaped(x.data().shape(), out)?, x.scale(), x.growth().clone()))
     }
 
+    /// [`HeContext::relinearized`] for a tensor nobody needs afterwards:
+    /// each element is relinearized in place (no second copy in memory).
+    pub fn relinearize(&self, x: CipherTensor) -> Result<CipherTensor> {
+        self.check(&x)?;
+        if x.data().iter().all(|e| e.iter().all(|c| c.len() == 2)) {
+            return Ok(x);
+        }
+        let template = x.with_data(ndarray::ArrayD::default(IxDyn(&[0])), x.scale(), x.growth().clone());
+        let data = x.into_data();
+        let shape = data.shape().to_vec();
+        let data = if data.is_standard_layout() { data } else { data.as_standard_layout().into_owned() };
+        let (elems, _) = data.into_raw_vec_and_offset();
+        let out: Vec<Element> = elems
+            .into_par_iter()
+            .map(|mut e| {
+                for (k, c) in e.iter_mut().enumerate() {
+                    if c.len() == 3 {
+                        *c = self.two_part(k, c)?.into_owned();
+                    }
+                }
+                Ok(e)
+            })
+            .collect::<Result<_>>()?;
+        Ok(template.with_data(shaped(&shape, out)?, template.scale(), template.growth().clone()))
+    }
+
     /// The square of one ciphertext (plaintext modulus `k`) at `level`:
     /// three parts, switched down a level while two moduli or more remain
     /// below (the next layers run on smaller ciphertexts).
     pub(crate) fn square_ct(&self, k: usize, ct: &Ciphertext, level: usize) -> Result<Ciphertext> {
         let ct = self.two_part(k, ct)?;
-        let mut sq = self.squarer(k, level)?.square(&ct)?;
+        let squarer = self.squarer(k, level)?;
+        let t = squarer.tensor(&ct)?;
         if level + 2 < self.params.levels() {
-            sq.switch_down()?;
+            squarer.finish_switched(t)
+        } else {
+            squarer.finish(t)
         }
-        Ok(sq)
     }
 
     /// Adds the tensor square of `ct` (plaintext modulus `k`, at `level`) to
@@ -621,11 +649,12 @@ impl HeContext {
     /// like [`HeContext::square_ct`].
     pub(crate) fn square_finish(&self, k: usize, acc: Option<Tensor>, level: usize) -> Result<Ciphertext> {
         let acc = acc.ok_or_else(|| HeError::Value("a sum of squares needs at least one ciphertext".into()))?;
-        let mut sq = self.squarer(k, level)?.finish(acc)?;
+        let squarer = self.squarer(k, level)?;
         if level + 2 < self.params.levels() {
-            sq.switch_down()?;
+            squarer.finish_switched(acc)
+        } else {
+            squarer.finish(acc)
         }
-        Ok(sq)
     }
 
     /// Element-wise square that consumes `x`: each input ciphertext is freed
@@ -871,6 +900,37 @@ pub(crate) mod tests {
         let s = ctx.square(ctx.square(t.clone()).unwrap()).unwrap();
         assert!(ctx.noise_budget(&s).unwrap() > 0);
         assert!(max_err(&ctx.decrypt(&s).unwrap(), &x.mapv(|v| v.powi(4))) < 1e-6);
+    }
+
+    #[test]
+    fn square_switched_in_its_scaling_equals_square_then_switch() {
+        // finish_switched (one rounding by t/(Q·q_last)) against finish and
+        // fhe.rs's switch_down: the same plaintext, no less noise budget.
+        use fhe_traits::FheDecrypter;
+        let batch = Encoding::Batch { scale_bits: 6, weight_scale_bits: 6 };
+        let ctx = make(4096, vec![], batch, Some(vec![36, 36, 37]));
+        let x = random(&[7, 3], -3.0, 3.0);
+        let t = ctx.encrypt(x.view()).unwrap();
+        let sk = &ctx.secret().unwrap()[0];
+        let par = &ctx.params().bfv()[0];
+        let squarer = ctx.squarer(0, 0).unwrap();
+        for e in t.data().iter() {
+            let tensor = squarer.tensor(&e[0]).unwrap();
+            let again = squarer.tensor(&e[0]).unwrap();
+            let mut two_step = squarer.finish(tensor).unwrap();
+            two_step.switch_down().unwrap();
+            let one_step = squarer.finish_switched(again).unwrap();
+            assert_eq!(one_step.len(), 3);
+            assert_eq!(par.level_of_context(one_step[0].ctx()).unwrap(), 1);
+            assert_eq!(sk.try_decrypt(&one_step).unwrap(), sk.try_decrypt(&two_step).unwrap());
+            let (a, b) = unsafe { (sk.measure_noise(&one_step).unwrap(), sk.measure_noise(&two_step).unwrap()) };
+            assert!(a <= b + 1, "{a} vs {b} noise bits");
+        }
+        // The engine's square uses it: exact against the plaintext square.
+        let q = x.mapv(|v| (v * 64.0).round() / 64.0);
+        let y = ctx.square(t).unwrap();
+        assert_eq!(y.level().unwrap(), 1);
+        assert_eq!(ctx.decrypt(&y).unwrap(), q.mapv(|v| v * v));
     }
 
     #[test]

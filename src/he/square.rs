@@ -27,7 +27,8 @@ use num_bigint::BigUint;
 use super::error::{HeError, Result};
 
 /// The tensor square of a ciphertext in the extended basis (NTT form):
-/// (c0², 2·c0·c1, c1²), before scaling by t/Q.
+/// (c0², c0·c1, c1²), before scaling by t/Q (the middle part's factor 2 is
+/// in its scaling, see [`Squarer::finish`]: no doubling per square).
 pub struct Tensor {
     parts: [Poly; 3],
 }
@@ -47,7 +48,13 @@ pub struct Squarer {
     par: Arc<BfvParameters>,
     base: Arc<Context>,
     extend: Scaler,
-    down: Scaler,
+    /// t/Q and 2t/Q (the cross term c0·c1 appears twice in the square).
+    down: [Scaler; 2],
+    /// t/(Q·q_last) and 2t/(Q·q_last) into the next level's basis: the
+    /// scaling back and the modulus switch down as one rounding (one inverse
+    /// NTT in the extended basis, the forward NTT on one modulus fewer, no
+    /// separate switch).
+    down_next: Option<[Scaler; 2]>,
 }
 
 impl Squarer {
@@ -69,8 +76,26 @@ impl Squarer {
         }
         let ext_ctx = Arc::new(Context::new(&basis, par.degree())?);
         let extend = Scaler::new(&base, &ext_ctx, ScalingFactor::one())?;
-        let down = Scaler::new(&ext_ctx, &base, ScalingFactor::new(&BigUint::from(par.plaintext()), base.modulus()))?;
-        Ok(Squarer { par: par.clone(), base, extend, down })
+        let t = BigUint::from(par.plaintext());
+        let twice = &t * 2u32;
+        let down = [
+            Scaler::new(&ext_ctx, &base, ScalingFactor::new(&t, base.modulus()))?,
+            Scaler::new(&ext_ctx, &base, ScalingFactor::new(&twice, base.modulus()))?,
+        ];
+        // Switching down after the scaling rounds c·t/Q and then c'·Q'/Q;
+        // one scaling by t·Q'/Q² = t/(Q·q_last) into Q' rounds once.
+        let down_next = match par.context_at_level(level + 1) {
+            Ok(next) => {
+                let last = *base.moduli().last().ok_or_else(|| HeError::Backend("a level without moduli".into()))?;
+                let denominator = base.modulus() * BigUint::from(last);
+                Some([
+                    Scaler::new(&ext_ctx, next, ScalingFactor::new(&t, &denominator))?,
+                    Scaler::new(&ext_ctx, next, ScalingFactor::new(&twice, &denominator))?,
+                ])
+            }
+            Err(_) => None,
+        };
+        Ok(Squarer { par: par.clone(), base, extend, down, down_next })
     }
 
     /// The tensor square of a two-part ciphertext at this squarer's level.
@@ -83,21 +108,34 @@ impl Squarer {
         }
         let c0 = ct[0].scale(&self.extend)?;
         let c1 = ct[1].scale(&self.extend)?;
-        let mut cross = &c0 * &c1;
-        let twice = cross.clone();
-        cross += &twice;
-        Ok(Tensor { parts: [&c0 * &c0, cross, &c1 * &c1] })
+        Ok(Tensor { parts: [&c0 * &c0, &c0 * &c1, &c1 * &c1] })
     }
 
     /// Scales a tensor (or a sum of tensors) back by t/Q: a three-part
     /// ciphertext at this squarer's level.
     pub fn finish(&self, t: Tensor) -> Result<Ciphertext> {
+        self.finish_with(t, &self.down)
+    }
+
+    /// [`Squarer::finish`] switched down to the next level in the same
+    /// rounding (the same plaintext as `finish` followed by
+    /// `Ciphertext::switch_down`, at a fraction of the switch's cost).
+    pub fn finish_switched(&self, t: Tensor) -> Result<Ciphertext> {
+        let down = self
+            .down_next
+            .as_ref()
+            .ok_or_else(|| HeError::Value("no level below this square's to switch down to".into()))?;
+        self.finish_with(t, down)
+    }
+
+    fn finish_with(&self, t: Tensor, down: &[Scaler; 2]) -> Result<Ciphertext> {
         let parts = t
             .parts
             .into_iter()
-            .map(|mut p| {
+            .enumerate()
+            .map(|(i, mut p)| {
                 p.change_representation(Representation::PowerBasis);
-                let mut q = p.scale(&self.down)?;
+                let mut q = p.scale(&down[usize::from(i == 1)])?;
                 q.change_representation(Representation::Ntt);
                 Ok(q)
             })

@@ -38,6 +38,18 @@ fn sums_disjoint_windows(map: &AffineMap, x: &CipherTensor) -> bool {
     true
 }
 
+/// Whether a fused square relinearizes its input before the affine layer
+/// `before` rather than each of the square's inputs after it: where the
+/// affine layer has no more outputs than inputs per image (LeNet-1's second
+/// conv: 576 inputs, 768 outputs) that is fewer relinearizations, and the
+/// affine layer's weighted sums then run on two-part ciphertexts (a third
+/// cheaper than on three). The key switch's noise is then multiplied by the
+/// affine layer's weights (a few bits: the planner's probes, which take the
+/// same path, see it).
+pub(crate) fn relinearizes_first(before: Option<&AffineMap>, in_shape: &[usize]) -> bool {
+    before.is_some_and(|m| in_shape.iter().product::<usize>() <= m.out_shape.iter().product::<usize>())
+}
+
 /// [`before` →] x² → the average pooling `pool`, as one step: each pooled
 /// output adds the tensor squares of its window before BFV scales the sum
 /// back (one scaling per pooled output instead of one per square, the most
@@ -60,6 +72,9 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, po
         return pool.forward(&square(ctx, y)?);
     }
     ctx.can_square(level)?;
+    // Relinearized before the affine layer when it has no more inputs than
+    // outputs (see [`relinearizes_first`]).
+    let x = if relinearizes_first(bmap.as_deref(), x.image_shape()) { ctx.relinearize(x)? } else { x };
     // Scales and bounds as the three layers would give them, checked in order.
     let (b_scale, b_growth, prepared, bias) = match (before, &bmap) {
         (Some(b), Some(m)) => {

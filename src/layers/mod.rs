@@ -167,7 +167,12 @@ impl Layer {
             Layer::SquarePool(f) => {
                 ctx.check(probe)?;
                 let x = match f.before() {
-                    Some(a) => a.probe(probe)?,
+                    // Relinearized before the affine layer, as the step does
+                    // where that layer has no more outputs than inputs (the
+                    // probe has no image shape to tell): the key switch's
+                    // noise times the weights is the larger of the two
+                    // paths' noise, so the prediction stays on the safe side.
+                    Some(a) => a.probe(&ctx.relinearized(probe)?)?,
                     None => probe.clone(),
                 };
                 f.pool_or_err()?.probe(&square(ctx, x)?)
