@@ -416,12 +416,13 @@ impl Layout {
                 .entry(level)
                 .or_default()
                 .extend(m.horner.iter().flatten());
-            // Every baby step has its key: the babies are rotated from the input at once (hoisted).
-            baby.entry(level).or_default().extend(
-                (m.babies.0..=m.babies.1)
-                    .filter(|&b| b != 0)
-                    .map(|b| b.rem_euclid(self.n as i64) as usize),
-            );
+            let b = baby.entry(level).or_default();
+            if m.babies.1 > 0 {
+                b.push(1);
+            }
+            if m.babies.0 < 0 {
+                b.push(self.n - 1);
+            }
         }
         if self.d1 > 1 {
             baby.entry(self.lin_level).or_default().push(1);
@@ -1008,7 +1009,7 @@ impl PackedModel {
                 let mut acc: Option<Ciphertext> = None;
                 for ap in (0..=lay.amax).rev() {
                     if let Some(a) = acc.take() {
-                        acc = Some(keys.rotations[k].rotate(&a, 0, lay.pitch, par)?);
+                        acc = Some(keys.rotations[k].rotate(&a, 0, lay.pitch)?);
                     }
                     for (idx, m) in &pm.conv[ap] {
                         add_into(&mut acc, m.apply(&inputs[*idx][k], par)?);
@@ -1087,20 +1088,24 @@ impl PackedModel {
                 let rot = &keys.rotations[k];
                 let mm = &masks[k].maps[j];
                 let (lo, hi) = plan.babies;
-                // Babies b in [lo, hi]: rotations of the input by b, hoisted (one decomposition).
-                let steps: Vec<usize> = (lo..=hi)
-                    .filter(|&b| b != 0)
-                    .map(|b| b.rem_euclid(n as i64) as usize)
-                    .collect();
-                let mut rotated = rot.rotate_hoisted(&e[k], level, &steps, par)?.into_iter();
-                let babies: Vec<Ciphertext> = (lo..=hi)
-                    .map(|b| {
-                        if b == 0 {
-                            Ok(e[k].clone())
-                        } else {
-                            rotated.next().ok_or_else(|| HeError::Backend("baby step".into()))
-                        }
-                    })
+                // Babies b in [lo, hi]: successive rotations by +1 and by −1 (n − 1).
+                let mut babies: Vec<Option<Ciphertext>> = vec![None; (hi - lo + 1) as usize];
+                babies[(-lo) as usize] = Some(e[k].clone());
+                for b in 1..=hi {
+                    let prev = babies[(b - 1 - lo) as usize]
+                        .as_ref()
+                        .ok_or_else(|| HeError::Backend("baby step".into()))?;
+                    babies[(b - lo) as usize] = Some(rot.rotate(prev, level, 1)?);
+                }
+                for b in (lo..0).rev() {
+                    let prev = babies[(b + 1 - lo) as usize]
+                        .as_ref()
+                        .ok_or_else(|| HeError::Backend("baby step".into()))?;
+                    babies[(b - lo) as usize] = Some(rot.rotate(prev, level, n - 1)?);
+                }
+                let babies: Vec<Ciphertext> = babies
+                    .into_iter()
+                    .map(|b| b.ok_or_else(|| HeError::Backend("baby step".into())))
                     .collect::<Result<_>>()?;
                 // Each giant's sum of masked babies (in parallel, lazily reduced), then Horner.
                 let inners: Vec<Ciphertext> = mm
@@ -1117,7 +1122,7 @@ impl PackedModel {
                 for (gi, inner) in inners.into_iter().enumerate() {
                     if let Some(mut a) = acc.take() {
                         for &s in &plan.horner[gi - 1] {
-                            a = rot.rotate(&a, level, s, par)?;
+                            a = rot.rotate(&a, level, s)?;
                         }
                         acc = Some(a);
                     }
@@ -1129,7 +1134,7 @@ impl PackedModel {
                 };
                 if !mm.giants.is_empty() {
                     for &s in plan.horner.last().map(Vec::as_slice).unwrap_or(&[]) {
-                        acc = rot.rotate(&acc, level, s, par)?;
+                        acc = rot.rotate(&acc, level, s)?;
                     }
                 }
                 Ok(&acc + &mm.bias)
@@ -1164,14 +1169,14 @@ impl PackedModel {
                 let mut baby = Vec::with_capacity(lay.d1);
                 baby.push(e[k].clone());
                 for g1 in 1..lay.d1 {
-                    let next = rot.rotate(&baby[g1 - 1], lvl, 1, par)?;
+                    let next = rot.rotate(&baby[g1 - 1], lvl, 1)?;
                     baby.push(next);
                 }
                 // Giant steps by Horner: acc = rot(acc, d1) + Σ_g1 baby[g1] ⊙ D'.
                 let mut acc: Option<Ciphertext> = None;
                 for g2 in (0..lay.d2).rev() {
                     if let Some(a) = acc.take() {
-                        acc = Some(rot.rotate(&a, lvl, lay.d1, par)?);
+                        acc = Some(rot.rotate(&a, lvl, lay.d1)?);
                     }
                     for (g1, m) in pm.diag[g2].iter().enumerate() {
                         if let Some(m) = m {

@@ -11,7 +11,7 @@
 //! field's first input slot plus a per-channel offset, chosen greedily to
 //! add the fewest new diagonals. Rotations follow baby-step/giant-step:
 //! `k = g + b` with b in a window `[b_lo, b_hi]` containing 0 (baby steps:
-//! rotations of the input by each b, hoisted, multiplied by masks) and the
+//! successive rotations of the input by ±1, multiplied by masks) and the
 //! distinct giants g applied by Horner's rule after the products (their key
 //! switching noise is then never multiplied by a mask). Horner's gaps use
 //! keys for the most frequent gaps and power-of-two steps for the rest.
@@ -47,11 +47,12 @@ impl MapPlan {
     /// Rotation key steps it needs.
     pub fn steps(&self, n: usize) -> Vec<usize> {
         let mut s: Vec<usize> = self.horner.iter().flatten().copied().collect();
-        s.extend(
-            (self.babies.0..=self.babies.1)
-                .filter(|&b| b != 0)
-                .map(|b| b.rem_euclid(n as i64) as usize),
-        );
+        if self.babies.1 > 0 {
+            s.push(1);
+        }
+        if self.babies.0 < 0 {
+            s.push(n - 1);
+        }
         s.sort_unstable();
         s.dedup();
         s
