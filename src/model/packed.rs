@@ -415,14 +415,8 @@ impl Layout {
             plain
                 .entry(level)
                 .or_default()
-                .extend(m.horner.iter().flatten());
-            let b = baby.entry(level).or_default();
-            if m.babies.1 > 0 {
-                b.push(1);
-            }
-            if m.babies.0 < 0 {
-                b.push(self.n - 1);
-            }
+                .extend(m.giant_steps());
+            baby.entry(level).or_default().extend(m.baby_steps(self.n));
         }
         if self.d1 > 1 {
             baby.entry(self.lin_level).or_default().push(1);
@@ -1088,20 +1082,36 @@ impl PackedModel {
                 let rot = &keys.rotations[k];
                 let mm = &masks[k].maps[j];
                 let (lo, hi) = plan.babies;
-                // Babies b in [lo, hi]: successive rotations by +1 and by −1 (n − 1).
+                // Babies b in [lo, hi]: two chains in parallel, odd b (by 1 from the
+                // input, then by 2) and even b (by 2), the latter then b < 0 (by −1).
+                let x0 = &e[k];
+                let chain = |first: i64| -> Result<Vec<(i64, Ciphertext)>> {
+                    let mut out: Vec<(i64, Ciphertext)> = Vec::new();
+                    for b in (first..=hi).step_by(2) {
+                        let next = match out.last() {
+                            None => rot.rotate(x0, level, first as usize)?,
+                            Some((_, prev)) => rot.rotate(prev, level, 2)?,
+                        };
+                        out.push((b, next));
+                    }
+                    Ok(out)
+                };
+                let (odd, even) = rayon::join(
+                    || chain(1),
+                    || -> Result<Vec<(i64, Ciphertext)>> {
+                        let mut out = chain(2)?;
+                        let mut prev = x0.clone();
+                        for b in (lo..0).rev() {
+                            prev = rot.rotate(&prev, level, n - 1)?;
+                            out.push((b, prev.clone()));
+                        }
+                        Ok(out)
+                    },
+                );
                 let mut babies: Vec<Option<Ciphertext>> = vec![None; (hi - lo + 1) as usize];
-                babies[(-lo) as usize] = Some(e[k].clone());
-                for b in 1..=hi {
-                    let prev = babies[(b - 1 - lo) as usize]
-                        .as_ref()
-                        .ok_or_else(|| HeError::Backend("baby step".into()))?;
-                    babies[(b - lo) as usize] = Some(rot.rotate(prev, level, 1)?);
-                }
-                for b in (lo..0).rev() {
-                    let prev = babies[(b + 1 - lo) as usize]
-                        .as_ref()
-                        .ok_or_else(|| HeError::Backend("baby step".into()))?;
-                    babies[(b - lo) as usize] = Some(rot.rotate(prev, level, n - 1)?);
+                babies[(-lo) as usize] = Some(x0.clone());
+                for (b, c) in odd?.into_iter().chain(even?) {
+                    babies[(b - lo) as usize] = Some(c);
                 }
                 let babies: Vec<Ciphertext> = babies
                     .into_iter()
@@ -1118,16 +1128,36 @@ impl PackedModel {
                         )
                     })
                     .collect::<Result<_>>()?;
-                let mut acc: Option<Ciphertext> = None;
-                for (gi, inner) in inners.into_iter().enumerate() {
-                    if let Some(mut a) = acc.take() {
-                        for &s in &plan.horner[gi - 1] {
-                            a = rot.rotate(&a, level, s)?;
+                // Horner's rule over the giants; cut in two halves run in parallel when planned.
+                let horner = |inners: Vec<Ciphertext>, gaps: &[Vec<usize>]| -> Result<Option<Ciphertext>> {
+                    let mut acc: Option<Ciphertext> = None;
+                    for (gi, inner) in inners.into_iter().enumerate() {
+                        if let Some(mut a) = acc.take() {
+                            for &s in &gaps[gi - 1] {
+                                a = rot.rotate(&a, level, s)?;
+                            }
+                            acc = Some(a);
                         }
-                        acc = Some(a);
+                        add_into(&mut acc, inner);
                     }
-                    add_into(&mut acc, inner);
-                }
+                    Ok(acc)
+                };
+                let acc = match plan.split {
+                    Some((cut, d)) if cut < inners.len() => {
+                        let mut inners = inners;
+                        let second = inners.split_off(cut);
+                        let (a, b) = rayon::join(
+                            || horner(inners, &plan.horner[..cut - 1]),
+                            || horner(second, &plan.horner[cut..]),
+                        );
+                        let (a, mut b) = (a?, b?);
+                        if let Some(a) = a {
+                            add_into(&mut b, rot.rotate(&a, level, d)?);
+                        }
+                        b
+                    }
+                    _ => horner(inners, &plan.horner)?,
+                };
                 let mut acc = match acc {
                     Some(a) => a,
                     None => &e[k] - &e[k],
