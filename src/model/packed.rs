@@ -1029,17 +1029,13 @@ impl PackedModel {
         let lay = self.check_input(ctx, x, 1, level, "activation")?;
         let out_level = self.level_after_act(&lay, j);
         let masks = self.masks(ctx.params())?;
-        let keys = ctx.keys()?;
         let e = &x.data()[[0]];
         let out: Element = (0..e.len())
             .into_par_iter()
             .map(|k| {
-                let m = keys.mult[k].get(level).ok_or_else(|| {
-                    HeError::Parameter(format!("ciphertext products at level {level} need relinearization keys for that level: make the keys from the model's plan (keygen())"))
-                })?;
                 let par = &ctx.params().bfv()[k];
                 let consts = &masks[k].acts[j];
-                let mut sq = m.multiply(&e[k], &e[k])?;
+                let mut sq = ctx.square_relinearized(k, &e[k], level)?;
                 if par.level_of_context(sq[0].ctx())? < out_level {
                     sq.switch_to_level(out_level)?;
                 }
