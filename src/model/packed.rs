@@ -1625,6 +1625,36 @@ mod tests {
         check(sp, &ctx, 3);
     }
 
+    /// Timing (run by hand): `cargo test --release --lib masked_sum_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn masked_sum_cost() {
+        use fhe::bfv::{BfvParametersBuilder, Encoding, SecretKey};
+        use fhe_traits::FheEncrypter;
+        let par = BfvParametersBuilder::new()
+            .set_degree(8192)
+            .set_plaintext_modulus(crate::he::params::batch_primes_below(8192, 1 << 20, 1)[0])
+            .set_moduli_sizes(&[55, 55, 54, 54])
+            .build_arc()
+            .unwrap();
+        let sk = SecretKey::random(&par, &mut rand::rng());
+        let v: Vec<u64> = (0..8192).collect();
+        let pt = Plaintext::try_encode(&v, Encoding::simd(), &par).unwrap();
+        let mut ct: Ciphertext = sk.try_encrypt(&pt, &mut rand::rng()).unwrap();
+        ct.switch_to_level(1).unwrap();
+        let ctx = ct[0].ctx().clone();
+        let m = mask(&(0..4096).map(|i| (i % 7) as i128 - 3).collect::<Vec<_>>(), &par, 1).unwrap();
+        let m = ShoupMask::new(m, &ctx).unwrap();
+        let best = (0..7)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                masked_sum((0..100).map(|_| (&ct, &m)), &par).unwrap();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .fold(f64::INFINITY, f64::min);
+        eprintln!("masked sum of 100 terms at level 1 (3 moduli), best of 7: {best:.1} ms");
+    }
+
     #[test]
     fn deeper_models_are_exact() {
         // conv(3→2, k3, s2, p1) → square → conv(2→3, k3, s1, p1) + pool → polynomial → linear; 3 primes.
