@@ -33,6 +33,7 @@ README). Usage::
 
     python benches/latency.py                 # 20 digits, agreement on 1,000
     python benches/latency.py --digits 5 --agreement 100 --no-fractional
+    python benches/latency.py --only two_square --no-fractional
 """
 from __future__ import annotations
 
@@ -334,6 +335,7 @@ def main(argv=None) -> int:
     ap.add_argument("--agreement", type=int, default=1000)
     ap.add_argument("--no-fractional", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--only", metavar="NAME", help="run only the models whose name contains NAME (e.g. two_square)")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
@@ -346,6 +348,8 @@ def main(argv=None) -> int:
     if seed.is_file():
         models.append(("LeNet1_Approx_single_square (seed)", seed))
     models.append(("lenet1_two_square (shipped)", shipped_model_path("lenet1_two_square")))
+    if args.only:
+        models = [(n, p) for n, p in models if args.only in n]
     results = [bench_model(n, p, args.digits, args.agreement) for n, p in models]
     frac = None if args.no_fractional else fractional()
     print(f"\nLatency, {args.digits} MNIST test digits one at a time; "

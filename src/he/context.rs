@@ -560,6 +560,20 @@ impl HeContext {
         })
     }
 
+    /// The relinearized square of the two-part `ct` (plaintext modulus `k`)
+    /// at `level`: the tensor's products and scalings run in parallel (one
+    /// ciphertext per prime, as in the packed layout, keeps both threads busy).
+    pub(crate) fn square_relinearized(&self, k: usize, ct: &Ciphertext, level: usize) -> Result<Ciphertext> {
+        let rk = self.keys()?.relin[k].get(level).ok_or_else(|| {
+            HeError::Parameter(format!(
+                "ciphertext products at level {level} need relinearization keys for that level: make the keys from the model's plan (keygen())"
+            ))
+        })?;
+        let mut sq = self.squarer(k, level)?.square(ct)?;
+        rk.relinearizes(&mut sq)?;
+        Ok(sq)
+    }
+
     /// `ct` (plaintext modulus `k`) with two parts: relinearized at its
     /// level when it is the three-part output of a square. Products call it
     /// on their inputs, so relinearization happens only where a product

@@ -11,7 +11,8 @@
 //! field's first input slot plus a per-channel offset, chosen greedily to
 //! add the fewest new diagonals. Rotations follow baby-step/giant-step:
 //! `k = g + b` with b in a window `[b_lo, b_hi]` containing 0 (baby steps:
-//! successive rotations of the input by ±1, multiplied by masks) and the
+//! successive rotations of the input, two chains by 2 and one by −1,
+//! multiplied by masks) and the
 //! distinct giants g applied by Horner's rule after the products (their key
 //! switching noise is then never multiplied by a mask). Horner's gaps use
 //! keys for the most frequent gaps and power-of-two steps for the rest.
@@ -36,23 +37,51 @@ pub struct MapPlan {
     pub horner: Vec<Vec<usize>>,
     /// Number of non-zero diagonals (ciphertext × plaintext products).
     pub diagonals: usize,
+    /// Horner's chain cut in two, run in parallel: `(s, d)`: giants
+    /// `0..s` and `s..` each by Horner's rule, the first half's
+    /// accumulator then rotated by `d` (its offset from the last giant)
+    /// and added to the second's, instead of the step from giant `s − 1`
+    /// to giant `s`. The two halves run on two threads; the count of
+    /// rotations stays (one key more).
+    pub split: Option<(usize, usize)>,
 }
 
 impl MapPlan {
     /// Rotations per evaluation.
     pub fn rotations(&self) -> usize {
-        (self.babies.1 - self.babies.0) as usize + self.horner.iter().map(Vec::len).sum::<usize>()
+        (self.babies.1 - self.babies.0) as usize + self.giant_steps().len()
+    }
+
+    /// The giant-step rotations of one evaluation (with repeats): Horner's
+    /// steps, the split's step in place of the gap it replaces.
+    pub fn giant_steps(&self) -> Vec<usize> {
+        let cut = self.split.map(|(s, _)| s - 1);
+        let mut out: Vec<usize> = self
+            .horner
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| Some(i) != cut)
+            .flat_map(|(_, h)| h.iter().copied())
+            .collect();
+        out.extend(self.split.map(|(_, d)| d));
+        out
+    }
+
+    /// The baby steps' keys: the babies are two chains run in parallel,
+    /// odd b (1, then +2) and even b (+2), and b < 0 by −1 (n − 1).
+    pub fn baby_steps(&self, n: usize) -> Vec<usize> {
+        let (lo, hi) = self.babies;
+        let mut s: Vec<usize> = [1, 2].into_iter().filter(|&b| hi >= b as i64).collect();
+        if lo < 0 {
+            s.push(n - 1);
+        }
+        s
     }
 
     /// Rotation key steps it needs.
     pub fn steps(&self, n: usize) -> Vec<usize> {
-        let mut s: Vec<usize> = self.horner.iter().flatten().copied().collect();
-        if self.babies.1 > 0 {
-            s.push(1);
-        }
-        if self.babies.0 < 0 {
-            s.push(n - 1);
-        }
+        let mut s: Vec<usize> = self.giant_steps();
+        s.extend(self.baby_steps(n));
         s.sort_unstable();
         s.dedup();
         s
@@ -171,12 +200,14 @@ fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
                     continue;
                 }
                 let horner = horner_steps(&gaps);
+                let split = split_point(&gs, &horner);
                 let plan = MapPlan {
                     pos_out: pos_out.clone(),
                     giants: gs.iter().map(|g| (*g, giants[g].clone())).collect(),
                     babies: (b_lo, b_hi),
                     horner,
                     diagonals: ks.len(),
+                    split,
                 };
                 let cost = plan.rotations() + (b_hi - b_lo) as usize;
                 if best.as_ref().map_or(true, |(c, _)| cost < *c) {
@@ -191,7 +222,21 @@ fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
         babies: (0, 0),
         horner: vec![],
         diagonals: 0,
+        split: None,
     })
+}
+
+/// Where to cut Horner's chain over the giants `gs` (descending) so that
+/// the two halves take about as many rotations; None when too short to pay.
+fn split_point(gs: &[usize], horner: &[Vec<usize>]) -> Option<(usize, usize)> {
+    let m = gs.len();
+    if m < 4 {
+        return None;
+    }
+    // Rotations of giants 0..s (gaps 0..s-1) and of s..m (gaps s..m-1).
+    let cost = |r: std::ops::Range<usize>| horner[r].iter().map(Vec::len).sum::<usize>();
+    let s = (2..m - 1).min_by_key(|&s| cost(0..s - 1).max(cost(s..m - 1)))?;
+    Some((s, gs[s - 1] - gs[m - 1]))
 }
 
 /// Key steps for each gap: the three most frequent gaps get keys of their
@@ -259,9 +304,13 @@ mod tests {
         let x: Vec<i64> = (0..n as i64).map(|v| (v * 37) % 11 - 5).collect();
         let rot = |v: &[i64], k: usize| -> Vec<i64> { (0..n).map(|p| v[(p + k) % n]).collect() };
         // Babies, masks by diagonal, Horner over the giants.
+        let (cut, d) = plan.split.expect("a split");
+        let mut first: Option<Vec<i64>> = None;
         let mut acc: Option<Vec<i64>> = None;
         for (gi, (g, terms)) in plan.giants.iter().enumerate() {
-            if let Some(a) = acc.take() {
+            if gi == cut {
+                first = acc.take();
+            } else if let Some(a) = acc.take() {
                 let mut a = a;
                 for &s in &plan.horner[gi - 1] {
                     a = rot(&a, s);
@@ -289,7 +338,8 @@ mod tests {
                 None => inner,
             });
         }
-        let mut y = acc.unwrap();
+        let first = rot(&first.unwrap(), d);
+        let mut y: Vec<i64> = acc.unwrap().iter().zip(&first).map(|(u, v)| u + v).collect();
         for &s in plan.horner.last().unwrap() {
             y = rot(&y, s);
         }
