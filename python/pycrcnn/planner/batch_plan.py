@@ -18,7 +18,8 @@ __all__ = ["BatchPlan", "batch_context"]
 def batch_context(p: Dict[str, Any]) -> Context:
     """A new Context (no keys yet) for planned batch parameters."""
     ctx = Context(m=p["m"], p=list(p["p"]), sec=p["sec"], encoding="batch", scale_bits=p["scale_bits"],
-                  weight_scale_bits=_weight_bits(p["weight_scale_bits"]), moduli_sizes=list(p["moduli_sizes"]))
+                  weight_scale_bits=_weight_bits(p["weight_scale_bits"]), moduli_sizes=list(p["moduli_sizes"]),
+                  calibrated_bound_bits=p.get("calibrated_bound_bits"))
     if list(ctx.moduli) != list(p["moduli"]):
         raise HEError("this build generates other ciphertext moduli for the planned sizes; plan again")
     return ctx
