@@ -254,8 +254,10 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
         maxq = MAX_LOG_Q[sec][mm]
         for k in range(1, 9):
             t = max(math.ceil(needed / k), int(math.log2(2 * mm)) + 3)
-            # the engine needs p below half of every ciphertext prime (≤ 62 bits)
-            if t > MAX_PRIME_BITS or t * k > MAX_PLAINTEXT_BITS:
+            # the engine needs p below half of every ciphertext prime (≤ 62 bits);
+            # beyond 58 bits only for one prime (with several, smaller ones
+            # cost less noise: measured, 2 × 60 bits exhausts the budget)
+            if t > (MAX_PRIME_BITS if k == 1 else 58) or t * k > MAX_PLAINTEXT_BITS:
                 continue
             for L in range(1, 16):
                 b = min(max(60, t + 2), 62, maxq // L)
