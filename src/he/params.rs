@@ -690,6 +690,34 @@ mod tests {
     }
 
     #[test]
+    fn per_layer_scales_and_calibrated_bounds_round_trip() {
+        let batch = Encoding::Batch {
+            scale_bits: 6,
+            weight_scale_bits: 8,
+        };
+        let uniform = req(4096, vec![], 128, batch).build().unwrap();
+        let json = serde_json::to_string(&uniform.spec()).unwrap();
+        // uniform contexts serialize (and fingerprint) as before
+        assert!(!json.contains("layer_weight_scale_bits") && !json.contains("calibrated"));
+        let per_layer = req(4096, vec![], 128, batch)
+            .build()
+            .unwrap()
+            .with_layer_weight_scale_bits(vec![7, 8, 9])
+            .unwrap()
+            .with_calibrated_bound_bits(20.5)
+            .unwrap();
+        assert_ne!(per_layer.fingerprint(), uniform.fingerprint());
+        let again = HeParameters::from_spec(&per_layer.spec()).unwrap();
+        assert_eq!(again.layer_weight_scale_bits(), &[7, 8, 9]);
+        assert_eq!(again.calibrated_bound_bits(), Some(20.5));
+        assert_eq!(again.fingerprint(), per_layer.fingerprint());
+        // a declared bound must fit T/2; fractional contexts have no per-layer scales
+        let t_bits = (uniform.plaintext_product() as f64).log2();
+        assert!(req(4096, vec![], 128, batch).build().unwrap().with_calibrated_bound_bits(t_bits).is_err());
+        assert!(req(4096, vec![953_983_721], 128, FRAC).build().unwrap().with_layer_weight_scale_bits(vec![8]).is_err());
+    }
+
+    #[test]
     fn auto_batch_prime() {
         let p = req(4096, vec![], 128, BATCH).build().unwrap();
         assert!(
