@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Optional
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +93,8 @@ def loadavg() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def bench_model(name: str, n: int, mode: str = "worst-case", n_calibration: int = CALIBRATION_DIGITS) -> dict:
+def bench_model(name: str, n: int, mode: str = "worst-case", n_calibration: int = CALIBRATION_DIGITS,
+                plan_options: Optional[dict] = None) -> dict:
     import torch
 
     from pycrcnn.spec import ModelSpec  # noqa: F401
@@ -102,7 +105,7 @@ def bench_model(name: str, n: int, mode: str = "worst-case", n_calibration: int 
     train, _ = datasets.load_mnist(split="train", limit=n_calibration)
     calib = datasets.normalize(train).astype(np.float64)
     t0 = time.perf_counter()
-    plan = pycrcnn.plan(spec, calib, input_range=(0.0, 1.0), mode=mode)
+    plan = pycrcnn.plan(spec, calib, input_range=(0.0, 1.0), mode=mode, **(plan_options or {}))
     plan_s = time.perf_counter() - t0
     m = plan.m
     images, labels = datasets.load_mnist(limit=n or m)
@@ -229,11 +232,13 @@ def main() -> None:
     ap.add_argument("--mode", choices=["worst-case", "calibrated"], default="worst-case",
                     help="the planner's bounds: worst case (never wraps) or calibrated (wraps counted)")
     ap.add_argument("--calibration", type=int, default=CALIBRATION_DIGITS, help="training digits the planner sees")
+    ap.add_argument("--plan-options", default="{}",
+                    help='more pycrcnn.plan options as JSON, e.g. \'{"scale_bits": 5, "weight_scale_bits": [9, 9, 10]}\'')
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         try:
-            print(json.dumps(bench_model(args.one, args.n, args.mode, args.calibration)))
+            print(json.dumps(bench_model(args.one, args.n, args.mode, args.calibration, json.loads(args.plan_options))))
         except Exception as exc:  # reported in the table, the other models still run
             print(json.dumps({"model": args.one, "error": f"{type(exc).__name__}: {exc}"}))
         return
@@ -242,11 +247,13 @@ def main() -> None:
             "load_before": loadavg(),
             "command": "python benches/throughput.py" + (f" --n {args.n}" if args.n else "")
             + (f" --mode {args.mode}" if args.mode != "worst-case" else "")
-            + (f" --calibration {args.calibration}" if args.calibration != CALIBRATION_DIGITS else "")}
+            + (f" --calibration {args.calibration}" if args.calibration != CALIBRATION_DIGITS else "")
+            + (f" --plan-options '{args.plan_options}'" if json.loads(args.plan_options) else "")}
     results = []
     for name in args.models:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--n", str(args.n), "--mode", args.mode,
-                               "--calibration", str(args.calibration)], capture_output=True, text=True)
+                               "--calibration", str(args.calibration), "--plan-options", args.plan_options],
+                              capture_output=True, text=True)
         line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else json.dumps(
             {"model": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"})
         r = json.loads(line)

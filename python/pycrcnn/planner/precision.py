@@ -17,7 +17,8 @@ with the float model on unseen inputs reaches ``min_agreement``:
   inputs holds no gap as small as the one-in-2,000 that matters), so the
   predicted rate is c times the mean r of the near-ties (the 10 % smallest
   gaps), or the calibration inputs' own rate if larger. Checked against the
-  10,000 test digits: within a few in 10,000 from 512 calibration digits;
+  10,000 test digits: within a few in 10,000 from 512 calibration digits,
+  in either direction, hence a safety factor (``SAFETY``) on the target;
 * the combinations are searched cheapest first (see :func:`choose_scales`).
 """
 from __future__ import annotations
@@ -36,6 +37,12 @@ from ..spec import WEIGHTED_LAYERS
 TAIL, TAIL_FRACTION = 8, 0.05
 #: near-ties' rounding error: its mean over the NEAR_FRACTION smallest gaps
 NEAR_FRACTION = 0.1
+#: the prediction must beat the target by this factor. Measured on the 10,000
+#: test digits: lenet1_square at 5/(8,8,10) predicted 4.5 disagreements in
+#: 10,000 from 2,048 training digits and had 8; a factor 2 there moves the
+#: choice to 8/(9,9,10), 64 bits (two primes), so 1 until the prediction is
+#: better
+SAFETY = 1.0
 
 
 def _round(v: np.ndarray) -> np.ndarray:
@@ -171,7 +178,7 @@ def choose_scales(layers: Sequence, x: np.ndarray, float_out: np.ndarray, bits: 
 
     def ok(pred_agree: Tuple[float, float]) -> bool:
         # min_agreement=1: every calibration input agrees (nothing to predict)
-        return pred_agree[1] >= 1.0 if exact_target else pred_agree[0] >= min_agreement
+        return pred_agree[1] >= 1.0 if exact_target else 1.0 - pred_agree[0] <= (1.0 - min_agreement) / SAFETY
 
     acts = [np.asarray(x, dtype=np.float64)]
     for layer in layers:
