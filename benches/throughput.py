@@ -5,8 +5,11 @@ For each model — the shipped ``lenet1_square`` and ``lenet1_two_square`` and
 the seed's ``LeNet1_Approx_single_square.pt`` — in its own process (so peak
 memory is per model):
 
-* ``pycrcnn.plan`` on 256 training digits (worst-case bounds for inputs in
-  [0, 1]): m, plaintext primes, moduli, scales, the planner's predicted seconds;
+* ``pycrcnn.plan`` on 2,048 training digits (``--calibration``; worst-case
+  bounds for inputs in [0, 1], or ``--mode calibrated``: the largest values
+  on those digits times 2, and then decrypted results that differ from
+  ``plan.reference`` are counted as wraps): m, plaintext primes, moduli,
+  scales (input / per weighted layer), the planner's predicted seconds;
 * the first ``--n`` test digits (default: one full batch of m) encrypted,
   run and decrypted in batches of m (the last one partly filled): seconds of
   each phase; the forward pass with 2 threads and the first batch again with
@@ -44,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Optional
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +61,9 @@ import pycrcnn  # noqa: E402
 from pycrcnn import datasets, set_num_threads  # noqa: E402
 
 SHARED = Path(os.environ.get("PYCRCNN_SHARED", ROOT.parent / "shared"))
+#: training digits the planner calibrates on: its agreement prediction needs
+#: enough near-ties (one in 2,000 is the target)
+CALIBRATION_DIGITS = 2048
 MODELS = {
     "lenet1_square": "shipped",
     "lenet1_two_square": "shipped",
@@ -85,7 +93,8 @@ def loadavg() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def bench_model(name: str, n: int) -> dict:
+def bench_model(name: str, n: int, mode: str = "worst-case", n_calibration: int = CALIBRATION_DIGITS,
+                plan_options: Optional[dict] = None) -> dict:
     import torch
 
     from pycrcnn.spec import ModelSpec  # noqa: F401
@@ -93,10 +102,10 @@ def bench_model(name: str, n: int) -> dict:
 
     net = torch_model(name)
     spec = spec_from_torch(net, name=name, input_shape=(1, 28, 28))
-    train, _ = datasets.load_mnist(split="train", limit=256)
+    train, _ = datasets.load_mnist(split="train", limit=n_calibration)
     calib = datasets.normalize(train).astype(np.float64)
     t0 = time.perf_counter()
-    plan = pycrcnn.plan(spec, calib, input_range=(0.0, 1.0))
+    plan = pycrcnn.plan(spec, calib, input_range=(0.0, 1.0), mode=mode, **(plan_options or {}))
     plan_s = time.perf_counter() - t0
     m = plan.m
     images, labels = datasets.load_mnist(limit=n or m)
@@ -167,6 +176,9 @@ def bench_model(name: str, n: int) -> dict:
         "speedup_2_threads": round(fwd1_s / fwd2_first_s, 2),
         "ms_per_image_forward": round(1e3 * fwd_s / n, 3),
         "images_per_s_end_to_end": round(n / (enc_s + fwd_s + dec_s), 1),
+        "mode": plan.mode, "margin_bits": plan.margin_bits, "calibration_digits": len(calib),
+        # calibrated plans: images whose decrypted integers differ from the reference (a wrap)
+        "wraps": n - exact,
         "exact_matches": exact, "argmax_agreement": agree, "accuracy_encrypted": correct / n,
         "accuracy_torch": torch_correct / n, "torch_s": round(torch_s, 4),
         "ciphertext_products_per_batch": products * k, "product_cost_ms": round(cost * 1e3, 3),
@@ -201,11 +213,13 @@ def markdown(results: list, meta: dict) -> str:
         p = r["plan"]
         primes = f"{len(p['p'])}×{max(int(q).bit_length() for q in p['p'])}"
         lines.append(
-            f"| {r['model']} | {r['n']} | {p['m']}, {primes}, {p['moduli_sizes']} | {p['scale_bits']}/{p['weight_scale_bits']} "
+            f"| {r['model']}{' (calibrated, ' + str(r['margin_bits']) + '-bit margin)' if r.get('mode') == 'calibrated' else ''} "
+            f"| {r['n']} | {p['m']}, {primes}, {p['moduli_sizes']} | {p['scale_bits']}/{p['weight_scale_bits']} "
             f"| {r['encrypt_s']} | {r['forward_s']} | {r['decrypt_s']} | {r['images_per_s_forward_2_threads']} "
             f"| {r['images_per_s_forward_1_thread']} / {r['images_per_s_1_thread_cpu']} | {r['speedup_2_threads']} "
             f"| {r['cpu_ms_per_image_1_thread']} | {r['floor_ms_per_image_1_thread']} ({r['distance_to_floor_1_thread_cpu']}×) "
-            f"| {r['exact_matches']}/{r['n']} | {r['argmax_agreement']}/{r['n']} "
+            f"| {r['exact_matches']}/{r['n']}{' (' + str(r['wraps']) + ' wraps)' if r.get('mode') == 'calibrated' else ''} "
+            f"| {r['argmax_agreement']}/{r['n']} "
             f"| {r['accuracy_encrypted']:.4f} / {r['accuracy_torch']:.4f} | {r['torch_s']} | {r['peak_rss_mb']} "
             f"| {r['load_before']} / {r['load_after']} |")
     return "\n".join(lines) + "\n"
@@ -215,22 +229,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=0, help="test digits per model (default: one batch of m)")
     ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--mode", choices=["worst-case", "calibrated"], default="worst-case",
+                    help="the planner's bounds: worst case (never wraps) or calibrated (wraps counted)")
+    ap.add_argument("--calibration", type=int, default=CALIBRATION_DIGITS, help="training digits the planner sees")
+    ap.add_argument("--plan-options", default="{}",
+                    help='more pycrcnn.plan options as JSON, e.g. \'{"scale_bits": 5, "weight_scale_bits": [9, 9, 10]}\'')
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         try:
-            print(json.dumps(bench_model(args.one, args.n)))
+            print(json.dumps(bench_model(args.one, args.n, args.mode, args.calibration, json.loads(args.plan_options))))
         except Exception as exc:  # reported in the table, the other models still run
             print(json.dumps({"model": args.one, "error": f"{type(exc).__name__}: {exc}"}))
         return
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
             "load_before": loadavg(),
-            "command": "python benches/throughput.py" + (f" --n {args.n}" if args.n else "")}
+            "command": "python benches/throughput.py" + (f" --n {args.n}" if args.n else "")
+            + (f" --mode {args.mode}" if args.mode != "worst-case" else "")
+            + (f" --calibration {args.calibration}" if args.calibration != CALIBRATION_DIGITS else "")
+            + (f" --plan-options '{args.plan_options}'" if json.loads(args.plan_options) else "")}
     results = []
     for name in args.models:
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--n", str(args.n)], capture_output=True,
-                              text=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--n", str(args.n), "--mode", args.mode,
+                               "--calibration", str(args.calibration), "--plan-options", args.plan_options],
+                              capture_output=True, text=True)
         line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else json.dumps(
             {"model": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"})
         r = json.loads(line)
@@ -238,7 +261,7 @@ def main() -> None:
         print(json.dumps(r)[:400], flush=True)
     meta["load_after"] = loadavg()
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = "throughput" if not args.n else f"throughput_n{args.n}"
+    stem = ("throughput" if not args.n else f"throughput_n{args.n}") + ("_calibrated" if args.mode == "calibrated" else "")
     (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     md = markdown(results, meta)
     (OUT / f"{stem}.md").write_text(md)

@@ -581,7 +581,8 @@ def _context_from_config(params: Dict[str, Any], encoding: str) -> Context:
     else:
         for k in ("scale_bits", "weight_scale_bits", "n_plaintext_moduli"):
             if k in params:
-                kw[k] = int(params[k])
+                # weight_scale_bits may be a list: one per Conv/Linear layer
+                kw[k] = [int(b) for b in params[k]] if isinstance(params[k], list) else int(params[k])
     if "moduli_sizes" in params:
         kw["moduli_sizes"] = [int(s) for s in params["moduli_sizes"]]
     return Context(**kw)

@@ -109,36 +109,37 @@ class _WeightedLayer(EncryptedLayer):
 
 
 class ConvolutionalLayer(_WeightedLayer):
-    """torch.nn.Conv2d on encrypted images: weights [out, in/groups, kh, kw]."""
+    """torch.nn.Conv2d on encrypted images: weights [out, in/groups, kh, kw].
+    ``weight_scale_bits``: the layer's own weight scale (batch; default the context's)."""
 
     def __init__(self, HE: HEType, weights: Any, stride=(1, 1), padding=(0, 0), bias: Any = None,
-                 dilation=(1, 1), groups: int = 1):
+                 dilation=(1, 1), groups: int = 1, weight_scale_bits: Optional[int] = None):
         self.HE = HE
         self._set_values(weights, bias)
         self.stride, self.padding, self.dilation, self.groups = _pair(stride), _pair(padding), _pair(dilation), int(groups)
         self._layer = Layer.conv2d(context_of(HE), self.weight_values, self.bias_values, self.stride, self.padding,
-                                   self.dilation, self.groups)
+                                   self.dilation, self.groups, weight_scale_bits)
 
 
 class Conv1dLayer(_WeightedLayer):
     """torch.nn.Conv1d on encrypted signals [N, C, L]: weights [out, in/groups, k]."""
 
     def __init__(self, HE: HEType, weights: Any, stride: int = 1, padding: int = 0, bias: Any = None,
-                 dilation: int = 1, groups: int = 1):
+                 dilation: int = 1, groups: int = 1, weight_scale_bits: Optional[int] = None):
         self.HE = HE
         self._set_values(weights, bias)
         self.stride, self.padding, self.dilation, self.groups = int(stride), int(padding), int(dilation), int(groups)
         self._layer = Layer.conv1d(context_of(HE), self.weight_values, self.bias_values, self.stride, self.padding,
-                                   self.dilation, self.groups)
+                                   self.dilation, self.groups, weight_scale_bits)
 
 
 class LinearLayer(_WeightedLayer):
     """torch.nn.Linear: weights [out, in]; each image is flattened first."""
 
-    def __init__(self, HE: HEType, weights: Any, bias: Any = None):
+    def __init__(self, HE: HEType, weights: Any, bias: Any = None, weight_scale_bits: Optional[int] = None):
         self.HE = HE
         self._set_values(weights, bias)
-        self._layer = Layer.linear(context_of(HE), self.weight_values, self.bias_values)
+        self._layer = Layer.linear(context_of(HE), self.weight_values, self.bias_values, weight_scale_bits)
 
 
 class AveragePoolLayer(EncryptedLayer):

@@ -39,7 +39,7 @@ from .layers import (
     RencryptionLayer,
     SquareLayer,
 )
-from .spec import LayerSpec, ModelSpec, PathLike, load_model_spec
+from .spec import WEIGHTED_LAYERS, LayerSpec, ModelSpec, PathLike, load_model_spec
 from .torch_import import as_model_spec
 
 __all__ = ["EncodedModel", "build_from_spec", "build_from_pytorch"]
@@ -47,16 +47,38 @@ __all__ = ["EncodedModel", "build_from_spec", "build_from_pytorch"]
 HEType = Union[Pyfhel, Context]
 
 
-def _encode_layer(HE: HEType, layer: LayerSpec):
+def layer_weight_scale_bits(context: Any, spec: ModelSpec) -> List[Optional[int]]:
+    """One weight scale per layer of ``spec``: the context's per-layer list
+    (``weight_scale_bits`` given as a list, one per Conv/Linear layer in model
+    order) spread over the weighted layers, ``None`` elsewhere and for
+    uniform contexts. The list is the whole model's: a selection
+    (``spec.select``) takes its own entries. A list whose length is not the
+    model's weighted-layer count is refused, naming both."""
+    bits = context.parameters().get("weight_scale_bits") if isinstance(context, Context) else None
+    if not isinstance(bits, (list, tuple)):
+        return [None] * len(spec.layers)
+    weighted = [l for l in spec.layers if l.type in WEIGHTED_LAYERS]
+    total = int(spec.metadata.get("weighted_total", len(weighted)))
+    if len(bits) != total:
+        raise HEError(f"the context has {len(bits)} per-layer weight scales ({list(bits)}) but {spec.name!r} has "
+                      f"{total} weighted layers (Conv/Linear"
+                      + (f": {', '.join(f'{l.index} {l.type}' for l in weighted)}" if total == len(weighted) else "")
+                      + "); give one weight_scale_bits per weighted layer, in model order")
+    offset = int(spec.metadata.get("weighted_before", 0))
+    it = iter(bits[offset:offset + len(weighted)])
+    return [int(next(it)) if l.type in WEIGHTED_LAYERS else None for l in spec.layers]
+
+
+def _encode_layer(HE: HEType, layer: LayerSpec, weight_scale_bits: Optional[int] = None):
     p, t = layer.params, layer.type
     if t == "Conv2d":
         return ConvolutionalLayer(HE, layer.weight, stride=p["stride"], padding=p["padding"], bias=layer.bias,
-                                  dilation=p["dilation"], groups=p["groups"])
+                                  dilation=p["dilation"], groups=p["groups"], weight_scale_bits=weight_scale_bits)
     if t == "Conv1d":
         return Conv1dLayer(HE, layer.weight, stride=p["stride"][0], padding=p["padding"][0], bias=layer.bias,
-                           dilation=p["dilation"][0], groups=p["groups"])
+                           dilation=p["dilation"][0], groups=p["groups"], weight_scale_bits=weight_scale_bits)
     if t == "Linear":
-        return LinearLayer(HE, layer.weight, layer.bias)
+        return LinearLayer(HE, layer.weight, layer.bias, weight_scale_bits=weight_scale_bits)
     if t == "AvgPool2d":
         return AveragePoolLayer(HE, p["kernel_size"], p["stride"], p["padding"])
     if t == "Flatten":
@@ -96,12 +118,12 @@ class EncodedModel(list):
                 raise HEError(f"rencrypt position {p} is outside the model's torch indices {first}..{last} "
                               "(a rencryption is inserted before the module with that index)")
         pending = list(self.rencrypt_positions)
-        for layer in spec.layers:
+        for layer, bits in zip(spec.layers, layer_weight_scale_bits(self.context, spec)):
             while pending and pending[0] <= layer.index:
                 r = RencryptionLayer(HE)
                 r.torch_index, r.spec = pending.pop(0), None
                 self.append(r)
-            enc = _encode_layer(HE, layer)
+            enc = _encode_layer(HE, layer, bits)
             enc.torch_index, enc.spec = layer.index, layer
             self.append(enc)
         # A square followed by an average pooling runs as one engine step with

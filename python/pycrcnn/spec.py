@@ -44,6 +44,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: layer types an EncodedModel can run
 SUPPORTED_TYPES = ("Conv2d", "Conv1d", "Linear", "AvgPool2d", "Flatten", "Square", "Polynomial")
+#: the layers with a weight scale of their own (a context's per-layer
+#: ``weight_scale_bits`` has one entry for each, in model order)
+WEIGHTED_LAYERS = ("Conv2d", "Conv1d", "Linear")
 #: the ``format`` field of exported models
 FORMAT_NAME = "pycrcnn-model"
 #: the version of the exported format this module writes (and the newest it reads)
@@ -234,11 +237,18 @@ class ModelSpec:
                 chosen.append(layer)
         if not chosen:
             raise HEError(f"layers {start}..{stop - 1} of {self.name!r} hold no layer to run (only dropped modules)")
+        # Where the selection's weighted layers sit among the whole model's:
+        # a context's per-layer weight scales are one per weighted layer of
+        # the whole model (pycrcnn.model.layer_weight_scale_bits).
+        weighted = [l.index for l in self.layers if l.type in WEIGHTED_LAYERS]
+        before = sum(1 for i in weighted if i < start)
+        slots = {"weighted_before": int(self.metadata.get("weighted_before", 0)) + before,
+                 "weighted_total": int(self.metadata.get("weighted_total", len(weighted)))}
         return ModelSpec(name=self.name, input_shape=self.input_shape if start == 0 else None, layers=chosen,
                          normalization=self.normalization if start == 0 else None,
                          rencrypt_positions=[p for p in self.rencrypt_positions if start < p < stop],
                          accuracy=self.accuracy if (start, stop) == self.index_range() else None,
-                         metadata=dict(self.metadata, selected=[start, stop - 1]), n_modules=self.n_modules)
+                         metadata=dict(self.metadata, selected=[start, stop - 1], **slots), n_modules=self.n_modules)
 
     def describe(self) -> List[Dict[str, Any]]:
         return [layer.describe() for layer in self.layers]

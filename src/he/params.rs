@@ -103,6 +103,8 @@ pub struct HeParameters {
     p: Vec<u64>,
     moduli: Vec<u64>,
     encoding: Encoding,
+    layer_weight_scale_bits: Vec<u32>,
+    calibrated_bound_bits: Option<f64>,
     bfv: Vec<Arc<BfvParameters>>,
     fingerprint: [u8; 16],
 }
@@ -120,6 +122,18 @@ pub struct ParametersSpec {
     pub moduli: Vec<u64>,
     /// The encoding.
     pub encoding: Encoding,
+    /// Batch: one weight scale per weighted layer (Conv/Linear, model order);
+    /// empty = every layer at the encoding's `weight_scale_bits`. Absent from
+    /// the bytes when empty, so uniform contexts serialize (and fingerprint)
+    /// as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_weight_scale_bits: Vec<u32>,
+    /// Batch, calibrated plans: log2 of the declared bound on every layer's
+    /// |integer| (the largest over calibration inputs times 2^margin). The
+    /// growth check lets a layer through whose worst case could wrap when
+    /// this bound fits (see [`HeParameters::calibrated_bound_bits`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrated_bound_bits: Option<f64>,
 }
 
 fn bits(x: u64) -> usize {
@@ -431,6 +445,8 @@ impl ParametersRequest {
             p: p.clone(),
             moduli: moduli.clone(),
             encoding: self.encoding,
+            layer_weight_scale_bits: Vec::new(),
+            calibrated_bound_bits: None,
         };
         Ok(HeParameters {
             m: self.m,
@@ -438,6 +454,8 @@ impl ParametersRequest {
             p,
             moduli,
             encoding: self.encoding,
+            layer_weight_scale_bits: Vec::new(),
+            calibrated_bound_bits: None,
             bfv,
             fingerprint: fingerprint(&spec),
         })
@@ -516,7 +534,72 @@ impl HeParameters {
                 "the ciphertext moduli in the blob are not the ones these sizes generate".into(),
             ));
         }
-        Ok(built)
+        let built = if spec.layer_weight_scale_bits.is_empty() {
+            built
+        } else {
+            built.with_layer_weight_scale_bits(spec.layer_weight_scale_bits.clone())?
+        };
+        match spec.calibrated_bound_bits {
+            Some(b) => built.with_calibrated_bound_bits(b),
+            None => Ok(built),
+        }
+    }
+
+    /// The same parameters for a calibrated plan: every layer's |integer| is
+    /// declared to stay below 2^bits (measured on calibration inputs, with a
+    /// margin), and the growth check accepts a layer whose worst case could
+    /// wrap as long as 2^bits stays below T/2. Runs are then exact only for
+    /// inputs like the calibration ones: compare with the reference to count
+    /// wraps. Batch only; changes the fingerprint.
+    pub fn with_calibrated_bound_bits(mut self, bits: f64) -> Result<HeParameters> {
+        if !matches!(self.encoding, Encoding::Batch { .. }) {
+            return Err(HeError::Parameter(
+                "calibrated bounds belong to the batch encoding".into(),
+            ));
+        }
+        let t_bits = (self.plaintext_product() as f64).log2();
+        if !bits.is_finite() || bits <= 0.0 || bits >= t_bits - 1.0 {
+            return Err(HeError::Parameter(format!(
+                "calibrated_bound_bits must be positive and below log2(T/2) = {:.2} (the plaintext moduli's product), got {bits}",
+                t_bits - 1.0
+            )));
+        }
+        self.calibrated_bound_bits = Some(bits);
+        self.fingerprint = fingerprint(&self.spec());
+        Ok(self)
+    }
+
+    /// Calibrated plans: log2 of the declared bound on every |integer| (None:
+    /// worst-case bounds, the default).
+    pub fn calibrated_bound_bits(&self) -> Option<f64> {
+        self.calibrated_bound_bits
+    }
+
+    /// The same parameters with one weight scale per weighted layer
+    /// (Conv/Linear in model order; batch encoding only, each at most 40
+    /// bits). The layers built for these parameters use their own entry
+    /// (`Affine::with_weight_scale_bits`); polynomial coefficients keep the
+    /// encoding's `weight_scale_bits`. Changes the fingerprint.
+    pub fn with_layer_weight_scale_bits(mut self, bits: Vec<u32>) -> Result<HeParameters> {
+        if !matches!(self.encoding, Encoding::Batch { .. }) {
+            return Err(HeError::Parameter(
+                "per-layer weight scales belong to the batch encoding".into(),
+            ));
+        }
+        if let Some(b) = bits.iter().find(|&&b| b > 40) {
+            return Err(HeError::Parameter(format!(
+                "weight_scale_bits {bits:?}: every entry must be at most 40, got {b}"
+            )));
+        }
+        self.layer_weight_scale_bits = bits;
+        self.fingerprint = fingerprint(&self.spec());
+        Ok(self)
+    }
+
+    /// Batch: the weight scale of every weighted layer in model order (empty:
+    /// all at the encoding's `weight_scale_bits`).
+    pub fn layer_weight_scale_bits(&self) -> &[u32] {
+        &self.layer_weight_scale_bits
     }
 
     /// The serializable description.
@@ -527,6 +610,8 @@ impl HeParameters {
             p: self.p.clone(),
             moduli: self.moduli.clone(),
             encoding: self.encoding,
+            layer_weight_scale_bits: self.layer_weight_scale_bits.clone(),
+            calibrated_bound_bits: self.calibrated_bound_bits,
         }
     }
 
@@ -602,6 +687,34 @@ mod tests {
             .to_string();
         assert!(e.contains("Nearest valid primes"), "{e}");
         assert!(req(2048, vec![1u64 << 40], 128, FRAC).build().is_err());
+    }
+
+    #[test]
+    fn per_layer_scales_and_calibrated_bounds_round_trip() {
+        let batch = Encoding::Batch {
+            scale_bits: 6,
+            weight_scale_bits: 8,
+        };
+        let uniform = req(4096, vec![], 128, batch).build().unwrap();
+        let json = serde_json::to_string(&uniform.spec()).unwrap();
+        // uniform contexts serialize (and fingerprint) as before
+        assert!(!json.contains("layer_weight_scale_bits") && !json.contains("calibrated"));
+        let per_layer = req(4096, vec![], 128, batch)
+            .build()
+            .unwrap()
+            .with_layer_weight_scale_bits(vec![7, 8, 9])
+            .unwrap()
+            .with_calibrated_bound_bits(20.5)
+            .unwrap();
+        assert_ne!(per_layer.fingerprint(), uniform.fingerprint());
+        let again = HeParameters::from_spec(&per_layer.spec()).unwrap();
+        assert_eq!(again.layer_weight_scale_bits(), &[7, 8, 9]);
+        assert_eq!(again.calibrated_bound_bits(), Some(20.5));
+        assert_eq!(again.fingerprint(), per_layer.fingerprint());
+        // a declared bound must fit T/2; fractional contexts have no per-layer scales
+        let t_bits = (uniform.plaintext_product() as f64).log2();
+        assert!(req(4096, vec![], 128, batch).build().unwrap().with_calibrated_bound_bits(t_bits).is_err());
+        assert!(req(4096, vec![953_983_721], 128, FRAC).build().unwrap().with_layer_weight_scale_bits(vec![8]).is_err());
     }
 
     #[test]

@@ -237,6 +237,7 @@ pub struct Affine {
     geometry: Geometry,
     weights: Vec<f64>,
     bias: Vec<f64>,
+    weight_scale_bits: Option<u32>,
     maps: Mutex<HashMap<Vec<usize>, Arc<AffineMap>>>,
     prepared: Mutex<HashMap<([u8; 16], usize), Arc<Vec<Multiplier>>>>,
 }
@@ -294,9 +295,34 @@ impl Affine {
             geometry,
             weights,
             bias,
+            weight_scale_bits: None,
             maps: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The layer with a weight scale of its own (batch encoding: weights
+    /// become round(w · 2^bits) instead of the context's
+    /// `weight_scale_bits`), for contexts with per-layer weight scales.
+    /// Average pooling has no weight scale (its divisor joins the scale).
+    pub fn with_weight_scale_bits(mut self, bits: u32) -> Result<Affine> {
+        if matches!(self.geometry, Geometry::AvgPool2d { .. }) {
+            return Err(HeError::Value(
+                "AvgPool2d has no weight scale (its divisor joins the scale)".into(),
+            ));
+        }
+        if bits > 40 {
+            return Err(HeError::Value(format!(
+                "weight_scale_bits must be at most 40, got {bits}"
+            )));
+        }
+        self.weight_scale_bits = Some(bits);
+        Ok(self)
+    }
+
+    /// The layer's own weight scale, if it has one (else the context's).
+    pub fn weight_scale_bits(&self) -> Option<u32> {
+        self.weight_scale_bits
     }
 
     /// The layer's shape.
@@ -376,6 +402,7 @@ impl Affine {
                 .map(|&w| if abs { w.abs() } else { w })
                 .collect(),
             divisor,
+            weight_scale_bits: self.weight_scale_bits,
             bias: self
                 .bias
                 .get(worst)
@@ -522,6 +549,7 @@ impl Affine {
             terms,
             weights: self.weights.clone(),
             divisor,
+            weight_scale_bits: self.weight_scale_bits,
             bias,
         })
     }

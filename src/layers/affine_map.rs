@@ -31,6 +31,8 @@ pub struct AffineMap {
     pub divisor: f64,
     /// Bias per output element (empty for none).
     pub bias: Vec<f64>,
+    /// Batch: the layer's own weight scale (None: the context's).
+    pub weight_scale_bits: Option<u32>,
 }
 
 impl AffineMap {
@@ -43,7 +45,7 @@ impl AffineMap {
             Encoding::Batch {
                 weight_scale_bits, ..
             } => {
-                let f = (weight_scale_bits as f64).exp2();
+                let f = (self.weight_scale_bits.unwrap_or(weight_scale_bits) as f64).exp2();
                 (scale * f, f)
             }
             Encoding::Fractional { .. } => (1.0, 1.0),
@@ -168,7 +170,7 @@ impl AffineMap {
                         }
                         w
                     } else {
-                        (w * (weight_scale_bits as f64).exp2()).round()
+                        (w * (self.weight_scale_bits.unwrap_or(weight_scale_bits) as f64).exp2()).round()
                     };
                     if !x.is_finite() || x.abs() >= 2f64.powi(62) {
                         return Err(HeError::Value(format!("weight {w} is out of range")));

@@ -70,7 +70,10 @@ impl Layer {
             Layer::Affine(a) => {
                 let map = a.map_for(&img_shape)?;
                 let (scale_out, factor) =
-                    if map.divisor != 1.0 { (x.scale * map.divisor, 1.0) } else { (x.scale * (weight_scale_bits as f64).exp2(), (weight_scale_bits as f64).exp2()) };
+                    if map.divisor != 1.0 { (x.scale * map.divisor, 1.0) } else {
+                        let f = (map.weight_scale_bits.unwrap_or(weight_scale_bits) as f64).exp2();
+                        (x.scale * f, f)
+                    };
                 let weights: Vec<i128> = map.weights.iter().map(|&w| if map.divisor != 1.0 { w as i128 } else { (w * factor).round() as i128 }).collect();
                 let out_per: usize = map.out_shape.iter().product::<usize>().max(1);
                 let in_per: usize = map.in_shape.iter().product::<usize>().max(1);

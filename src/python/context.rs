@@ -123,7 +123,7 @@ fn plaintext_moduli(p: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64>> {
 impl PyContext {
     /// Validates parameters; keys come from `keygen()`.
     #[new]
-    #[pyo3(signature = (m=4096, p=None, sec=128, encoding="batch", scale_bits=16, weight_scale_bits=8, base=2, int_digits=64, frac_digits=32, moduli_sizes=None, n_plaintext_moduli=1, p_bits=None))]
+    #[pyo3(signature = (m=4096, p=None, sec=128, encoding="batch", scale_bits=16, weight_scale_bits=None, base=2, int_digits=64, frac_digits=32, moduli_sizes=None, n_plaintext_moduli=1, p_bits=None, calibrated_bound_bits=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -132,21 +132,44 @@ impl PyContext {
         sec: u32,
         encoding: &str,
         scale_bits: u32,
-        weight_scale_bits: u32,
+        weight_scale_bits: Option<&Bound<'_, PyAny>>,
         base: u32,
         int_digits: usize,
         frac_digits: usize,
         moduli_sizes: Option<Vec<usize>>,
         n_plaintext_moduli: usize,
         p_bits: Option<u32>,
+        calibrated_bound_bits: Option<f64>,
     ) -> PyResult<PyContext> {
         let mut p = plaintext_moduli(p)?;
+        // An int (every weighted layer; default 8) or a list: one per
+        // weighted layer (Conv/Linear in model order); polynomial
+        // coefficients then use the largest entry.
+        let (weight_scale_bits, layer_bits): (u32, Vec<u32>) = match weight_scale_bits {
+            None => (8, Vec::new()),
+            Some(w) => match w.extract::<u32>() {
+                Ok(b) => (b, Vec::new()),
+                Err(_) => {
+                    let list = w.extract::<Vec<u32>>().map_err(|_| {
+                        ParameterError::new_err(
+                            "weight_scale_bits must be an int or a list of ints (one per Conv/Linear layer, in model order)",
+                        )
+                    })?;
+                    if list.is_empty() || encoding != "batch" {
+                        return Err(ParameterError::new_err(
+                            "a list of weight_scale_bits (one per Conv/Linear layer) needs the batch encoding and at least one entry",
+                        ));
+                    }
+                    (list.iter().copied().max().unwrap_or(0), list)
+                }
+            },
+        };
         if let Some(bits) = p_bits {
             // Smaller plaintext primes cost less noise per product; CRT over
             // more of them keeps the plaintext space.
-            if !p.is_empty() || encoding != "batch" || !(14..=60).contains(&bits) {
+            if !p.is_empty() || encoding != "batch" || !(14..=61).contains(&bits) {
                 return Err(ParameterError::new_err(
-                    "p_bits (14..60) picks the batch encoding's plaintext primes; give either p or p_bits",
+                    "p_bits (14..61) picks the batch encoding's plaintext primes; give either p or p_bits",
                 ));
             }
             p = crate::he::params::batch_primes_below(m, 1u64 << bits, n_plaintext_moduli);
@@ -187,7 +210,18 @@ impl PyContext {
             encoding,
             moduli_sizes,
         };
-        let params = run(py, || req.build())?;
+        let params = run(py, || {
+            let built = req.build()?;
+            let built = if layer_bits.is_empty() {
+                built
+            } else {
+                built.with_layer_weight_scale_bits(layer_bits)?
+            };
+            match calibrated_bound_bits {
+                Some(b) => built.with_calibrated_bound_bits(b),
+                None => Ok(built),
+            }
+        })?;
         Ok(PyContext {
             inner: RwLock::new(Arc::new(HeContext::new(params))),
             packed: RwLock::new(None),
@@ -576,7 +610,14 @@ impl PyContext {
                 weight_scale_bits,
             } => {
                 d.set_item("scale_bits", scale_bits)?;
-                d.set_item("weight_scale_bits", weight_scale_bits)?;
+                if par.layer_weight_scale_bits().is_empty() {
+                    d.set_item("weight_scale_bits", weight_scale_bits)?;
+                } else {
+                    d.set_item("weight_scale_bits", par.layer_weight_scale_bits().to_vec())?;
+                }
+                if let Some(b) = par.calibrated_bound_bits() {
+                    d.set_item("calibrated_bound_bits", b)?;
+                }
             }
             Encoding::Fractional {
                 base,

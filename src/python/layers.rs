@@ -49,8 +49,12 @@ fn new_layer(py: Python<'_>, ctx: &Bound<'_, PyAny>, layer: Layer) -> PyResult<P
     })
 }
 
-fn affine(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>) -> PyResult<Layer> {
+fn affine(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>, weight_scale_bits: Option<u32>) -> PyResult<Layer> {
     Affine::new(geometry, weights, bias)
+        .and_then(|a| match weight_scale_bits {
+            Some(bits) => a.with_weight_scale_bits(bits),
+            None => Ok(a),
+        })
         .map(Layer::Affine)
         .map_err(super::errors::to_py)
 }
@@ -94,9 +98,12 @@ impl PyLayer {
 
 #[pymethods]
 impl PyLayer {
-    /// torch.nn.Conv2d: weight [out, in/groups, kh, kw].
+    /// torch.nn.Conv2d: weight [out, in/groups, kh, kw]. `weight_scale_bits`
+    /// (Conv1d and Linear too): the layer's own weight scale (batch; default
+    /// the context's).
     #[staticmethod]
-    #[pyo3(signature = (ctx, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1))]
+    #[pyo3(signature = (ctx, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, weight_scale_bits=None))]
+    #[allow(clippy::too_many_arguments)]
     fn conv2d(
         py: Python<'_>,
         ctx: &Bound<'_, PyAny>,
@@ -106,6 +113,7 @@ impl PyLayer {
         padding: (usize, usize),
         dilation: (usize, usize),
         groups: usize,
+        weight_scale_bits: Option<u32>,
     ) -> PyResult<PyLayer> {
         let (shape, w) = weights_of(weight, 4, "Conv2d")?;
         let g = Geometry::Conv2d {
@@ -117,12 +125,13 @@ impl PyLayer {
             dilation,
             groups,
         };
-        new_layer(py, ctx, affine(g, w, bias_of(bias)?)?)
+        new_layer(py, ctx, affine(g, w, bias_of(bias)?, weight_scale_bits)?)
     }
 
     /// torch.nn.Conv1d: weight [out, in/groups, k]; input [N, C, L].
     #[staticmethod]
-    #[pyo3(signature = (ctx, weight, bias=None, stride=1, padding=0, dilation=1, groups=1))]
+    #[pyo3(signature = (ctx, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, weight_scale_bits=None))]
+    #[allow(clippy::too_many_arguments)]
     fn conv1d(
         py: Python<'_>,
         ctx: &Bound<'_, PyAny>,
@@ -132,6 +141,7 @@ impl PyLayer {
         padding: usize,
         dilation: usize,
         groups: usize,
+        weight_scale_bits: Option<u32>,
     ) -> PyResult<PyLayer> {
         let (shape, w) = weights_of(weight, 3, "Conv1d")?;
         let g = Geometry::Conv1d {
@@ -143,24 +153,25 @@ impl PyLayer {
             dilation,
             groups,
         };
-        new_layer(py, ctx, affine(g, w, bias_of(bias)?)?)
+        new_layer(py, ctx, affine(g, w, bias_of(bias)?, weight_scale_bits)?)
     }
 
     /// torch.nn.Linear: weight [out, in]; inputs are flattened per image.
     #[staticmethod]
-    #[pyo3(signature = (ctx, weight, bias=None))]
+    #[pyo3(signature = (ctx, weight, bias=None, weight_scale_bits=None))]
     fn linear(
         py: Python<'_>,
         ctx: &Bound<'_, PyAny>,
         weight: &Bound<'_, PyAny>,
         bias: Option<&Bound<'_, PyAny>>,
+        weight_scale_bits: Option<u32>,
     ) -> PyResult<PyLayer> {
         let (shape, w) = weights_of(weight, 2, "Linear")?;
         let g = Geometry::Linear {
             in_features: shape[1],
             out_features: shape[0],
         };
-        new_layer(py, ctx, affine(g, w, bias_of(bias)?)?)
+        new_layer(py, ctx, affine(g, w, bias_of(bias)?, weight_scale_bits)?)
     }
 
     /// torch.nn.AvgPool2d (count_include_pad=True); stride defaults to the kernel size.
@@ -178,7 +189,7 @@ impl PyLayer {
             stride: stride.unwrap_or(kernel_size),
             padding,
         };
-        new_layer(py, ctx, affine(g, vec![1.0], None)?)
+        new_layer(py, ctx, affine(g, vec![1.0], None, None)?)
     }
 
     /// x².

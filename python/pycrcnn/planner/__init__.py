@@ -29,8 +29,10 @@ def plan(model: Any, calibration_inputs: Any, *, layout: str = "batch", sec: int
     of typical inputs).
 
     ``layout="batch"`` takes the options of :func:`pycrcnn.planner.batch.plan_batch`
-    (``input_range``, ``scale_bits``, ``weight_scale_bits``, ``min_agreement``,
-    ``noise_margin``, ``m``); ``layout="packed"`` those of
+    (``input_range``, ``scale_bits``, ``weight_scale_bits`` (an int or one
+    per Conv/Linear layer), ``min_agreement`` (predicted argmax agreement on
+    unseen inputs, default 0.9995), ``mode`` ("worst-case" or "calibrated"
+    with ``margin_bits``), ``noise_margin``, ``m``); ``layout="packed"`` those of
     :func:`pycrcnn.planner.packed.plan_packed`.
     """
     if layout == "batch":

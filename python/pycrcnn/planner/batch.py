@@ -1,26 +1,30 @@
 """The batch layout's planner (one image per slot, CryptoNets).
 
-1. **Scales.** The smallest input/weight scales (fewest plaintext bits) whose
-   exact integer evaluation agrees with the float model's argmax on the
-   calibration inputs (``min_agreement``, default all of them), plus
-   ``precision_margin`` bits (default 1) on each for unseen inputs.
-2. **Plaintext range.** Worst case by default: every layer's bound
+1. **Scales.** An input scale and one weight scale per weighted layer
+   (Conv/Linear, model order): the fewest plaintext bits whose *predicted*
+   argmax agreement with the float model on unseen inputs reaches
+   ``min_agreement`` (default 0.9995; :mod:`.precision`: the calibration
+   inputs' rounding errors against their top-2 logit gaps, with a linear tail
+   near 0). ``scale_bits=`` / ``weight_scale_bits=`` (an int or a list) fix them.
+2. **Plaintext range.** ``mode="worst-case"`` (default): every layer's bound
    max_o Σ|w_int|·B + |b_int| (squares B², polynomials Σ|c_k|B^k) for any
-   input in ``input_range`` — the engine's own growth rules, so a planned
-   run never wraps. (A calibrated mode, bounds measured on the calibration
-   inputs, would need the engine to let a run through whose worst case could
-   wrap; it refuses those layers at run time, so it is not offered.)
-3. **Parameters.** Candidates (m, number of CRT primes k and their size,
-   number of ciphertext moduli L at the largest size the security level
-   allows) ordered by predicted seconds per image; the first whose noise
-   budget, measured on the engine's probes (``EncodedModel.predict``: one
-   key generation and a probe pass each), stays above ``noise_margin`` at
-   every layer wins.
+   input in ``input_range`` — the engine's own growth rules, so a planned run
+   never wraps. ``mode="calibrated"``: the largest |integer| of any layer on
+   the calibration inputs times 2^``margin_bits``; the context declares that
+   bound (``calibrated_bound_bits``) and the engine lets layers through whose
+   worst case could wrap. Inputs unlike the calibration ones may then wrap:
+   count wraps against ``plan.reference``.
+3. **Parameters.** Candidates (m, number of CRT primes k and their size up
+   to 60 bits, number of ciphertext moduli L at the largest size the
+   security level allows) ordered by predicted seconds per image; the first
+   whose noise budget, measured on the engine's probes
+   (``EncodedModel.predict``: one key generation and a probe pass each),
+   stays above ``noise_margin`` at every layer wins.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -28,6 +32,7 @@ from .._engine import HEError
 from ..he import Context
 from .batch_plan import BatchPlan
 from .plan import PlanError
+from .precision import WEIGHTED_LAYERS, choose_scales, float_peaks, log2_bits, peak_bits, quantized_forward
 
 __all__ = ["plan_batch", "MAX_LOG_Q", "COST_NS"]
 
@@ -45,6 +50,9 @@ MAX_LOG_Q = {
 COST_NS = {"term": 2.2, "product": 200.0}
 #: the engine supports at most this many plaintext bits (CRT product)
 MAX_PLAINTEXT_BITS = 120
+#: the largest plaintext prime: below 2^60, the engine needs p < q/2 for every
+#: ciphertext prime q, and those have at most 62 bits (src/he/params.rs)
+MAX_PRIME_BITS = 60
 
 
 def _round(v: np.ndarray) -> np.ndarray:
@@ -76,16 +84,24 @@ class _Layers:
             self.shapes.append(shape)
         self.in_shape = tuple(in_shape)
 
-    def bounds(self, input_bound: float, s: int, w: int) -> List[int]:
-        """Worst-case |integer| after every layer (Python ints: exact)."""
+    def bounds(self, input_bound: float, s: int, ws: Union[int, Sequence[int]]) -> List[int]:
+        """Worst-case |integer| after every layer (Python ints: exact), the
+        engine's growth rule: max_o Σ|w_int|·B + |b_int|. ``ws``: one weight
+        scale per weighted layer (or one for all); polynomial coefficients
+        use the largest."""
+        ws = list(ws) if not isinstance(ws, (int, np.integer)) else [int(ws)] * sum(
+            1 for l in self.layers if l.type in WEIGHTED_LAYERS)
+        w = max(ws) if ws else 0
+        it = iter(ws)
         b = int(_round(np.array([input_bound * 2.0 ** s]))[0])
         scale = 2.0 ** s
         out = []
         for layer in self.layers:
             t, p = layer.type, layer.params
-            if t in ("Conv2d", "Conv1d", "Linear"):
-                wi = _round(layer.weight * 2.0 ** w).reshape(layer.weight.shape[0], -1)
-                scale *= 2.0 ** w
+            if t in WEIGHTED_LAYERS:
+                w_k = next(it)
+                wi = _round(layer.weight * 2.0 ** w_k).reshape(layer.weight.shape[0], -1)
+                scale *= 2.0 ** w_k
                 bias = _round(layer.bias * scale) if layer.bias is not None else np.zeros(len(wi))
                 b = max(int(np.abs(row).sum()) * b + abs(int(bb)) for row, bb in zip(wi, bias))
             elif t == "AvgPool2d":
@@ -160,18 +176,17 @@ def _seconds(m: int, L: int, k: int, layers: _Layers) -> List[float]:
 
 def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str = "worst-case",
                input_range: Optional[Tuple[float, float]] = None,
-               scale_bits: Optional[int] = None, weight_scale_bits: Optional[int] = None,
-               min_agreement: float = 1.0, precision_margin: int = 1, noise_margin: int = 6, m: Optional[int] = None,
+               scale_bits: Optional[int] = None, weight_scale_bits: Union[int, Sequence[int], None] = None,
+               min_agreement: float = 0.9995, margin_bits: int = 1, noise_margin: int = 6, m: Optional[int] = None,
                max_trials: int = 12) -> BatchPlan:
     """Plans the batch layout; see the module's docstring. Raises
     :class:`PlanError` naming the layer when nothing fits."""
     if sec not in MAX_LOG_Q:
         raise ValueError(f"sec must be 128, 192 or 256, got {sec}")
-    if mode == "calibrated":
-        raise NotImplementedError('mode="calibrated" is not available: the engine refuses, at run time, any layer whose '
-                                  'worst case could wrap, so only worst-case plans run')
-    if mode != "worst-case":
-        raise ValueError(f'mode must be "worst-case", got {mode!r}')
+    if mode not in ("worst-case", "calibrated"):
+        raise ValueError(f'mode must be "worst-case" or "calibrated", got {mode!r}')
+    if not 0.0 < min_agreement <= 1.0:
+        raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
     spec = _as_spec(model)
     x = np.ascontiguousarray(calibration_inputs, dtype=np.float64)
     if x.ndim < 2 or len(x) == 0:
@@ -184,79 +199,68 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
     float_out = spec.forward_numpy(x)
     from ..model import build_from_spec
 
-    runner = build_from_spec(Context(m=1024, encoding="batch"), spec).runner()
-    steps = [(layer.index, layer.type) for layer in layers.layers]
-
-    def needed_bits(s: int, w: int) -> Tuple[float, List[float]]:
-        per = [math.log2(2 * b + 1) for b in layers.bounds(input_bound, s, w)]
-        return max(per), per
-
-    # 1. scales
-    if scale_bits is not None and weight_scale_bits is not None:
-        grid = [(int(scale_bits), int(weight_scale_bits))]
+    n_weighted = sum(1 for l in layers.layers if l.type in WEIGHTED_LAYERS)
+    if weight_scale_bits is not None and not isinstance(weight_scale_bits, (int, np.integer)):
+        fixed_w: Optional[List[int]] = [int(b) for b in weight_scale_bits]
+        if len(fixed_w) != n_weighted:
+            raise ValueError(f"weight_scale_bits has {len(fixed_w)} entries but the model has {n_weighted} weighted "
+                             "layers (Conv/Linear); give one per weighted layer, in model order")
     else:
-        ss = [int(scale_bits)] if scale_bits is not None else range(2, 17)
-        ws = [int(weight_scale_bits)] if weight_scale_bits is not None else range(2, 17)
-        grid = sorted(((s, w) for s in ss for w in ws),
-                      key=lambda sw: (math.log2(2 * layers.bounds(input_bound, *sw)[-1] + 1), sw[0] + sw[1]))
-    def too_wide(per: List[float]) -> PlanError:
-        k = next(i for i, b in enumerate(per) if b > MAX_PLAINTEXT_BITS)
-        layer = layers.layers[k]
-        return PlanError(
-            f"layer {layer.index} ({layer.type}): values need {per[k]:.0f} plaintext bits at scale_bits={s}, "
-            f"weight_scale_bits={w} ({mode}); the engine holds at most {MAX_PLAINTEXT_BITS}. Fix: a rencryption "
-            f"before layer {layer.index} (rencrypt_positions=[{layer.index}]) or smaller scales",
-            layer=layer.index, layer_name=layer.type, fix=f"rencrypt_positions=[{layer.index}] or smaller scales")
+        fixed_w = None if weight_scale_bits is None else [int(weight_scale_bits)] * n_weighted
 
-    fitting = [sw for sw in grid if needed_bits(*sw)[0] <= MAX_PLAINTEXT_BITS]
-    if not fitting:
-        s, w = grid[0]
-        raise too_wide(needed_bits(s, w)[1])
-    grid = fitting
-    chosen = None
-    best_seen = (-1.0, grid[0])
-    for s, w in grid[:60]:
-        try:
-            ints, _ = runner.reference(x, s, w)
-        except HEError:  # beyond 127 bits: no plaintext modulus holds it
-            continue
-        agree = _agreement(ints, float_out)
-        if agree > best_seen[0]:
-            best_seen = (agree, (s, w))
-        if agree >= min_agreement:
-            chosen = (s, w, agree)
-            break
-    if chosen is None:
-        s, w = best_seen[1]
-        raise PlanError(f"no input/weight scales up to 16 bits reach argmax agreement {min_agreement:.4f} with the float "
-                        f"model on the calibration inputs (best {best_seen[0]:.4f} at scale_bits={s}, "
-                        f"weight_scale_bits={w}); lower min_agreement", fix="lower min_agreement")
-    s, w, agree = chosen
-    # One more bit on each scale than the calibration inputs needed: unseen
-    # inputs closer to a tie (measured: 2/5 bits agreed on 256 digits and on
-    # 99.4 % of 8,192 test digits).
-    if scale_bits is None:
-        s += precision_margin
-    if weight_scale_bits is None:
-        w += precision_margin
-    total_bits, per_layer_bits = needed_bits(s, w)
+    peaks = float_peaks(layers.layers, x) if mode == "calibrated" else None
+
+    def per_layer_bits(s: int, ws: List[int], exact: bool = False) -> List[float]:
+        if mode == "calibrated":
+            if exact:  # the quantized model's own integers on the calibration inputs
+                return [log2_bits(p * 2.0 ** margin_bits) for p in quantized_forward(layers.layers, x, s, ws)[1]]
+            return peak_bits(layers.layers, peaks, s, ws, margin_bits)
+        return [log2_bits(b) for b in layers.bounds(input_bound, s, ws)]
+
+    # 1. scales: the fewest plaintext bits predicted to agree on unseen inputs
+    try:
+        s, ws, predicted, agree = choose_scales(layers.layers, x, float_out, lambda s_, w_: max(per_layer_bits(s_, w_)),
+                                                min_agreement, scale_bits=scale_bits, weight_scale_bits=fixed_w)
+    except ValueError as exc:
+        raise PlanError(f"{exc}; lower min_agreement or give larger scale_bits/weight_scale_bits",
+                        fix="lower min_agreement") from None
+    per_layer = per_layer_bits(s, ws, exact=True)
+    total_bits = max(per_layer)
+    w_param: Union[int, List[int]] = ws[0] if len(set(ws)) == 1 else list(ws)
 
     # 2. plaintext range
     if total_bits > MAX_PLAINTEXT_BITS:
-        raise too_wide(per_layer_bits)
+        k = next(i for i, b in enumerate(per_layer) if b > MAX_PLAINTEXT_BITS)
+        layer = layers.layers[k]
+        raise PlanError(
+            f"layer {layer.index} ({layer.type}): values need {per_layer[k]:.0f} plaintext bits at scale_bits={s}, "
+            f"weight_scale_bits={w_param} ({mode}); the engine holds at most {MAX_PLAINTEXT_BITS}. Fix: a rencryption "
+            f"before layer {layer.index} (rencrypt_positions=[{layer.index}]) or smaller scales",
+            layer=layer.index, layer_name=layer.type, fix=f"rencrypt_positions=[{layer.index}] or smaller scales")
+    # the exact reference of the chosen scales on the calibration inputs
+    runner = build_from_spec(Context(m=1024, encoding="batch", scale_bits=s, weight_scale_bits=w_param), spec).runner()
+    ints, _ = runner.reference(x, s, max(ws) if ws else 0)
+    exact_agree = _agreement(ints, float_out)
+    # calibrated: the engine's declared bound, log2 of the largest |integer| (× 2^margin)
+    calibrated_bits = (round(math.log2(max(1.0, (2.0 ** total_bits - 1) / 2)), 3) + 0.001
+                       if mode == "calibrated" else None)
 
     # 3. parameters, cheapest first
-    needed = total_bits + 1
+    # the engine refuses a bound b unless 2b < T (src/he/tensor.rs check_fits)
+    needed = total_bits + 0.01
     ms = [int(m)] if m is not None else [1024, 2048, 4096, 8192, 16384, 32768]
     candidates = []
     for mm in ms:
         maxq = MAX_LOG_Q[sec][mm]
         for k in range(1, 9):
-            t = max(math.ceil(needed / k) + 1, int(math.log2(2 * mm)) + 3)
-            if t > 58 or t * k > MAX_PLAINTEXT_BITS:
+            t = max(math.ceil(needed / k), int(math.log2(2 * mm)) + 3)
+            # the engine needs p below half of every ciphertext prime (≤ 62 bits);
+            # beyond 58 bits only for one prime (with several, smaller ones
+            # cost less noise: measured, 2 × 60 bits exhausts the budget)
+            if t > (MAX_PRIME_BITS if k == 1 else 58) or t * k > MAX_PLAINTEXT_BITS:
                 continue
             for L in range(1, 16):
-                b = min(60, maxq // L)
+                b = min(max(60, t + 2), 62, maxq // L)
                 if b < t + 2 or b < 17:
                     break
                 if layers.products and L < 2:
@@ -267,8 +271,8 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
     failures = []
     for cost, mm, k, t, L, b in candidates[:max_trials]:
         try:
-            ctx = Context(m=mm, sec=sec, encoding="batch", scale_bits=s, weight_scale_bits=w, p_bits=t,
-                          n_plaintext_moduli=k, moduli_sizes=[b] * L)
+            ctx = Context(m=mm, sec=sec, encoding="batch", scale_bits=s, weight_scale_bits=w_param, p_bits=t,
+                          n_plaintext_moduli=k, moduli_sizes=[b] * L, calibrated_bound_bits=calibrated_bits)
         except HEError as exc:
             failures.append(((mm, k, t, L, b), None, str(exc)))
             continue
@@ -278,23 +282,33 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
             continue
         ctx.keygen()
         encoded = build_from_spec(ctx, spec)
-        probe = _probe_bound(layers, input_bound, s, w, math.log2(T) - 1)
+        probe = _probe_bound(layers, input_bound, s, ws, math.log2(T) - 1)
         pred = encoded.predict(probe)
         budgets = [r.get("noise_budget") for r in pred]
         ok = len(pred) == len(layers.layers) and all(b_ is not None and b_ >= noise_margin for b_ in budgets)
         if ok:
             seconds = _seconds(mm, L, k, layers)
-            bits = per_layer_bits
+            bits = per_layer
             report = [{"index": layer.index, "name": layer.type, "bits": round(bi, 2), "plaintext_bits": round(math.log2(T), 2),
                        "noise_budget": bg, "seconds": round(sec_, 4)}
                       for layer, bi, bg, sec_ in zip(layers.layers, bits, budgets, seconds)]
             parameters = {"layout": "batch", "m": mm, "sec": sec, "p": primes,
                           "moduli_sizes": [b] * L, "moduli": [int(q) for q in ctx.moduli], "scale_bits": s,
-                          "weight_scale_bits": w, "input_shape": list(x.shape[1:])}
-            notes = [f"argmax agreement with the float model on {len(x)} calibration inputs: {agree:.4f}",
-                     f"plaintext bits needed {total_bits:.1f} (worst case for inputs in [{lo}, {hi}])",
+                          "weight_scale_bits": w_param, "input_shape": list(x.shape[1:])}
+            if calibrated_bits is not None:
+                parameters["calibrated_bound_bits"] = calibrated_bits
+            bound_note = (f"plaintext bits needed {total_bits:.1f}: the largest |integer| of any layer on the "
+                          f"{len(x)} calibration inputs, times 2^{margin_bits} (calibrated: inputs unlike these may "
+                          "wrap; count wraps against plan.reference)" if mode == "calibrated" else
+                          f"plaintext bits needed {total_bits:.1f} (worst case for inputs in [{lo}, {hi}])")
+            notes = [f"scales: input {s} bits, weights {ws} bits (Conv/Linear in model order)",
+                     f"predicted argmax agreement with the float model on unseen inputs {predicted:.5f} "
+                     f"(target {min_agreement}); measured on the {len(x)} calibration inputs {exact_agree:.4f} "
+                     f"(exact reference)",
+                     bound_note,
                      f"predicted {cost * 1e3:.3f} ms per image on one thread"]
-            plan = BatchPlan(spec, parameters, report, mode=mode, input_range=(lo, hi), notes=notes)
+            plan = BatchPlan(spec, parameters, report, mode=mode, input_range=(lo, hi),
+                             margin_bits=margin_bits if mode == "calibrated" else 0.0, notes=notes)
             plan._context = None
             return plan
         failed = next((i for i, r in enumerate(pred) if not r.get("ok", True) or (r.get("noise_budget") or 0) < noise_margin),
@@ -315,7 +329,7 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
                     fix="smaller scales or a larger m")
 
 
-def _probe_bound(layers: _Layers, input_bound: float, s: int, w: int, available_bits: float) -> float:
+def _probe_bound(layers: _Layers, input_bound: float, s: int, w: Sequence[int], available_bits: float) -> float:
     """The probe's input value: the declared bound when its worst case fits
     the plaintext range (always, for a plan), else the largest fraction of
     it that does (noise barely depends on it)."""

@@ -18,10 +18,16 @@ __all__ = ["BatchPlan", "batch_context"]
 def batch_context(p: Dict[str, Any]) -> Context:
     """A new Context (no keys yet) for planned batch parameters."""
     ctx = Context(m=p["m"], p=list(p["p"]), sec=p["sec"], encoding="batch", scale_bits=p["scale_bits"],
-                  weight_scale_bits=p["weight_scale_bits"], moduli_sizes=list(p["moduli_sizes"]))
+                  weight_scale_bits=_weight_bits(p["weight_scale_bits"]), moduli_sizes=list(p["moduli_sizes"]),
+                  calibrated_bound_bits=p.get("calibrated_bound_bits"))
     if list(ctx.moduli) != list(p["moduli"]):
         raise HEError("this build generates other ciphertext moduli for the planned sizes; plan again")
     return ctx
+
+
+def _weight_bits(w: Any) -> Union[int, List[int]]:
+    """An int (every weighted layer) or a list (one per Conv/Linear layer)."""
+    return [int(b) for b in w] if isinstance(w, (list, tuple)) else int(w)
 
 
 class BatchPlan(Plan):
@@ -29,7 +35,8 @@ class BatchPlan(Plan):
 
     ``parameters`` (a dict: ``layout``, ``m``, ``sec``, ``p`` (plaintext
     primes), ``moduli_sizes``, ``moduli``, ``scale_bits``,
-    ``weight_scale_bits``), ``report`` (one dict per layer: ``index``,
+    ``weight_scale_bits`` (an int, or one per Conv/Linear layer in model
+    order)), ``report`` (one dict per layer: ``index``,
     ``name``, ``bits`` (plaintext bits used), ``plaintext_bits`` (available),
     ``noise_budget`` (predicted bits left), ``seconds`` (predicted, one
     thread, one full batch of m images)), ``mode`` ("worst-case" or
@@ -63,8 +70,9 @@ class BatchPlan(Plan):
         return int(self.parameters["scale_bits"])
 
     @property
-    def weight_scale_bits(self) -> int:
-        return int(self.parameters["weight_scale_bits"])
+    def weight_scale_bits(self) -> Union[int, List[int]]:
+        """An int (every weighted layer) or one per Conv/Linear layer."""
+        return _weight_bits(self.parameters["weight_scale_bits"])
 
     def new_context(self) -> Context:
         """A new Context (no keys yet) for the planned parameters."""
@@ -86,9 +94,17 @@ class BatchPlan(Plan):
     # -- the exact reference ------------------------------------------------------------
     def _engine_model(self):
         if self._runner is None:
-            # Layers do not depend on keys or scales: any batch context encodes them.
-            self._runner = self.model(Context(m=1024, encoding="batch")).runner()
+            # Layers do not depend on keys; per-layer weight scales are the
+            # layers' own (the uniform ones come with each reference call).
+            w = self.weight_scale_bits
+            self._runner = self.model(Context(m=1024, encoding="batch", scale_bits=self.scale_bits,
+                                              weight_scale_bits=w)).runner()
         return self._runner
+
+    @property
+    def _uniform_weight_bits(self) -> int:
+        w = self.weight_scale_bits
+        return max(w) if isinstance(w, list) else w
 
     def reference(self, x: Any) -> np.ndarray:
         """The model on plaintext ``x`` (``[N, ...]``) in the engine's exact
@@ -96,14 +112,14 @@ class BatchPlan(Plan):
         returns, integer for integer (int64, or Python ints in an object
         array when they do not fit). Real values: divide by :attr:`output_scale`."""
         ints, _ = self._engine_model().reference(np.ascontiguousarray(x, dtype=np.float64), self.scale_bits,
-                                                 self.weight_scale_bits)
+                                                 self._uniform_weight_bits)
         return ints
 
     @property
     def output_scale(self) -> float:
         """The fixed-point scale of the model's outputs (integer = value · scale)."""
         _, scale = self._engine_model().reference(np.zeros((1, *self.parameters["input_shape"])), self.scale_bits,
-                                                  self.weight_scale_bits)
+                                                  self._uniform_weight_bits)
         return scale
 
     def decode(self, ints: np.ndarray) -> np.ndarray:
