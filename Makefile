@@ -40,7 +40,10 @@ test-wheel: export PYCRCNN_TEST_WHEEL = 1
 test-wheel: wheel
 	$(PY) -m pytest -q -ra tests/test_wheel.py
 
+# The Rust sources are rustfmt's (cargo fmt): a diff here fails the tests.
 test-rust:
+	@if cargo fmt --version >/dev/null 2>&1; then cargo fmt --check; \
+	else echo "rustfmt is not installed (rustup component add rustfmt): format not checked"; fi
 	cargo test --lib --release
 
 test-python: build

@@ -99,18 +99,30 @@ pub struct HeContext {
 impl HeContext {
     /// A context without keys.
     pub fn new(params: HeParameters) -> HeContext {
-        HeContext { params: Arc::new(params), keys: None, squarers: Default::default() }
+        HeContext {
+            params: Arc::new(params),
+            keys: None,
+            squarers: Default::default(),
+        }
     }
 
     /// A context with the same parameters (the same `Arc`: tensors of either
     /// are compatible) and no keys.
     pub fn without_keys(&self) -> HeContext {
-        HeContext { params: self.params.clone(), keys: None, squarers: Default::default() }
+        HeContext {
+            params: self.params.clone(),
+            keys: None,
+            squarers: Default::default(),
+        }
     }
 
     /// A context with loaded keys (public context or secret key blobs).
     pub(crate) fn with_keys(params: Arc<HeParameters>, keys: Keys) -> HeContext {
-        HeContext { params, keys: Some(keys), squarers: Default::default() }
+        HeContext {
+            params,
+            keys: Some(keys),
+            squarers: Default::default(),
+        }
     }
 
     /// The validated parameters.
@@ -501,7 +513,11 @@ impl HeContext {
         x.iter()
             .zip(y)
             .enumerate()
-            .map(|(k, (cx, cy))| Ok(self.multiplicator(k, level)?.multiply(&*self.two_part(k, cx)?, &*self.two_part(k, cy)?)?))
+            .map(|(k, (cx, cy))| {
+                Ok(self
+                    .multiplicator(k, level)?
+                    .multiply(&*self.two_part(k, cx)?, &*self.two_part(k, cy)?)?)
+            })
             .collect()
     }
 
@@ -548,7 +564,11 @@ impl HeContext {
             self.params
                 .bfv()
                 .iter()
-                .map(|par| (0..product_levels(par.moduli().len())).map(|l| Squarer::new(par, l)).collect())
+                .map(|par| {
+                    (0..product_levels(par.moduli().len()))
+                        .map(|l| Squarer::new(par, l))
+                        .collect()
+                })
                 .collect()
         });
         let all = all.as_ref().map_err(|e| HeError::Backend(e.to_string()))?;
@@ -563,7 +583,12 @@ impl HeContext {
     /// The relinearized square of the two-part `ct` (plaintext modulus `k`)
     /// at `level`: the tensor's products and scalings run in parallel (one
     /// ciphertext per prime, as in the packed layout, keeps both threads busy).
-    pub(crate) fn square_relinearized(&self, k: usize, ct: &Ciphertext, level: usize) -> Result<Ciphertext> {
+    pub(crate) fn square_relinearized(
+        &self,
+        k: usize,
+        ct: &Ciphertext,
+        level: usize,
+    ) -> Result<Ciphertext> {
         let rk = self.keys()?.relin[k].get(level).ok_or_else(|| {
             HeError::Parameter(format!(
                 "ciphertext products at level {level} need relinearization keys for that level: make the keys from the model's plan (keygen())"
@@ -579,13 +604,19 @@ impl HeContext {
     /// on their inputs, so relinearization happens only where a product
     /// feeds another product, after the linear layers between them (whose
     /// noise then does not multiply the key-switching noise).
-    pub(crate) fn two_part<'a>(&self, k: usize, ct: &'a Ciphertext) -> Result<std::borrow::Cow<'a, Ciphertext>> {
+    pub(crate) fn two_part<'a>(
+        &self,
+        k: usize,
+        ct: &'a Ciphertext,
+    ) -> Result<std::borrow::Cow<'a, Ciphertext>> {
         if ct.len() == 2 {
             return Ok(std::borrow::Cow::Borrowed(ct));
         }
         let level = self.params.bfv()[k].level_of_context(ct[0].ctx())?;
         let rk = self.keys()?.relin[k].get(level).ok_or_else(|| {
-            HeError::Parameter(format!("no relinearization key at modulus level {level}: a product's input needs one here"))
+            HeError::Parameter(format!(
+                "no relinearization key at modulus level {level}: a product's input needs one here"
+            ))
         })?;
         let mut c = ct.clone();
         rk.relinearizes(&mut c)?;
@@ -601,9 +632,18 @@ impl HeContext {
         let elems: Vec<&Element> = x.data().iter().collect();
         let out: Vec<Element> = elems
             .par_iter()
-            .map(|e| e.iter().enumerate().map(|(k, c)| Ok(self.two_part(k, c)?.into_owned())).collect())
+            .map(|e| {
+                e.iter()
+                    .enumerate()
+                    .map(|(k, c)| Ok(self.two_part(k, c)?.into_owned()))
+                    .collect()
+            })
             .collect::<Result<_>>()?;
-        Ok(x.with_data(shaped(x.data().shape(), out)?, x.scale(), x.growth().clone()))
+        Ok(x.with_data(
+            shaped(x.data().shape(), out)?,
+            x.scale(),
+            x.growth().clone(),
+        ))
     }
 
     /// [`HeContext::relinearized`] for a tensor nobody needs afterwards:
@@ -613,10 +653,18 @@ impl HeContext {
         if x.data().iter().all(|e| e.iter().all(|c| c.len() == 2)) {
             return Ok(x);
         }
-        let template = x.with_data(ndarray::ArrayD::default(IxDyn(&[0])), x.scale(), x.growth().clone());
+        let template = x.with_data(
+            ndarray::ArrayD::default(IxDyn(&[0])),
+            x.scale(),
+            x.growth().clone(),
+        );
         let data = x.into_data();
         let shape = data.shape().to_vec();
-        let data = if data.is_standard_layout() { data } else { data.as_standard_layout().into_owned() };
+        let data = if data.is_standard_layout() {
+            data
+        } else {
+            data.as_standard_layout().into_owned()
+        };
         let (elems, _) = data.into_raw_vec_and_offset();
         let out: Vec<Element> = elems
             .into_par_iter()
@@ -629,7 +677,11 @@ impl HeContext {
                 Ok(e)
             })
             .collect::<Result<_>>()?;
-        Ok(template.with_data(shaped(&shape, out)?, template.scale(), template.growth().clone()))
+        Ok(template.with_data(
+            shaped(&shape, out)?,
+            template.scale(),
+            template.growth().clone(),
+        ))
     }
 
     /// The square of one ciphertext (plaintext modulus `k`) at `level`:
@@ -650,7 +702,13 @@ impl HeContext {
     /// `acc`: tensor squares added in the extended basis and scaled back by
     /// t/Q once ([`HeContext::square_finish`]) cost one scaling instead of one
     /// per square (a square followed by a sum pooling).
-    pub(crate) fn square_add(&self, k: usize, ct: &Ciphertext, level: usize, acc: &mut Option<Tensor>) -> Result<()> {
+    pub(crate) fn square_add(
+        &self,
+        k: usize,
+        ct: &Ciphertext,
+        level: usize,
+        acc: &mut Option<Tensor>,
+    ) -> Result<()> {
         let t = self.squarer(k, level)?.tensor(&*self.two_part(k, ct)?)?;
         match acc.as_mut() {
             None => *acc = Some(t),
@@ -661,8 +719,15 @@ impl HeContext {
 
     /// The ciphertext of a sum of tensor squares: three parts, switched down
     /// like [`HeContext::square_ct`].
-    pub(crate) fn square_finish(&self, k: usize, acc: Option<Tensor>, level: usize) -> Result<Ciphertext> {
-        let acc = acc.ok_or_else(|| HeError::Value("a sum of squares needs at least one ciphertext".into()))?;
+    pub(crate) fn square_finish(
+        &self,
+        k: usize,
+        acc: Option<Tensor>,
+        level: usize,
+    ) -> Result<Ciphertext> {
+        let acc = acc.ok_or_else(|| {
+            HeError::Value("a sum of squares needs at least one ciphertext".into())
+        })?;
         let squarer = self.squarer(k, level)?;
         if level + 2 < self.params.levels() {
             squarer.finish_switched(acc)
@@ -681,7 +746,11 @@ impl HeContext {
         let growth = x.growth().mul(&x.growth());
         check_fits(&self.params, &growth, x.scale() * x.scale(), "square")?;
         self.can_square(level)?;
-        let template = x.with_data(ndarray::ArrayD::default(IxDyn(&[0])), x.scale() * x.scale(), growth);
+        let template = x.with_data(
+            ndarray::ArrayD::default(IxDyn(&[0])),
+            x.scale() * x.scale(),
+            growth,
+        );
         let data = x.into_data();
         let shape = data.shape().to_vec();
         let data = if data.is_standard_layout() {
@@ -693,7 +762,12 @@ impl HeContext {
         // Each input element is dropped as soon as its square exists.
         let out: Vec<Element> = elems
             .into_par_iter()
-            .map(|e| e.iter().enumerate().map(|(k, c)| self.square_ct(k, c, level)).collect::<Result<Element>>())
+            .map(|e| {
+                e.iter()
+                    .enumerate()
+                    .map(|(k, c)| self.square_ct(k, c, level))
+                    .collect::<Result<Element>>()
+            })
             .collect::<Result<_>>()?;
         let data = shaped(&shape, out)?;
         Ok(template.with_data(data, template.scale(), template.growth().clone()))
@@ -921,7 +995,10 @@ pub(crate) mod tests {
         // finish_switched (one rounding by t/(Q·q_last)) against finish and
         // fhe.rs's switch_down: the same plaintext, no less noise budget.
         use fhe_traits::FheDecrypter;
-        let batch = Encoding::Batch { scale_bits: 6, weight_scale_bits: 6 };
+        let batch = Encoding::Batch {
+            scale_bits: 6,
+            weight_scale_bits: 6,
+        };
         let ctx = make(4096, vec![], batch, Some(vec![36, 36, 37]));
         let x = random(&[7, 3], -3.0, 3.0);
         let t = ctx.encrypt(x.view()).unwrap();
@@ -936,8 +1013,16 @@ pub(crate) mod tests {
             let one_step = squarer.finish_switched(again).unwrap();
             assert_eq!(one_step.len(), 3);
             assert_eq!(par.level_of_context(one_step[0].ctx()).unwrap(), 1);
-            assert_eq!(sk.try_decrypt(&one_step).unwrap(), sk.try_decrypt(&two_step).unwrap());
-            let (a, b) = unsafe { (sk.measure_noise(&one_step).unwrap(), sk.measure_noise(&two_step).unwrap()) };
+            assert_eq!(
+                sk.try_decrypt(&one_step).unwrap(),
+                sk.try_decrypt(&two_step).unwrap()
+            );
+            let (a, b) = unsafe {
+                (
+                    sk.measure_noise(&one_step).unwrap(),
+                    sk.measure_noise(&two_step).unwrap(),
+                )
+            };
             assert!(a <= b + 1, "{a} vs {b} noise bits");
         }
         // The engine's square uses it: exact against the plaintext square.

@@ -713,8 +713,16 @@ mod tests {
         assert_eq!(again.fingerprint(), per_layer.fingerprint());
         // a declared bound must fit T/2; fractional contexts have no per-layer scales
         let t_bits = (uniform.plaintext_product() as f64).log2();
-        assert!(req(4096, vec![], 128, batch).build().unwrap().with_calibrated_bound_bits(t_bits).is_err());
-        assert!(req(4096, vec![953_983_721], 128, FRAC).build().unwrap().with_layer_weight_scale_bits(vec![8]).is_err());
+        assert!(req(4096, vec![], 128, batch)
+            .build()
+            .unwrap()
+            .with_calibrated_bound_bits(t_bits)
+            .is_err());
+        assert!(req(4096, vec![953_983_721], 128, FRAC)
+            .build()
+            .unwrap()
+            .with_layer_weight_scale_bits(vec![8])
+            .is_err());
     }
 
     #[test]

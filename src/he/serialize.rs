@@ -369,7 +369,9 @@ pub fn tensor_from_bytes(data: &[u8], ctx: &HeContext) -> Result<CipherTensor> {
             let ct = guarded("ciphertext", || Ciphertext::from_bytes(b, par))?;
             // Three parts: the unrelinearized output of a square.
             if !(2..=3).contains(&ct.len()) {
-                return Err(HeError::Format("a ciphertext must have two or three parts".into()));
+                return Err(HeError::Format(
+                    "a ciphertext must have two or three parts".into(),
+                ));
             }
             let l = par
                 .level_of_context(ct[0].ctx())

@@ -70,8 +70,9 @@ impl Squarer {
         let mut basis = base.moduli().to_vec();
         let mut upper = 1u64 << 62;
         while basis.len() < base.moduli().len() + extra {
-            upper = generate_prime(62, 2 * par.degree() as u64, upper)
-                .ok_or_else(|| HeError::Backend("no 62-bit prime left for the extended basis".into()))?;
+            upper = generate_prime(62, 2 * par.degree() as u64, upper).ok_or_else(|| {
+                HeError::Backend("no 62-bit prime left for the extended basis".into())
+            })?;
             if !basis.contains(&upper) {
                 basis.push(upper);
             }
@@ -88,7 +89,10 @@ impl Squarer {
         // one scaling by t·Q'/Q² = t/(Q·q_last) into Q' rounds once.
         let down_next = match par.context_at_level(level + 1) {
             Ok(next) => {
-                let last = *base.moduli().last().ok_or_else(|| HeError::Backend("a level without moduli".into()))?;
+                let last = *base
+                    .moduli()
+                    .last()
+                    .ok_or_else(|| HeError::Backend("a level without moduli".into()))?;
                 let denominator = base.modulus() * BigUint::from(last);
                 Some([
                     Scaler::new(&ext_ctx, next, ScalingFactor::new(&t, &denominator))?,
@@ -97,16 +101,27 @@ impl Squarer {
             }
             Err(_) => None,
         };
-        Ok(Squarer { par: par.clone(), base, extend, down, down_next })
+        Ok(Squarer {
+            par: par.clone(),
+            base,
+            extend,
+            down,
+            down_next,
+        })
     }
 
     /// The tensor square of a two-part ciphertext at this squarer's level.
     pub fn tensor(&self, ct: &Ciphertext) -> Result<Tensor> {
         if ct.len() != 2 {
-            return Err(HeError::Value(format!("a square takes a two-part (relinearized) ciphertext, got {} parts", ct.len())));
+            return Err(HeError::Value(format!(
+                "a square takes a two-part (relinearized) ciphertext, got {} parts",
+                ct.len()
+            )));
         }
         if ct[0].ctx() != &self.base {
-            return Err(HeError::Value("the ciphertext is not at the level this square was prepared for".into()));
+            return Err(HeError::Value(
+                "the ciphertext is not at the level this square was prepared for".into(),
+            ));
         }
         // The three products in parallel (the packed layout squares one
         // ciphertext per CRT prime: 5 primes would take 3 rounds on 2 threads).
@@ -115,7 +130,9 @@ impl Squarer {
         let (c0, c1) = (c0?, c1?);
         let (square0, (cross, square1)) =
             rayon::join(|| &c0 * &c0, || rayon::join(|| &c0 * &c1, || &c1 * &c1));
-        Ok(Tensor { parts: [square0, cross, square1] })
+        Ok(Tensor {
+            parts: [square0, cross, square1],
+        })
     }
 
     /// Scales a tensor (or a sum of tensors) back by t/Q: a three-part
@@ -128,10 +145,9 @@ impl Squarer {
     /// rounding (the same plaintext as `finish` followed by
     /// `Ciphertext::switch_down`, at a fraction of the switch's cost).
     pub fn finish_switched(&self, t: Tensor) -> Result<Ciphertext> {
-        let down = self
-            .down_next
-            .as_ref()
-            .ok_or_else(|| HeError::Value("no level below this square's to switch down to".into()))?;
+        let down = self.down_next.as_ref().ok_or_else(|| {
+            HeError::Value("no level below this square's to switch down to".into())
+        })?;
         self.finish_with(t, down)
     }
 

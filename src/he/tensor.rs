@@ -184,7 +184,9 @@ impl CipherTensor {
                     .map(|(k, (cx, cy))| match cx.len().cmp(&cy.len()) {
                         std::cmp::Ordering::Equal => Ok(f(cx, cy)),
                         std::cmp::Ordering::Less => Ok(f(&self.with_parts(k, cx, cy.len())?, cy)),
-                        std::cmp::Ordering::Greater => Ok(f(cx, &self.with_parts(k, cy, cx.len())?)),
+                        std::cmp::Ordering::Greater => {
+                            Ok(f(cx, &self.with_parts(k, cy, cx.len())?))
+                        }
                     })
                     .collect::<Result<Element>>()
             })

@@ -6,11 +6,11 @@ use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
 use super::kernel::{weighted_sum, weighted_sums};
+use super::{Affine, AffineMap};
 use crate::he::encoding::fractional_encode;
 use crate::he::error::value_err;
 use crate::he::growth::{negacyclic_bound, Growth};
 use crate::he::tensor::{check_fits, shaped, Element};
-use super::{Affine, AffineMap};
 use crate::he::{CipherTensor, Encoding, HeContext, HeError, Multiplier, Result};
 
 /// x² element-wise. `x` is consumed: each input ciphertext is freed as soon
@@ -23,7 +23,10 @@ pub fn square(ctx: &HeContext, x: CipherTensor) -> Result<CipherTensor> {
 /// before it: the batch encoding, unit weights, no bias, and every input
 /// in at most one output (non-overlapping windows).
 fn sums_disjoint_windows(map: &AffineMap, x: &CipherTensor) -> bool {
-    if !matches!(x.params().encoding(), Encoding::Batch { .. }) || !map.bias.is_empty() || map.divisor == 1.0 {
+    if !matches!(x.params().encoding(), Encoding::Batch { .. })
+        || !map.bias.is_empty()
+        || map.divisor == 1.0
+    {
         return false;
     }
     if map.weights.iter().any(|&w| w != 1.0) || map.terms.iter().any(|t| t.is_empty()) {
@@ -47,7 +50,9 @@ fn sums_disjoint_windows(map: &AffineMap, x: &CipherTensor) -> bool {
 /// affine layer's weights (a few bits: the planner's probes, which take the
 /// same path, see it).
 pub(crate) fn relinearizes_first(before: Option<&AffineMap>, in_shape: &[usize]) -> bool {
-    before.is_some_and(|m| in_shape.iter().product::<usize>() <= m.out_shape.iter().product::<usize>())
+    before.is_some_and(|m| {
+        in_shape.iter().product::<usize>() <= m.out_shape.iter().product::<usize>()
+    })
 }
 
 /// [`before` →] x² → the average pooling `pool`, as one step: each pooled
@@ -57,12 +62,19 @@ pub(crate) fn relinearizes_first(before: Option<&AffineMap>, in_shape: &[usize])
 /// square's input is computed where it is needed, so the affine layer's
 /// output is never held whole (the memory peak of an encrypted CNN). Any
 /// pooling that is not a sum over disjoint windows runs unfused.
-pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, pool: &Affine) -> Result<CipherTensor> {
+pub fn square_pool(
+    ctx: &HeContext,
+    x: CipherTensor,
+    before: Option<&Affine>,
+    pool: &Affine,
+) -> Result<CipherTensor> {
     ctx.check(&x)?;
     let params = x.params().clone();
     let level = x.level()?;
     let bmap = before.map(|b| b.map_for(x.image_shape())).transpose()?;
-    let sq_in_shape = bmap.as_ref().map_or_else(|| x.image_shape().to_vec(), |m| m.out_shape.clone());
+    let sq_in_shape = bmap
+        .as_ref()
+        .map_or_else(|| x.image_shape().to_vec(), |m| m.out_shape.clone());
     let map = pool.map_for(&sq_in_shape)?;
     if !sums_disjoint_windows(&map, &x) {
         let y = match before {
@@ -74,14 +86,19 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, po
     ctx.can_square(level)?;
     // Relinearized before the affine layer when it has no more inputs than
     // outputs (see [`relinearizes_first`]).
-    let x = if relinearizes_first(bmap.as_deref(), x.image_shape()) { ctx.relinearize(x)? } else { x };
+    let x = if relinearizes_first(bmap.as_deref(), x.image_shape()) {
+        ctx.relinearize(x)?
+    } else {
+        x
+    };
     // Scales and bounds as the three layers would give them, checked in order.
     let (b_scale, b_growth, prepared, bias) = match (before, &bmap) {
         (Some(b), Some(m)) => {
             let (scale, wf) = m.output_scale(&params, x.scale());
             let growth = m.output_growth(&params, x.growth(), scale, wf)?;
             check_fits(&params, &growth, scale, b.geometry().name())?;
-            let mut polys: std::collections::HashMap<u64, Vec<fhe_math::rq::Poly>> = std::collections::HashMap::new();
+            let mut polys: std::collections::HashMap<u64, Vec<fhe_math::rq::Poly>> =
+                std::collections::HashMap::new();
             for &v in &m.bias {
                 if let std::collections::hash_map::Entry::Vacant(slot) = polys.entry(v.to_bits()) {
                     slot.insert(x.constant_polys(&[v], scale, level)?);
@@ -120,38 +137,58 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, po
             }
             (groups, slot)
         }
-        None => ((0..sq_per).map(|j| vec![j]).collect(), (0..sq_per).map(|j| (j, 0)).collect()),
+        None => (
+            (0..sq_per).map(|j| vec![j]).collect(),
+            (0..sq_per).map(|j| (j, 0)).collect(),
+        ),
     };
-    let group_inputs = |img: usize, g: usize, k: usize| -> Result<Vec<std::borrow::Cow<'_, Ciphertext>>> {
-        let base = img * in_per;
-        let (Some(m), Some(prepared)) = (&bmap, &prepared) else {
-            return Ok(bgroups[g].iter().map(|&j| std::borrow::Cow::Borrowed(&flat[img * sq_per + j][k])).collect());
-        };
-        let members = &bgroups[g];
-        let terms = &m.terms[members[0]];
-        let mut cts = if terms.is_empty() {
-            let zero = Multiplier::scalar(0, flat[base][k][0].ctx()).apply(&flat[base][k], &bfv[k])?;
-            vec![zero; members.len()]
-        } else {
-            let inputs: Vec<&Ciphertext> = terms.iter().map(|&(i, _)| &flat[base + i as usize][k]).collect();
-            let ws: Vec<Vec<&Multiplier>> = members.iter().map(|&j| m.terms[j].iter().map(|&(_, w)| &prepared[w as usize]).collect()).collect();
-            let ws: Vec<&[&Multiplier]> = ws.iter().map(|w| w.as_slice()).collect();
-            weighted_sums(&inputs, &ws, &bfv[k])?
-        };
-        if !m.bias.is_empty() {
-            for (ct, &j) in cts.iter_mut().zip(members) {
-                let poly = &bias[&m.bias[j].to_bits()][k];
-                let mut parts: Vec<fhe_math::rq::Poly> = ct.iter().cloned().collect();
-                parts[0] += poly;
-                *ct = Ciphertext::new(parts, &bfv[k])?;
+    let group_inputs =
+        |img: usize, g: usize, k: usize| -> Result<Vec<std::borrow::Cow<'_, Ciphertext>>> {
+            let base = img * in_per;
+            let (Some(m), Some(prepared)) = (&bmap, &prepared) else {
+                return Ok(bgroups[g]
+                    .iter()
+                    .map(|&j| std::borrow::Cow::Borrowed(&flat[img * sq_per + j][k]))
+                    .collect());
+            };
+            let members = &bgroups[g];
+            let terms = &m.terms[members[0]];
+            let mut cts = if terms.is_empty() {
+                let zero =
+                    Multiplier::scalar(0, flat[base][k][0].ctx()).apply(&flat[base][k], &bfv[k])?;
+                vec![zero; members.len()]
+            } else {
+                let inputs: Vec<&Ciphertext> = terms
+                    .iter()
+                    .map(|&(i, _)| &flat[base + i as usize][k])
+                    .collect();
+                let ws: Vec<Vec<&Multiplier>> = members
+                    .iter()
+                    .map(|&j| {
+                        m.terms[j]
+                            .iter()
+                            .map(|&(_, w)| &prepared[w as usize])
+                            .collect()
+                    })
+                    .collect();
+                let ws: Vec<&[&Multiplier]> = ws.iter().map(|w| w.as_slice()).collect();
+                weighted_sums(&inputs, &ws, &bfv[k])?
+            };
+            if !m.bias.is_empty() {
+                for (ct, &j) in cts.iter_mut().zip(members) {
+                    let poly = &bias[&m.bias[j].to_bits()][k];
+                    let mut parts: Vec<fhe_math::rq::Poly> = ct.iter().cloned().collect();
+                    parts[0] += poly;
+                    *ct = Ciphertext::new(parts, &bfv[k])?;
+                }
             }
-        }
-        Ok(cts.into_iter().map(std::borrow::Cow::Owned).collect())
-    };
+            Ok(cts.into_iter().map(std::borrow::Cow::Owned).collect())
+        };
     // Pooled outputs whose windows' inputs come from the same groups, slot by
     // slot, are computed together (each group once); one job per such set
     // and plaintext modulus.
-    let mut by_signature: std::collections::HashMap<Vec<usize>, usize> = std::collections::HashMap::new();
+    let mut by_signature: std::collections::HashMap<Vec<usize>, usize> =
+        std::collections::HashMap::new();
     let mut pgroups: Vec<Vec<usize>> = Vec::new();
     for (o, terms) in map.terms.iter().enumerate() {
         let sig: Vec<usize> = terms.iter().map(|&(j, _)| slot_of[j as usize].0).collect();
@@ -163,13 +200,15 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, po
             }
         }
     }
-    let jobs: Vec<(usize, usize, usize)> =
-        (0..imgs).flat_map(|i| (0..pgroups.len()).flat_map(move |g| (0..ncomp).map(move |k| (i, g, k)))).collect();
+    let jobs: Vec<(usize, usize, usize)> = (0..imgs)
+        .flat_map(|i| (0..pgroups.len()).flat_map(move |g| (0..ncomp).map(move |k| (i, g, k))))
+        .collect();
     let results: Vec<Vec<Ciphertext>> = jobs
         .par_iter()
         .map(|&(img, pg, k)| {
             let outs = &pgroups[pg];
-            let mut accs: Vec<Option<crate::he::square::Tensor>> = (0..outs.len()).map(|_| None).collect();
+            let mut accs: Vec<Option<crate::he::square::Tensor>> =
+                (0..outs.len()).map(|_| None).collect();
             for slot in 0..map.terms[outs[0]].len() {
                 let g = slot_of[map.terms[outs[0]][slot].0 as usize].0;
                 let inputs = group_inputs(img, g, k)?;
@@ -178,10 +217,13 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, po
                     ctx.square_add(k, &inputs[slot_of[j].1], level, acc)?;
                 }
             }
-            accs.into_iter().map(|acc| ctx.square_finish(k, acc, level)).collect()
+            accs.into_iter()
+                .map(|acc| ctx.square_finish(k, acc, level))
+                .collect()
         })
         .collect::<Result<_>>()?;
-    let mut slots: Vec<Vec<Option<Ciphertext>>> = (0..imgs * out_per).map(|_| vec![None; ncomp]).collect();
+    let mut slots: Vec<Vec<Option<Ciphertext>>> =
+        (0..imgs * out_per).map(|_| vec![None; ncomp]).collect();
     for (&(img, pg, k), cts) in jobs.iter().zip(results) {
         for (&o, ct) in pgroups[pg].iter().zip(cts) {
             slots[img * out_per + o][k] = Some(ct);
@@ -190,10 +232,16 @@ pub fn square_pool(ctx: &HeContext, x: CipherTensor, before: Option<&Affine>, po
     let cts: Vec<Ciphertext> = slots
         .into_iter()
         .flatten()
-        .map(|c| c.ok_or_else(|| HeError::Backend("an output of the fused square was not computed".into())))
+        .map(|c| {
+            c.ok_or_else(|| {
+                HeError::Backend("an output of the fused square was not computed".into())
+            })
+        })
         .collect::<Result<_>>()?;
     let mut it = cts.into_iter();
-    let out: Vec<Element> = (0..imgs * out_per).map(|_| it.by_ref().take(ncomp).collect()).collect();
+    let out: Vec<Element> = (0..imgs * out_per)
+        .map(|_| it.by_ref().take(ncomp).collect())
+        .collect();
     let mut shape = if start == 1 { vec![imgs] } else { vec![] };
     shape.extend_from_slice(&map.out_shape);
     let data = shaped(&shape, out)?;
@@ -341,23 +389,69 @@ mod tests {
     fn fused_conv_square_pool_matches_the_layers_one_by_one() {
         use crate::layers::{Affine, Geometry, Layer};
         use std::sync::Arc;
-        let batch = Encoding::Batch { scale_bits: 6, weight_scale_bits: 6 };
+        let batch = Encoding::Batch {
+            scale_bits: 6,
+            weight_scale_bits: 6,
+        };
         // Two plaintext primes: the fused step's jobs cover every CRT component.
         let ctx = crate::he::context::tests::make_n(4096, vec![], 2, batch, None);
-        let g = Geometry::Conv2d { out_channels: 3, in_channels: 2, kernel: (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 1 };
+        let g = Geometry::Conv2d {
+            out_channels: 3,
+            in_channels: 2,
+            kernel: (3, 3),
+            stride: (1, 1),
+            padding: (1, 1),
+            dilation: (1, 1),
+            groups: 1,
+        };
         let w = random(&[3 * 2 * 9], -1.0, 1.0).into_raw_vec_and_offset().0;
-        let conv = Arc::new(Layer::Affine(Affine::new(g, w, Some(vec![0.5, -0.25, 0.125])).unwrap()));
-        let pool = Arc::new(Layer::Affine(Affine::new(Geometry::AvgPool2d { kernel: (2, 2), stride: (2, 2), padding: (0, 0) }, vec![1.0], None).unwrap()));
+        let conv = Arc::new(Layer::Affine(
+            Affine::new(g, w, Some(vec![0.5, -0.25, 0.125])).unwrap(),
+        ));
+        let pool = Arc::new(Layer::Affine(
+            Affine::new(
+                Geometry::AvgPool2d {
+                    kernel: (2, 2),
+                    stride: (2, 2),
+                    padding: (0, 0),
+                },
+                vec![1.0],
+                None,
+            )
+            .unwrap(),
+        ));
         let x = random(&[5, 2, 4, 6], -1.0, 1.0);
         let t = ctx.encrypt(x.view()).unwrap();
-        let plain = pool.forward(&ctx, &Layer::Square.forward(&ctx, &conv.forward(&ctx, &t).unwrap()).unwrap()).unwrap();
+        let plain = pool
+            .forward(
+                &ctx,
+                &Layer::Square
+                    .forward(&ctx, &conv.forward(&ctx, &t).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
         let (before, sq, after) = Layer::fuse_square(Some(&conv), &pool).unwrap();
         let before = before.expect("an affine layer before the square is absorbed");
-        let fused = after.forward(&ctx, &sq.forward(&ctx, &before.forward(&ctx, &t).unwrap()).unwrap()).unwrap();
+        let fused = after
+            .forward(
+                &ctx,
+                &sq.forward(&ctx, &before.forward(&ctx, &t).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
         assert_eq!(before.name(), "Conv2d+Square+AvgPool2d");
-        assert_eq!((fused.shape(), fused.scale()), (plain.shape(), plain.scale()));
-        assert_eq!(ctx.decrypt_integers(&fused).unwrap(), ctx.decrypt_integers(&plain).unwrap());
-        assert!(fused.data().iter().all(|e| e.iter().all(|c| c.len() == 3)), "not relinearized");
+        assert_eq!(
+            (fused.shape(), fused.scale()),
+            (plain.shape(), plain.scale())
+        );
+        assert_eq!(
+            ctx.decrypt_integers(&fused).unwrap(),
+            ctx.decrypt_integers(&plain).unwrap()
+        );
+        assert!(
+            fused.data().iter().all(|e| e.iter().all(|c| c.len() == 3)),
+            "not relinearized"
+        );
         // And the reference agrees with both.
         let r = crate::layers::encode_inputs(x.view(), batch).unwrap();
         let r = before.reference(&r, batch).unwrap();
@@ -365,9 +459,17 @@ mod tests {
         // Three-part results serialize, add to two-part ones, and feed a product.
         let bytes = crate::he::serialize::tensor_to_bytes(&fused);
         let back = crate::he::serialize::tensor_from_bytes(&bytes, &ctx).unwrap();
-        let fresh = ctx.encrypt(ArrayD::zeros(IxDyn(&[5, 3, 2, 3])).view()).unwrap();
-        let fresh = fresh.with_data(fresh.data().clone(), back.scale(), back.growth().clone()).switch_to_level(back.level().unwrap()).unwrap();
-        assert_eq!(ctx.decrypt_integers(&back.add(&fresh).unwrap()).unwrap(), ctx.decrypt_integers(&plain).unwrap());
+        let fresh = ctx
+            .encrypt(ArrayD::zeros(IxDyn(&[5, 3, 2, 3])).view())
+            .unwrap();
+        let fresh = fresh
+            .with_data(fresh.data().clone(), back.scale(), back.growth().clone())
+            .switch_to_level(back.level().unwrap())
+            .unwrap();
+        assert_eq!(
+            ctx.decrypt_integers(&back.add(&fresh).unwrap()).unwrap(),
+            ctx.decrypt_integers(&plain).unwrap()
+        );
         // (m=4096 has no budget for a second product: that it runs is the check.)
         let sq2 = ctx.multiply(&back, &back).unwrap();
         assert!(sq2.data().iter().all(|e| e.iter().all(|c| c.len() == 2)));

@@ -621,7 +621,11 @@ impl Affine {
     }
 
     /// The weights of `map` encoded for `x`'s parameters and level (cached).
-    pub(crate) fn prepared(&self, map: &AffineMap, x: &CipherTensor) -> Result<Arc<Vec<Multiplier>>> {
+    pub(crate) fn prepared(
+        &self,
+        map: &AffineMap,
+        x: &CipherTensor,
+    ) -> Result<Arc<Vec<Multiplier>>> {
         let level = x.level()?;
         let key = (x.params().fingerprint(), level);
         let cached = self

@@ -170,7 +170,8 @@ impl AffineMap {
                         }
                         w
                     } else {
-                        (w * (self.weight_scale_bits.unwrap_or(weight_scale_bits) as f64).exp2()).round()
+                        (w * (self.weight_scale_bits.unwrap_or(weight_scale_bits) as f64).exp2())
+                            .round()
                     };
                     if !x.is_finite() || x.abs() >= 2f64.powi(62) {
                         return Err(HeError::Value(format!("weight {w} is out of range")));
@@ -232,8 +233,9 @@ impl AffineMap {
         // position, a linear layer's features) are computed together: each
         // input is read once for all of them.
         let groups = self.groups();
-        let jobs: Vec<(usize, usize, usize)> =
-            (0..imgs).flat_map(|i| (0..groups.len()).flat_map(move |g| (0..ncomp).map(move |k| (i, g, k)))).collect();
+        let jobs: Vec<(usize, usize, usize)> = (0..imgs)
+            .flat_map(|i| (0..groups.len()).flat_map(move |g| (0..ncomp).map(move |k| (i, g, k))))
+            .collect();
         let sums: Vec<Vec<Ciphertext>> = jobs
             .par_iter()
             .map(|&(img, g, k)| {
@@ -242,17 +244,29 @@ impl AffineMap {
                 let base = img * in_per_img;
                 if terms.is_empty() {
                     // No input reaches these outputs (all padding): 0 · x, a valid encryption of 0.
-                    let zero = Multiplier::scalar(0, flat[base][k][0].ctx()).apply(&flat[base][k], &bfv[k])?;
+                    let zero = Multiplier::scalar(0, flat[base][k][0].ctx())
+                        .apply(&flat[base][k], &bfv[k])?;
                     return Ok(vec![zero; group.len()]);
                 }
-                let cts: Vec<&Ciphertext> = terms.iter().map(|&(i, _)| &flat[base + i as usize][k]).collect();
-                let ws: Vec<Vec<&Multiplier>> =
-                    group.iter().map(|&o| self.terms[o].iter().map(|&(_, w)| &prepared[w as usize]).collect()).collect();
+                let cts: Vec<&Ciphertext> = terms
+                    .iter()
+                    .map(|&(i, _)| &flat[base + i as usize][k])
+                    .collect();
+                let ws: Vec<Vec<&Multiplier>> = group
+                    .iter()
+                    .map(|&o| {
+                        self.terms[o]
+                            .iter()
+                            .map(|&(_, w)| &prepared[w as usize])
+                            .collect()
+                    })
+                    .collect();
                 let ws: Vec<&[&Multiplier]> = ws.iter().map(|w| w.as_slice()).collect();
                 weighted_sums(&cts, &ws, &bfv[k])
             })
             .collect::<Result<_>>()?;
-        let mut slots: Vec<Vec<Option<Ciphertext>>> = (0..imgs * out_per_img).map(|_| vec![None; ncomp]).collect();
+        let mut slots: Vec<Vec<Option<Ciphertext>>> =
+            (0..imgs * out_per_img).map(|_| vec![None; ncomp]).collect();
         for (&(img, g, k), cts) in jobs.iter().zip(sums) {
             for (&o, ct) in groups[g].iter().zip(cts) {
                 slots[img * out_per_img + o][k] = Some(ct);
@@ -260,7 +274,15 @@ impl AffineMap {
         }
         let out: Result<Vec<Element>> = slots
             .into_iter()
-            .map(|e| e.into_iter().map(|c| c.ok_or_else(|| HeError::Backend("an output of the map was not computed".into()))).collect())
+            .map(|e| {
+                e.into_iter()
+                    .map(|c| {
+                        c.ok_or_else(|| {
+                            HeError::Backend("an output of the map was not computed".into())
+                        })
+                    })
+                    .collect()
+            })
             .collect();
         let mut out = out?;
         if !self.bias.is_empty() {

@@ -14,9 +14,14 @@ use crate::he::{HeError, Multiplier, Result};
 /// Σ_k cts[k] · ws[k], reduced lazily. All ciphertexts must share parameters,
 /// level and size. Terms whose multiplier is the integer 0 are skipped unless
 /// all are (the result is then a valid encryption of 0).
-pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+pub fn weighted_sum(
+    cts: &[&Ciphertext],
+    ws: &[&Multiplier],
+    par: &Arc<BfvParameters>,
+) -> Result<Ciphertext> {
     let mut out = weighted_sums(cts, &[ws], par)?;
-    out.pop().ok_or_else(|| HeError::Backend("weighted sum without output".into()))
+    out.pop()
+        .ok_or_else(|| HeError::Backend("weighted sum without output".into()))
 }
 
 /// Several weighted sums of the same ciphertexts, Σ_k cts[k] · ws[g][k] for
@@ -24,7 +29,11 @@ pub fn weighted_sum(cts: &[&Ciphertext], ws: &[&Multiplier], par: &Arc<BfvParame
 /// sums (the output channels of a convolution at one position share their
 /// inputs), so the kernel runs at the speed of its multiply-adds rather
 /// than of memory. Terms whose multipliers are all the integer 0 are skipped.
-pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvParameters>) -> Result<Vec<Ciphertext>> {
+pub fn weighted_sums(
+    cts: &[&Ciphertext],
+    ws: &[&[&Multiplier]],
+    par: &Arc<BfvParameters>,
+) -> Result<Vec<Ciphertext>> {
     if cts.is_empty() || ws.is_empty() || ws.iter().any(|w| w.len() != cts.len()) {
         return Err(HeError::Value(format!(
             "weighted sum needs as many ciphertexts as weights and at least one (got {} and {:?})",
@@ -52,7 +61,9 @@ pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvPa
             ));
         }
     }
-    let mut terms: Vec<usize> = (0..cts.len()).filter(|&k| ws.iter().any(|w| !w[k].is_zero())).collect();
+    let mut terms: Vec<usize> = (0..cts.len())
+        .filter(|&k| ws.iter().any(|w| !w[k].is_zero()))
+        .collect();
     if terms.is_empty() {
         terms.push(0);
     }
@@ -72,7 +83,14 @@ pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvPa
         .collect();
 
     // Rows of all terms, resolved once: x rows per (part, modulus).
-    let views: Vec<Vec<_>> = terms.iter().map(|&k| (0..nparts).map(|part| cts[k][part].coefficients()).collect()).collect();
+    let views: Vec<Vec<_>> = terms
+        .iter()
+        .map(|&k| {
+            (0..nparts)
+                .map(|part| cts[k][part].coefficients())
+                .collect()
+        })
+        .collect();
     let mut rows: Vec<Vec<&[u64]>> = Vec::with_capacity(terms.len());
     for v in &views {
         let mut r = Vec::with_capacity(nparts * nmod);
@@ -91,7 +109,11 @@ pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvPa
     let poly_rows = |g: usize, k: usize, j: usize| -> Result<Option<&[u64]>> {
         match ws[g][k] {
             Multiplier::Scalar(_) => Ok(None),
-            Multiplier::Poly(arr) => Ok(Some(arr.row(j).to_slice().ok_or_else(|| HeError::Backend("non-contiguous multiplier".into()))?)),
+            Multiplier::Poly(arr) => {
+                Ok(Some(arr.row(j).to_slice().ok_or_else(|| {
+                    HeError::Backend("non-contiguous multiplier".into())
+                })?))
+            }
         }
     };
     let nout = ws.len();
@@ -101,7 +123,9 @@ pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvPa
     let mut acc = vec![0u128; chunk * nout];
     let mut outs: Vec<Vec<Poly>> = (0..nout).map(|_| Vec::with_capacity(nparts)).collect();
     for part in 0..nparts {
-        let mut out: Vec<Array2<u64>> = (0..nout).map(|_| Array2::<u64>::zeros((nmod, degree))).collect();
+        let mut out: Vec<Array2<u64>> = (0..nout)
+            .map(|_| Array2::<u64>::zeros((nmod, degree)))
+            .collect();
         for j in 0..nmod {
             let qj = &moduli[j];
             let wrows: Vec<Vec<(u128, Option<&[u64]>)>> = (0..nout)
@@ -133,7 +157,9 @@ pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvPa
                                 }
                             }
                             (_, Some(wsl)) => {
-                                for ((a, &xi), &wi) in a.iter_mut().zip(xs).zip(&wsl[start..start + len]) {
+                                for ((a, &xi), &wi) in
+                                    a.iter_mut().zip(xs).zip(&wsl[start..start + len])
+                                {
                                     *a += xi as u128 * wi as u128;
                                 }
                             }
@@ -149,8 +175,13 @@ pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvPa
                 }
                 for (g, o) in out.iter_mut().enumerate() {
                     let mut row = o.row_mut(j);
-                    let out_row = row.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
-                    for (o, &a) in out_row[start..start + len].iter_mut().zip(&acc[g * chunk..g * chunk + len]) {
+                    let out_row = row
+                        .as_slice_mut()
+                        .ok_or_else(|| HeError::Backend("non-contiguous output".into()))?;
+                    for (o, &a) in out_row[start..start + len]
+                        .iter_mut()
+                        .zip(&acc[g * chunk..g * chunk + len])
+                    {
                         *o = qj.reduce_u128(a);
                     }
                 }
@@ -160,7 +191,9 @@ pub fn weighted_sums(cts: &[&Ciphertext], ws: &[&[&Multiplier]], par: &Arc<BfvPa
             outs[g].push(Poly::try_convert_from(o, &ctx, true, Representation::Ntt)?);
         }
     }
-    outs.into_iter().map(|parts| Ok(Ciphertext::new(parts, par)?)).collect()
+    outs.into_iter()
+        .map(|parts| Ok(Ciphertext::new(parts, par)?))
+        .collect()
 }
 
 #[cfg(test)]

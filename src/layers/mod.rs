@@ -46,7 +46,9 @@ impl FusedSquare {
     }
 
     fn pool_or_err(&self) -> Result<&Affine> {
-        self.pool().ok_or_else(|| crate::he::HeError::Value("a fused square needs an average pooling after it".into()))
+        self.pool().ok_or_else(|| {
+            crate::he::HeError::Value("a fused square needs an average pooling after it".into())
+        })
     }
 }
 
@@ -81,12 +83,21 @@ impl Layer {
     /// a CNN), else left as it is (`None`). `None` when `next` is not an
     /// average pooling. Chosen once, when the model is built, so that a
     /// model run and a loop over its layers compute the same way.
-    pub fn fuse_square(before: Option<&Arc<Layer>>, next: &Arc<Layer>) -> Option<(Option<Layer>, Layer, Layer)> {
-        if !matches!(&**next, Layer::Affine(a) if matches!(a.geometry(), Geometry::AvgPool2d { .. })) {
+    pub fn fuse_square(
+        before: Option<&Arc<Layer>>,
+        next: &Arc<Layer>,
+    ) -> Option<(Option<Layer>, Layer, Layer)> {
+        if !matches!(&**next, Layer::Affine(a) if matches!(a.geometry(), Geometry::AvgPool2d { .. }))
+        {
             return None;
         }
-        let before = before.filter(|b| matches!(&***b, Layer::Affine(_))).cloned();
-        let fused = Layer::SquarePool(FusedSquare { before: before.clone(), pool: next.clone() });
+        let before = before
+            .filter(|b| matches!(&***b, Layer::Affine(_)))
+            .cloned();
+        let fused = Layer::SquarePool(FusedSquare {
+            before: before.clone(),
+            pool: next.clone(),
+        });
         let pool = Layer::Absorbed(next.clone());
         Some(match before {
             Some(_) => (Some(fused), Layer::Absorbed(Arc::new(Layer::Square)), pool),
@@ -100,8 +111,14 @@ impl Layer {
             Layer::Affine(a) => a.geometry().name().to_string(),
             Layer::Square => "Square".into(),
             Layer::SquarePool(f) => {
-                let before = f.before().map(|a| format!("{}+", a.geometry().name())).unwrap_or_default();
-                format!("{before}Square+{}", f.pool().map_or("?", |p| p.geometry().name()))
+                let before = f
+                    .before()
+                    .map(|a| format!("{}+", a.geometry().name()))
+                    .unwrap_or_default();
+                format!(
+                    "{before}Square+{}",
+                    f.pool().map_or("?", |p| p.geometry().name())
+                )
             }
             Layer::Absorbed(l) => l.name(),
             Layer::Polynomial(_) => "Polynomial".into(),
@@ -113,8 +130,10 @@ impl Layer {
 
     /// Whether it needs ciphertext products (relinearization keys, noise).
     pub fn multiplies_ciphertexts(&self) -> bool {
-        matches!(self, Layer::Square | Layer::SquarePool(_) | Layer::Polynomial(_))
-            || matches!(self, Layer::Packed(s) if s.multiplies_ciphertexts())
+        matches!(
+            self,
+            Layer::Square | Layer::SquarePool(_) | Layer::Polynomial(_)
+        ) || matches!(self, Layer::Packed(s) if s.multiplies_ciphertexts())
     }
 
     /// Runs the layer on `x` with the keys of `ctx`; `x` is left as it is.

@@ -254,7 +254,13 @@ impl PackedSpec {
         // dividing the block when it fits: the maps' diagonals then repeat with
         // the same period across rows and channel blocks, and baby steps line
         // up with giant steps (two-square LeNet-1: 66 → 55 rotations).
-        let pitch = if self.maps.is_empty() || block != wrap { wo } else { Some(wo.next_power_of_two()).filter(|&p| rows * p <= block).unwrap_or(wo) };
+        let pitch = if self.maps.is_empty() || block != wrap {
+            wo
+        } else {
+            Some(wo.next_power_of_two())
+                .filter(|&p| rows * p <= block)
+                .unwrap_or(wo)
+        };
         if co * block > n {
             return Err(HeError::Parameter(format!(
                 "packed layout: {co} channels of {rows}×{wo} slots need {} slots, more than the {n} of one SIMD row at m={m}; use a larger m",
@@ -280,7 +286,9 @@ impl PackedSpec {
             )));
         }
         let mut pos: Vec<usize> = (0..co)
-            .flat_map(|o| (0..ho).flat_map(move |i| (0..wo).map(move |j| o * block + i * pitch + j)))
+            .flat_map(|o| {
+                (0..ho).flat_map(move |i| (0..wo).map(move |j| o * block + i * pitch + j))
+            })
             .collect();
         let mut maps = Vec::with_capacity(self.maps.len());
         for (j, m) in self.maps.iter().enumerate() {
@@ -412,10 +420,7 @@ impl Layout {
         }
         for (j, m) in self.maps.iter().enumerate() {
             let level = self.act_levels[j + 1];
-            plain
-                .entry(level)
-                .or_default()
-                .extend(m.giant_steps());
+            plain.entry(level).or_default().extend(m.giant_steps());
             baby.entry(level).or_default().extend(m.baby_steps(self.n));
         }
         if self.d1 > 1 {
@@ -533,7 +538,9 @@ struct ShoupMask {
 impl ShoupMask {
     fn new(m: Multiplier, ctx: &Arc<fhe_math::rq::Context>) -> Result<ShoupMask> {
         let Multiplier::Poly(w) = m else {
-            return Err(HeError::Backend("a diagonal mask must be a polynomial".into()));
+            return Err(HeError::Backend(
+                "a diagonal mask must be a polynomial".into(),
+            ));
         };
         let mut w_shoup = w.clone();
         for (j, mut row) in w_shoup.outer_iter_mut().enumerate() {
@@ -547,7 +554,10 @@ impl ShoupMask {
 /// Σ ct ⊙ mask over `terms`: lazy Shoup products (each in [0, 2q)) summed
 /// in u64 and reduced every `batch` terms, which keeps the sum below 2^64
 /// (255 terms for 55-bit moduli).
-fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a ShoupMask)>, par: &Arc<BfvParameters>) -> Result<Ciphertext> {
+fn masked_sum<'a>(
+    terms: impl Iterator<Item = (&'a Ciphertext, &'a ShoupMask)>,
+    par: &Arc<BfvParameters>,
+) -> Result<Ciphertext> {
     let mut acc: Option<(Vec<ndarray::Array2<u64>>, Arc<fhe_math::rq::Context>)> = None;
     let mut count = 0u64;
     let mut batch = 1u64;
@@ -556,15 +566,22 @@ fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a ShoupMask)>, 
         let ops = ctx.moduli_operators();
         let shape = ct[0].coefficients().shape().to_vec();
         if m.w.shape() != shape.as_slice() {
-            return Err(HeError::Value("a multiplier was prepared for another ciphertext level".into()));
+            return Err(HeError::Value(
+                "a multiplier was prepared for another ciphertext level".into(),
+            ));
         }
         let (sums, _) = acc.get_or_insert_with(|| {
             let qmax = ctx.moduli().iter().copied().max().unwrap_or(1);
             batch = (u64::MAX / (2 * qmax)).max(1);
-            (vec![ndarray::Array2::<u64>::zeros((shape[0], shape[1])); ct.len()], ctx.clone())
+            (
+                vec![ndarray::Array2::<u64>::zeros((shape[0], shape[1])); ct.len()],
+                ctx.clone(),
+            )
         });
         if sums.len() != ct.len() {
-            return Err(HeError::Backend("ciphertexts of different sizes in one sum".into()));
+            return Err(HeError::Backend(
+                "ciphertexts of different sizes in one sum".into(),
+            ));
         }
         count += 1;
         let reduce = count % batch == 0;
@@ -573,11 +590,16 @@ fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a ShoupMask)>, 
             for (j, op) in ops.iter().enumerate() {
                 let (cr, wr, sr) = (c.row(j), m.w.row(j), m.w_shoup.row(j));
                 let mut s = sum.row_mut(j);
-                let s = s.as_slice_mut().ok_or_else(|| HeError::Backend("non-contiguous".into()))?;
+                let s = s
+                    .as_slice_mut()
+                    .ok_or_else(|| HeError::Backend("non-contiguous".into()))?;
                 let (cr, wr, sr) = (
-                    cr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
-                    wr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
-                    sr.as_slice().ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                    cr.as_slice()
+                        .ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                    wr.as_slice()
+                        .ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
+                    sr.as_slice()
+                        .ok_or_else(|| HeError::Backend("non-contiguous".into()))?,
                 );
                 for i in 0..s.len() {
                     s[i] += op.lazy_mul_shoup(cr[i], wr[i], sr[i]);
@@ -598,7 +620,12 @@ fn masked_sum<'a>(terms: impl Iterator<Item = (&'a Ciphertext, &'a ShoupMask)>, 
                 let q = moduli[j];
                 row.iter_mut().for_each(|v| *v %= q);
             }
-            Ok(Poly::try_convert_from(std::mem::take(sum), &ctx, true, Representation::Ntt)?)
+            Ok(Poly::try_convert_from(
+                std::mem::take(sum),
+                &ctx,
+                true,
+                Representation::Ntt,
+            )?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Ciphertext::new(parts, par)?)
@@ -698,7 +725,13 @@ impl PackedModel {
         // A Weak keeps the allocation (not the parameters) alive, so its
         // address cannot be reused by another context while it is held.
         let same = |w: &Weak<HeParameters>| std::ptr::eq(w.as_ptr(), Arc::as_ptr(params));
-        if let Some((_, m)) = self.cache.lock().map_err(|_| poisoned())?.iter().find(|(w, _)| same(w)) {
+        if let Some((_, m)) = self
+            .cache
+            .lock()
+            .map_err(|_| poisoned())?
+            .iter()
+            .find(|(w, _)| same(w))
+        {
             return Ok(m.clone());
         }
         let built = Arc::new(
@@ -819,7 +852,10 @@ impl PackedModel {
                     for &(q, w) in by_k.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
                         v[(q + g) % n] = w as i128;
                     }
-                    row.push((b, ShoupMask::new(mask(&v, par, level)?, par.context_at_level(level)?)?));
+                    row.push((
+                        b,
+                        ShoupMask::new(mask(&v, par, level)?, par.context_at_level(level)?)?,
+                    ));
                 }
                 giants.push(row);
             }
@@ -1125,19 +1161,20 @@ impl PackedModel {
                     })
                     .collect::<Result<_>>()?;
                 // Horner's rule over the giants; cut in two halves run in parallel when planned.
-                let horner = |inners: Vec<Ciphertext>, gaps: &[Vec<usize>]| -> Result<Option<Ciphertext>> {
-                    let mut acc: Option<Ciphertext> = None;
-                    for (gi, inner) in inners.into_iter().enumerate() {
-                        if let Some(mut a) = acc.take() {
-                            for &s in &gaps[gi - 1] {
-                                a = rot.rotate(&a, level, s)?;
+                let horner =
+                    |inners: Vec<Ciphertext>, gaps: &[Vec<usize>]| -> Result<Option<Ciphertext>> {
+                        let mut acc: Option<Ciphertext> = None;
+                        for (gi, inner) in inners.into_iter().enumerate() {
+                            if let Some(mut a) = acc.take() {
+                                for &s in &gaps[gi - 1] {
+                                    a = rot.rotate(&a, level, s)?;
+                                }
+                                acc = Some(a);
                             }
-                            acc = Some(a);
+                            add_into(&mut acc, inner);
                         }
-                        add_into(&mut acc, inner);
-                    }
-                    Ok(acc)
-                };
+                        Ok(acc)
+                    };
                 let acc = match plan.split {
                     Some((cut, d)) if cut < inners.len() => {
                         let mut inners = inners;
@@ -1643,7 +1680,12 @@ mod tests {
         let mut ct: Ciphertext = sk.try_encrypt(&pt, &mut rand::rng()).unwrap();
         ct.switch_to_level(1).unwrap();
         let ctx = ct[0].ctx().clone();
-        let m = mask(&(0..4096).map(|i| (i % 7) as i128 - 3).collect::<Vec<_>>(), &par, 1).unwrap();
+        let m = mask(
+            &(0..4096).map(|i| (i % 7) as i128 - 3).collect::<Vec<_>>(),
+            &par,
+            1,
+        )
+        .unwrap();
         let m = ShoupMask::new(m, &ctx).unwrap();
         let best = (0..7)
             .map(|_| {
@@ -1686,7 +1728,10 @@ mod tests {
             for s in model.stages() {
                 out = model.forward(&ctx, &out, s).unwrap();
             }
-            assert_eq!(model.decrypt_integers(&ctx, &out).unwrap(), sp.reference(&x).unwrap());
+            assert_eq!(
+                model.decrypt_integers(&ctx, &out).unwrap(),
+                sp.reference(&x).unwrap()
+            );
         }
         assert!(model.cache.lock().unwrap().len() <= MASK_SETS_KEPT);
     }

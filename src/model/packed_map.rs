@@ -339,7 +339,12 @@ mod tests {
             });
         }
         let first = rot(&first.unwrap(), d);
-        let mut y: Vec<i64> = acc.unwrap().iter().zip(&first).map(|(u, v)| u + v).collect();
+        let mut y: Vec<i64> = acc
+            .unwrap()
+            .iter()
+            .zip(&first)
+            .map(|(u, v)| u + v)
+            .collect();
         for &s in plan.horner.last().unwrap() {
             y = rot(&y, s);
         }

@@ -49,7 +49,12 @@ fn new_layer(py: Python<'_>, ctx: &Bound<'_, PyAny>, layer: Layer) -> PyResult<P
     })
 }
 
-fn affine(geometry: Geometry, weights: Vec<f64>, bias: Option<Vec<f64>>, weight_scale_bits: Option<u32>) -> PyResult<Layer> {
+fn affine(
+    geometry: Geometry,
+    weights: Vec<f64>,
+    bias: Option<Vec<f64>>,
+    weight_scale_bits: Option<u32>,
+) -> PyResult<Layer> {
     Affine::new(geometry, weights, bias)
         .and_then(|a| match weight_scale_bits {
             Some(bits) => a.with_weight_scale_bits(bits),
@@ -246,16 +251,31 @@ impl PyLayer {
     /// pooling. The fused layer computes all three; the absorbed ones pass
     /// their input through.
     #[pyo3(signature = (next, before=None))]
-    fn fuse_with(&self, py: Python<'_>, next: &PyLayer, before: Option<&PyLayer>) -> Option<(Option<PyLayer>, PyLayer, PyLayer)> {
+    fn fuse_with(
+        &self,
+        py: Python<'_>,
+        next: &PyLayer,
+        before: Option<&PyLayer>,
+    ) -> Option<(Option<PyLayer>, PyLayer, PyLayer)> {
         // The fractional encoding gains nothing (its pooling multiplies by an
         // encoded 1/k², which a sum of tensors cannot take): unfused there.
-        let batch = matches!(self.ctx.get().get().params().encoding(), crate::he::Encoding::Batch { .. });
+        let batch = matches!(
+            self.ctx.get().get().params().encoding(),
+            crate::he::Encoding::Batch { .. }
+        );
         if !batch || !matches!(*self.layer, Layer::Square) {
             return None;
         }
-        let wrap = |layer: Layer, ctx: &Py<PyContext>| PyLayer { layer: Arc::new(layer), ctx: ctx.clone_ref(py) };
+        let wrap = |layer: Layer, ctx: &Py<PyContext>| PyLayer {
+            layer: Arc::new(layer),
+            ctx: ctx.clone_ref(py),
+        };
         Layer::fuse_square(before.map(|b| &b.layer), &next.layer).map(|(b, square, pool)| {
-            (b.map(|l| wrap(l, &self.ctx)), wrap(square, &self.ctx), wrap(pool, &next.ctx))
+            (
+                b.map(|l| wrap(l, &self.ctx)),
+                wrap(square, &self.ctx),
+                wrap(pool, &next.ctx),
+            )
         })
     }
 
