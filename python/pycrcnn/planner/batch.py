@@ -32,7 +32,7 @@ from .._engine import HEError
 from ..he import Context
 from .batch_plan import BatchPlan
 from .plan import PlanError
-from .precision import WEIGHTED_LAYERS, choose_scales, float_peaks, log2_bits, peak_bits, quantized_forward
+from .precision import WEIGHTED_LAYERS, round_half_away, choose_scales, float_peaks, log2_bits, peak_bits, quantized_forward
 
 __all__ = ["plan_batch", "MAX_LOG_Q", "COST_NS"]
 
@@ -53,13 +53,6 @@ MAX_PLAINTEXT_BITS = 120
 #: the largest plaintext prime: below 2^60, the engine needs p < q/2 for every
 #: ciphertext prime q, and those have at most 62 bits (src/he/params.rs)
 MAX_PRIME_BITS = 60
-
-
-def _round(v: np.ndarray) -> np.ndarray:
-    """Rust's round (half away from zero), exactly."""
-    a = np.abs(v)
-    f = np.floor(a)
-    return np.sign(v) * np.where(a - f >= 0.5, f + 1, f)
 
 
 def _as_spec(model: Any):
@@ -93,16 +86,16 @@ class _Layers:
             1 for l in self.layers if l.type in WEIGHTED_LAYERS)
         w = max(ws) if ws else 0
         it = iter(ws)
-        b = int(_round(np.array([input_bound * 2.0 ** s]))[0])
+        b = int(round_half_away(np.array([input_bound * 2.0 ** s]))[0])
         scale = 2.0 ** s
         out = []
         for layer in self.layers:
             t, p = layer.type, layer.params
             if t in WEIGHTED_LAYERS:
                 w_k = next(it)
-                wi = _round(layer.weight * 2.0 ** w_k).reshape(layer.weight.shape[0], -1)
+                wi = round_half_away(layer.weight * 2.0 ** w_k).reshape(layer.weight.shape[0], -1)
                 scale *= 2.0 ** w_k
-                bias = _round(layer.bias * scale) if layer.bias is not None else np.zeros(len(wi))
+                bias = round_half_away(layer.bias * scale) if layer.bias is not None else np.zeros(len(wi))
                 b = max(int(np.abs(row).sum()) * b + abs(int(bb)) for row, bb in zip(wi, bias))
             elif t == "AvgPool2d":
                 k = int(np.prod(p["kernel_size"]))
@@ -112,9 +105,9 @@ class _Layers:
             elif t == "Polynomial":
                 c = list(p["coefficients"])
                 d = max(i for i, v in enumerate(c) if v != 0)
-                cs = [abs(int(_round(np.array([c[k] * 2.0 ** w * scale ** (d - k)]))[0])) for k in range(1, d + 1)]
+                cs = [abs(int(round_half_away(np.array([c[k] * 2.0 ** w * scale ** (d - k)]))[0])) for k in range(1, d + 1)]
                 scale = scale ** d * 2.0 ** w
-                b = sum(ck * b ** (k + 1) for k, ck in enumerate(cs)) + abs(int(_round(np.array([c[0] * scale]))[0]))
+                b = sum(ck * b ** (k + 1) for k, ck in enumerate(cs)) + abs(int(round_half_away(np.array([c[0] * scale]))[0]))
             out.append(b)
         return out
 

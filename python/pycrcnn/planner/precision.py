@@ -45,7 +45,7 @@ NEAR_FRACTION = 0.1
 SAFETY = 1.0
 
 
-def _round(v: np.ndarray) -> np.ndarray:
+def round_half_away(v: np.ndarray) -> np.ndarray:
     """Rust's round (half away from zero)."""
     a = np.abs(v)
     f = np.floor(a)
@@ -56,7 +56,7 @@ def quantized_forward(layers: Sequence, x: np.ndarray, s: int, ws: Sequence[int]
     """The batch encoding's arithmetic in float64: the outputs (real values)
     and, per layer, the largest |integer| (value · running scale) seen."""
     scale = 2.0 ** s
-    y = _round(np.asarray(x, dtype=np.float64) * scale) / scale
+    y = round_half_away(np.asarray(x, dtype=np.float64) * scale) / scale
     it = iter(ws)
     peaks = []
     for layer in layers:
@@ -64,8 +64,8 @@ def quantized_forward(layers: Sequence, x: np.ndarray, s: int, ws: Sequence[int]
         if t in WEIGHTED_LAYERS:
             w = next(it)
             scale *= 2.0 ** w
-            q = dataclasses.replace(layer, weight=_round(layer.weight * 2.0 ** w) / 2.0 ** w,
-                                    bias=None if layer.bias is None else _round(layer.bias * scale) / scale)
+            q = dataclasses.replace(layer, weight=round_half_away(layer.weight * 2.0 ** w) / 2.0 ** w,
+                                    bias=None if layer.bias is None else round_half_away(layer.bias * scale) / scale)
             y = _reference._numpy_layer(q, y)
         elif t == "AvgPool2d":
             scale *= float(np.prod(layer.params["kernel_size"]))
@@ -187,10 +187,10 @@ def choose_scales(layers: Sequence, x: np.ndarray, float_out: np.ndarray, bits: 
     def alone(c: int, b: int) -> np.ndarray:
         """The output error of rounding only component c (0: inputs, j: weighted layer j) at b bits."""
         if c == 0:
-            return (_float_from(layers, 0, _round(acts[0] * 2.0 ** b) / 2.0 ** b) - acts[-1]).reshape(n, -1)
+            return (_float_from(layers, 0, round_half_away(acts[0] * 2.0 ** b) / 2.0 ** b) - acts[-1]).reshape(n, -1)
         i = positions[c - 1]
         layer = layers[i]
-        q = dataclasses.replace(layer, weight=_round(layer.weight * 2.0 ** b) / 2.0 ** b)
+        q = dataclasses.replace(layer, weight=round_half_away(layer.weight * 2.0 ** b) / 2.0 ** b)
         return (_float_from(layers, i + 1, _reference._numpy_layer(q, acts[i])) - acts[-1]).reshape(n, -1)
 
     if scale_bits is not None and weight_scale_bits is not None:  # the caller's choice: reported, not judged
