@@ -3,7 +3,8 @@
 //! rotation adds a fixed amount of noise (≈ 2^65 at n=8192); keys are made
 //! for the level the ciphertexts are at when they are rotated, and a model
 //! asks for the (level, steps) it needs. A missing step is an error that
-//! names it.
+//! names it. Step m/2 is not a column rotation (those are 1..m/2) but the
+//! swap of the two SIMD rows.
 
 use std::sync::Arc;
 
@@ -17,7 +18,8 @@ use super::error::{HeError, Result};
 pub struct RotationNeed {
     /// The ciphertext level the rotated ciphertexts are at.
     pub level: usize,
-    /// Column-rotation steps (slot s+k moves to slot s), each in 1..m/2.
+    /// Column-rotation steps (slot s+k moves to slot s), each in 1..m/2;
+    /// m/2 swaps the two rows.
     pub steps: Vec<usize>,
     /// The level the key is made at, when below `level`: the moduli between
     /// act as special primes, so a rotation adds ≈ 2^11 of noise instead of
@@ -74,9 +76,9 @@ fn check_need(par: &BfvParameters, need: &RotationNeed) -> Result<()> {
             need.level, need.key_level
         )));
     }
-    if let Some(bad) = need.steps.iter().find(|&&s| s == 0 || s >= half) {
+    if let Some(bad) = need.steps.iter().find(|&&s| s == 0 || s > half) {
         return Err(HeError::Parameter(format!(
-            "rotation step {bad} is outside 1..{half} (m/2)"
+            "rotation step {bad} is outside 1..{half} (m/2; m/2 swaps the rows)"
         )));
     }
     Ok(())
@@ -105,7 +107,11 @@ impl RotationKeys {
                 need.key_level.unwrap_or(need.level),
             )?;
             for &s in &steps {
-                b.enable_column_rotation(s)?;
+                if s == par.degree() / 2 {
+                    b.enable_row_rotation()?;
+                } else {
+                    b.enable_column_rotation(s)?;
+                }
             }
             levels.push(LevelKey {
                 level: need.level,
@@ -125,7 +131,15 @@ impl RotationKeys {
         for (level, steps, key) in parts {
             check_need(par, &RotationNeed::at(level, steps.clone()))
                 .map_err(|e| HeError::Format(e.to_string()))?;
-            if let Some(s) = steps.iter().find(|&&s| !key.supports_column_rotation_by(s)) {
+            let half = par.degree() / 2;
+            let holds = |s: usize| {
+                if s == half {
+                    key.supports_row_rotation()
+                } else {
+                    key.supports_column_rotation_by(s)
+                }
+            };
+            if let Some(s) = steps.iter().find(|&&s| !holds(s)) {
                 return Err(HeError::Format(format!(
                     "the rotation key of level {level} does not hold step {s} it claims"
                 )));
@@ -164,13 +178,17 @@ impl RotationKeys {
             .any(|l| l.level == level && l.steps.contains(&step))
     }
 
-    /// Rotates `ct` (at `level`) by `step` columns, or says which key is missing.
+    /// Rotates `ct` (at `level`) by `step` columns (m/2: swaps the rows),
+    /// or says which key is missing.
     pub fn rotate(&self, ct: &Ciphertext, level: usize, step: usize) -> Result<Ciphertext> {
         let l = self
             .levels
             .iter()
             .find(|l| l.level == level && l.steps.contains(&step))
             .ok_or_else(|| missing(level, step))?;
+        if step == ct[0].coefficients().ncols() / 2 {
+            return Ok(l.key.rotates_rows(ct)?);
+        }
         Ok(l.key.rotates_columns_by(ct, step)?)
     }
 }

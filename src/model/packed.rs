@@ -292,7 +292,8 @@ impl PackedSpec {
             .collect();
         let mut maps = Vec::with_capacity(self.maps.len());
         for (j, m) in self.maps.iter().enumerate() {
-            let plan = plan_map(&m.rows, m.out_shape, &pos, n)
+            // The first map's input rows are the client's to arrange (see `Layout::row_shift`).
+            let plan = plan_map(&m.rows, m.out_shape, &pos, n, j == 0)
                 .map_err(|e| HeError::Parameter(format!("packed layout, map {j}: {e}")))?;
             pos = plan.pos_out.clone();
             maps.push(plan);
@@ -467,6 +468,24 @@ impl Layout {
             + self.maps.iter().map(MapPlan::rotations).sum::<usize>()
             + (self.d1 - 1)
             + (self.d2 - 1)
+    }
+
+    /// When the first hidden map uses both SIMD rows: the rotation `shift`
+    /// with which row 1 repeats row 0 from the input on (`R1[s] = R0[s + shift]`;
+    /// the packing, the convolution's masks and the activations keep it).
+    pub fn row_shift(&self) -> Option<usize> {
+        self.maps.first()?.rows.as_ref().map(|r| r.shift)
+    }
+
+    /// Copies row 0 of `v` (2n slot values) into row 1 rotated by the row
+    /// shift, when there is one.
+    fn fill_row1(&self, v: &mut [i128]) {
+        if let Some(shift) = self.row_shift() {
+            let n = self.n;
+            for p in 0..n {
+                v[n + (p + n - shift) % n] = v[p];
+            }
+        }
     }
 
     /// Ciphertext × plaintext products of the hidden maps (their diagonals).
@@ -780,6 +799,7 @@ impl PackedModel {
                                 v[p] = wv[o];
                             }
                         }
+                        lay.fill_row1(&mut v);
                         terms.push(((ch * s + r) * kw + b, mask(&v, par, 0)?));
                     }
                 }
@@ -792,6 +812,7 @@ impl PackedModel {
                 bias[p] = sp.conv_bias[o] as i128;
             }
         }
+        lay.fill_row1(&mut bias);
         let conv_bias = plaintext_at(&bias, par, 0)?;
         // Activations: scalars at the level after the product, c0 on every slot.
         let mut acts = Vec::with_capacity(sp.activations.len());
@@ -835,13 +856,23 @@ impl PackedModel {
         for (j, m) in sp.maps.iter().enumerate() {
             let plan = &lay.maps[j];
             let level = lay.act_levels[j + 1];
-            let mut by_k: BTreeMap<usize, Vec<(usize, i64)>> = BTreeMap::new();
+            // Per planned diagonal, (row base slot, output slot, weight): a term
+            // whose diagonal is not planned is row 1's, at its diagonal minus the shift.
+            let planned: std::collections::BTreeSet<usize> = plan
+                .giants
+                .iter()
+                .flat_map(|(_, t)| t.iter().map(|&(_, k)| k))
+                .collect();
+            let mut by_k: BTreeMap<usize, Vec<(usize, usize, i64)>> = BTreeMap::new();
             for (fo, row) in m.rows.iter().enumerate() {
                 let q = plan.pos_out[fo];
                 for &(f, w) in row {
-                    by_k.entry((pos_in[f] + n - q) % n)
-                        .or_default()
-                        .push((q, w));
+                    let k = (pos_in[f] + n - q) % n;
+                    let (base, key) = match &plan.rows {
+                        Some(r) if !planned.contains(&k) => (n, (k + n - r.shift) % n),
+                        _ => (0, k),
+                    };
+                    by_k.entry(key).or_default().push((base, q, w));
                 }
             }
             let mut giants = Vec::with_capacity(plan.giants.len());
@@ -849,8 +880,8 @@ impl PackedModel {
                 let mut row = Vec::with_capacity(terms.len());
                 for &(b, k) in terms {
                     let mut v = vec![0i128; slots];
-                    for &(q, w) in by_k.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
-                        v[(q + g) % n] = w as i128;
+                    for &(base, q, w) in by_k.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
+                        v[base + (q + g) % n] = w as i128;
                     }
                     row.push((
                         b,
@@ -955,6 +986,7 @@ impl PackedModel {
                         }
                     }
                 }
+                lay.fill_row1(&mut v);
                 params
                     .bfv()
                     .iter()
@@ -1199,6 +1231,10 @@ impl PackedModel {
                     for &s in plan.horner.last().map(Vec::as_slice).unwrap_or(&[]) {
                         acc = rot.rotate(&acc, level, s)?;
                     }
+                }
+                // Outputs computed in row 1 join row 0: one row swap.
+                if let Some(r) = &plan.rows {
+                    acc = &acc + &rot.rotate(&acc, level, r.swap)?;
                 }
                 Ok(&acc + &mm.bias)
             })

@@ -44,6 +44,8 @@ pub struct MapPlan {
     /// to giant `s`. The two halves run on two threads; the count of
     /// rotations stays (one key more).
     pub split: Option<(usize, usize)>,
+    /// Both SIMD rows at work (one row swap more), when planned.
+    pub rows: Option<RowSplit>,
 }
 
 impl MapPlan {
@@ -64,7 +66,15 @@ impl MapPlan {
             .flat_map(|(_, h)| h.iter().copied())
             .collect();
         out.extend(self.split.map(|(_, d)| d));
+        out.extend(self.rows.as_ref().map(|r| r.swap));
         out
+    }
+
+    /// What the planner minimizes: rotations (a baby step, with its
+    /// special-prime key, costs about two), plus products at about a
+    /// sixteenth of a rotation each.
+    pub fn cost(&self) -> usize {
+        self.rotations() + (self.babies.1 - self.babies.0) as usize + self.diagonals / 16
     }
 
     /// The baby steps' keys: the babies are two chains run in parallel,
@@ -88,15 +98,89 @@ impl MapPlan {
     }
 }
 
+/// Both SIMD rows at work in one map: the input's row 1 holds row 0
+/// rotated by `shift` (`R1[s] = R0[s + shift]`, arranged by the client's
+/// packing), so the mask of diagonal k reads, in row 1, the diagonal
+/// `k + shift`: one product and one rotation serve two diagonals. Each
+/// term of the map is computed in row 0 when its diagonal is in the plan's
+/// set, else in row 1 (its diagonal minus the shift is); one row swap at
+/// the end adds row 1's partial sums to row 0's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowSplit {
+    /// Row 1 of the input is row 0 rotated by `shift`.
+    pub shift: usize,
+    /// The row swap's key step (n: see `crate::he::galois`).
+    pub swap: usize,
+}
+
 /// Places the outputs of a map (rows: per output feature, its (input
 /// feature, weight) terms) of logical shape `out_shape` [C, H, W], inputs at
-/// `pos_in`, in a row of `n` slots; plans its rotations.
+/// `pos_in`, in a row of `n` slots; plans its rotations. With `two_rows`
+/// the input's row 1 may hold it rotated (see [`RowSplit`]): the plan uses
+/// it when that takes fewer rotations and products.
 pub fn plan_map(
     rows: &[Vec<(usize, i64)>],
     out_shape: [usize; 3],
     pos_in: &[usize],
     n: usize,
+    two_rows: bool,
 ) -> Result<MapPlan> {
+    let (pos_out, ks) = place_outputs(rows, out_shape, pos_in, n)?;
+    let mut best = schedule(ks.clone(), pos_out.clone(), n);
+    if two_rows && n >= 8 {
+        // Shifts at eighths of the row: channel blocks are powers of two, so
+        // some shift maps one block's diagonals onto another's.
+        for shift in (1..8).map(|i| i * n / 8) {
+            let mut plan = schedule(cover_by_two_rows(&ks, shift, n), pos_out.clone(), n);
+            plan.rows = Some(RowSplit { shift, swap: n });
+            if plan.cost() < best.cost() {
+                best = plan;
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// The fewest diagonals x such that every needed diagonal k is x (row 0)
+/// or x + shift (row 1); of two choices, the one nearer 0 (signed), which
+/// keeps the set narrow for the baby/giant schedule.
+fn cover_by_two_rows(ks: &[usize], shift: usize, n: usize) -> Vec<usize> {
+    let mut needed = vec![false; n];
+    ks.iter().for_each(|&k| needed[k] = true);
+    let mut covered = vec![false; n];
+    let mut out = Vec::new();
+    let dist = |k: usize| k.min(n - k);
+    for &k in ks {
+        if covered[k] {
+            continue;
+        }
+        let below = (k + n - shift) % n;
+        let up = (k + shift) % n;
+        // x = k also covers k + shift when needed; x = k − shift covers k only.
+        let x = if needed[up] && !covered[up] || dist(k) <= dist(below) {
+            k
+        } else {
+            below
+        };
+        covered[x] |= needed[x];
+        let twin = (x + shift) % n;
+        covered[twin] |= needed[twin];
+        out.push(x);
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Greedy placement: each output channel at its anchors (its receptive
+/// fields' first input slots) plus the offset that adds the fewest new
+/// diagonals. Returns the output slots and the diagonals.
+fn place_outputs(
+    rows: &[Vec<(usize, i64)>],
+    out_shape: [usize; 3],
+    pos_in: &[usize],
+    n: usize,
+) -> Result<(Vec<usize>, Vec<usize>)> {
     let [co, h, w] = out_shape;
     let hw = h * w;
     if co * hw != rows.len() || rows.len() > n {
@@ -105,7 +189,6 @@ pub fn plan_map(
             rows.len()
         )));
     }
-    // Anchor of spatial position s: its receptive field's first input slot (over all channels).
     let anchor: Vec<usize> = (0..hw)
         .map(|s| {
             (0..co)
@@ -160,8 +243,7 @@ pub fn plan_map(
             diag[(r + n - off) % n] = true;
         }
     }
-    let ks: Vec<usize> = (0..n).filter(|&k| diag[k]).collect();
-    Ok(schedule(ks, pos_out, n))
+    Ok((pos_out, (0..n).filter(|&k| diag[k]).collect()))
 }
 
 /// Chooses the baby window and Horner's keys for the diagonal set `ks`.
@@ -208,6 +290,7 @@ fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
                     horner,
                     diagonals: ks.len(),
                     split,
+                    rows: None,
                 };
                 let cost = plan.rotations() + (b_hi - b_lo) as usize;
                 if best.as_ref().map_or(true, |(c, _)| cost < *c) {
@@ -223,6 +306,7 @@ fn schedule(ks: Vec<usize>, pos_out: Vec<usize>, n: usize) -> MapPlan {
         horner: vec![],
         diagonals: 0,
         split: None,
+        rows: None,
     })
 }
 
@@ -274,15 +358,91 @@ fn horner_steps(gaps: &[usize]) -> Vec<Vec<usize>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn evaluating_the_plan_in_the_clear_gives_the_map() {
-        // A 2-channel 6×6 input at two blocks of 64, a 3×3 stride-1 conv to 3 channels.
-        let n = 128;
+    /// `plan` evaluated in the clear: row 0 holds `x`, row 1 (when the plan
+    /// uses it) `x` rotated by the shift; babies, masks by diagonal, Horner
+    /// over the giants (split as planned), the rows summed. Row 0 out.
+    fn evaluate(
+        plan: &MapPlan,
+        rows: &[Vec<(usize, i64)>],
+        pos_in: &[usize],
+        x: &[i64],
+    ) -> Vec<i64> {
+        let n = x.len();
+        let rot = |v: &[i64], k: usize| -> Vec<i64> { (0..n).map(|p| v[(p + k) % n]).collect() };
+        let shift = plan.rows.as_ref().map_or(0, |r| r.shift);
+        let input = [x.to_vec(), rot(x, shift)];
+        let planned: Vec<usize> = plan
+            .giants
+            .iter()
+            .flat_map(|(_, t)| t.iter().map(|&(_, k)| k))
+            .collect();
+        // D_k[pos_out[f']] = w: a term of diagonal k is row 0's when k is
+        // planned, else row 1's (at k − shift).
+        let weight = |row: usize, q: usize, k: usize| -> i64 {
+            let Some(fo) = plan.pos_out.iter().position(|&s| s == q) else {
+                return 0;
+            };
+            rows[fo]
+                .iter()
+                .filter(|&&(f, _)| {
+                    let d = (pos_in[f] + n - q) % n;
+                    match row {
+                        0 => d == k,
+                        _ => {
+                            plan.rows.is_some() && !planned.contains(&d) && (d + n - shift) % n == k
+                        }
+                    }
+                })
+                .map(|&(_, w)| w)
+                .sum()
+        };
+        let (cut, d) = plan.split.unwrap_or((usize::MAX, 0));
+        let mut out = [vec![0i64; n], vec![0i64; n]];
+        for (row, out) in out.iter_mut().enumerate() {
+            let mut first: Option<Vec<i64>> = None;
+            let mut acc: Option<Vec<i64>> = None;
+            for (gi, (g, terms)) in plan.giants.iter().enumerate() {
+                if gi == cut {
+                    first = acc.take();
+                } else if let Some(mut a) = acc.take() {
+                    for &s in &plan.horner[gi - 1] {
+                        a = rot(&a, s);
+                    }
+                    acc = Some(a);
+                }
+                let mut inner = vec![0i64; n];
+                for &(b, k) in terms {
+                    let xb = rot(&input[row], b.rem_euclid(n as i64) as usize);
+                    for p in 0..n {
+                        // The mask of (g, k) is D_k rotated by −g.
+                        inner[p] += weight(row, (p + n - g) % n, k) * xb[p];
+                    }
+                }
+                acc = Some(match acc {
+                    Some(a) => a.iter().zip(&inner).map(|(u, v)| u + v).collect(),
+                    None => inner,
+                });
+            }
+            let mut y = acc.unwrap();
+            if let Some(f) = first {
+                y = y.iter().zip(rot(&f, d)).map(|(u, v)| u + v).collect();
+            }
+            for &s in plan.horner.last().unwrap() {
+                y = rot(&y, s);
+            }
+            *out = y;
+        }
+        out[0].iter().zip(&out[1]).map(|(u, v)| u + v).collect()
+    }
+
+    /// A 2-channel 6×6 input at two blocks of 64 (of 128 slots), a 3×3
+    /// stride-1 conv to `co` channels.
+    fn conv_map(co: usize) -> (Vec<usize>, Vec<Vec<(usize, i64)>>) {
         let pos_in: Vec<usize> = (0..2)
             .flat_map(|c| (0..6).flat_map(move |i| (0..6).map(move |j| c * 64 + i * 8 + j)))
             .collect();
         let mut rows = Vec::new();
-        for o in 0..3 {
+        for o in 0..co {
             for i in 0..4 {
                 for j in 0..4 {
                     let mut r = Vec::new();
@@ -300,58 +460,44 @@ mod tests {
                 }
             }
         }
-        let plan = plan_map(&rows, [3, 4, 4], &pos_in, n).unwrap();
+        (pos_in, rows)
+    }
+
+    fn check(plan: &MapPlan, rows: &[Vec<(usize, i64)>], pos_in: &[usize], n: usize) {
         let x: Vec<i64> = (0..n as i64).map(|v| (v * 37) % 11 - 5).collect();
-        let rot = |v: &[i64], k: usize| -> Vec<i64> { (0..n).map(|p| v[(p + k) % n]).collect() };
-        // Babies, masks by diagonal, Horner over the giants.
-        let (cut, d) = plan.split.expect("a split");
-        let mut first: Option<Vec<i64>> = None;
-        let mut acc: Option<Vec<i64>> = None;
-        for (gi, (g, terms)) in plan.giants.iter().enumerate() {
-            if gi == cut {
-                first = acc.take();
-            } else if let Some(a) = acc.take() {
-                let mut a = a;
-                for &s in &plan.horner[gi - 1] {
-                    a = rot(&a, s);
-                }
-                acc = Some(a);
-            }
-            let mut inner = vec![0i64; n];
-            for &(b, k) in terms {
-                let xb = rot(&x, (b.rem_euclid(n as i64)) as usize);
-                for p in 0..n {
-                    // D_k[(p − g)] with D_k[pos_out[f']] = w for pos_in[f] − pos_out[f'] = k.
-                    let q = (p + n - g) % n;
-                    if let Some(fo) = plan.pos_out.iter().position(|&s| s == q) {
-                        if let Some(&(_, w)) = rows[fo]
-                            .iter()
-                            .find(|&&(f, _)| (pos_in[f] + n - q) % n == k)
-                        {
-                            inner[p] += w * xb[p];
-                        }
-                    }
-                }
-            }
-            acc = Some(match acc {
-                Some(a) => a.iter().zip(&inner).map(|(u, v)| u + v).collect(),
-                None => inner,
-            });
-        }
-        let first = rot(&first.unwrap(), d);
-        let mut y: Vec<i64> = acc
-            .unwrap()
-            .iter()
-            .zip(&first)
-            .map(|(u, v)| u + v)
-            .collect();
-        for &s in plan.horner.last().unwrap() {
-            y = rot(&y, s);
-        }
+        let y = evaluate(plan, rows, pos_in, &x);
         for (fo, r) in rows.iter().enumerate() {
             let want: i64 = r.iter().map(|&(f, w)| w * x[pos_in[f]]).sum();
-            assert_eq!(y[plan.pos_out[fo]], want);
+            assert_eq!(y[plan.pos_out[fo]], want, "output {fo}");
         }
+    }
+
+    #[test]
+    fn evaluating_the_plan_in_the_clear_gives_the_map() {
+        let (pos_in, rows) = conv_map(3);
+        let plan = plan_map(&rows, [3, 4, 4], &pos_in, 128, false).unwrap();
+        assert!(plan.split.is_some() && plan.rows.is_none());
+        check(&plan, &rows, &pos_in, 128);
         assert!(plan.diagonals <= 2 * 9 * 3, "{}", plan.diagonals);
+    }
+
+    #[test]
+    fn two_rows_halve_the_products_and_stay_exact() {
+        // Two input channels 64 slots apart: row 1, shifted by 64, reads the
+        // second channel where row 0 reads the first.
+        let (pos_in, rows) = conv_map(3);
+        let one = plan_map(&rows, [3, 4, 4], &pos_in, 128, false).unwrap();
+        let two = plan_map(&rows, [3, 4, 4], &pos_in, 128, true).unwrap();
+        assert!(two.rows.is_some(), "two rows pay here");
+        assert!(two.giant_steps().contains(&128), "the row swap is a step");
+        assert!(two.cost() < one.cost(), "{} vs {}", two.cost(), one.cost());
+        assert!(
+            two.diagonals * 3 <= one.diagonals * 2,
+            "{} vs {}",
+            two.diagonals,
+            one.diagonals
+        );
+        check(&one, &rows, &pos_in, 128);
+        check(&two, &rows, &pos_in, 128);
     }
 }
