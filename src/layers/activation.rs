@@ -5,7 +5,7 @@ use fhe::bfv::Ciphertext;
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
-use super::kernel::{weighted_sum, weighted_sums};
+use super::kernel::weighted_sum;
 use super::{Affine, AffineMap};
 use crate::he::encoding::fractional_encode;
 use crate::he::error::value_err;
@@ -97,13 +97,7 @@ pub fn square_pool(
             let (scale, wf) = m.output_scale(&params, x.scale());
             let growth = m.output_growth(&params, x.growth(), scale, wf)?;
             check_fits(&params, &growth, scale, b.geometry().name())?;
-            let mut polys: std::collections::HashMap<u64, Vec<fhe_math::rq::Poly>> =
-                std::collections::HashMap::new();
-            for &v in &m.bias {
-                if let std::collections::hash_map::Entry::Vacant(slot) = polys.entry(v.to_bits()) {
-                    slot.insert(x.constant_polys(&[v], scale, level)?);
-                }
-            }
+            let polys = m.bias_polys(&x, scale, level)?;
             (scale, growth, Some(b.prepared(m, &x)?), polys)
         }
         _ => (x.scale(), x.growth().clone(), None, Default::default()),
@@ -151,37 +145,14 @@ pub fn square_pool(
                     .map(|&j| std::borrow::Cow::Borrowed(&flat[img * sq_per + j][k]))
                     .collect());
             };
-            let members = &bgroups[g];
-            let terms = &m.terms[members[0]];
-            let mut cts = if terms.is_empty() {
-                let zero =
-                    Multiplier::scalar(0, flat[base][k][0].ctx()).apply(&flat[base][k], &bfv[k])?;
-                vec![zero; members.len()]
-            } else {
-                let inputs: Vec<&Ciphertext> = terms
-                    .iter()
-                    .map(|&(i, _)| &flat[base + i as usize][k])
-                    .collect();
-                let ws: Vec<Vec<&Multiplier>> = members
-                    .iter()
-                    .map(|&j| {
-                        m.terms[j]
-                            .iter()
-                            .map(|&(_, w)| &prepared[w as usize])
-                            .collect()
-                    })
-                    .collect();
-                let ws: Vec<&[&Multiplier]> = ws.iter().map(|w| w.as_slice()).collect();
-                weighted_sums(&inputs, &ws, &bfv[k])?
-            };
-            if !m.bias.is_empty() {
-                for (ct, &j) in cts.iter_mut().zip(members) {
-                    let poly = &bias[&m.bias[j].to_bits()][k];
-                    let mut parts: Vec<fhe_math::rq::Poly> = ct.iter().cloned().collect();
-                    parts[0] += poly;
-                    *ct = Ciphertext::new(parts, &bfv[k])?;
-                }
-            }
+            let cts = m.group_outputs(
+                &flat[base..base + in_per],
+                k,
+                &bgroups[g],
+                prepared,
+                &bias,
+                &bfv[k],
+            )?;
             Ok(cts.into_iter().map(std::borrow::Cow::Owned).collect())
         };
     // Pooled outputs whose windows' inputs come from the same groups, slot by

@@ -4,16 +4,22 @@
 //! over every image of a [`CipherTensor`] with the lazy-reduction kernel.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use fhe::bfv::Ciphertext;
+use fhe::bfv::{BfvParameters, Ciphertext};
 use fhe_math::rq::Poly;
 use rayon::prelude::*;
 
 use super::kernel::weighted_sums;
 use crate::he::encoding::fractional_encode;
+use crate::he::error::value_err;
 use crate::he::growth::{negacyclic_bound, Growth};
 use crate::he::tensor::{check_fits, shaped, Element};
 use crate::he::{CipherTensor, Encoding, HeError, HeParameters, Multiplier, Result};
+
+/// A map's encoded biases: one per distinct value (by its bits), a
+/// polynomial per plaintext modulus; see [`AffineMap::bias_polys`].
+pub(crate) type BiasPolys = HashMap<u64, Vec<Poly>>;
 
 /// A linear map applied to every image independently.
 #[derive(Debug, Clone)]
@@ -150,6 +156,72 @@ impl AffineMap {
         groups
     }
 
+    /// The bias encoded for ciphertexts like `x` at `level` and the output
+    /// scale `scale`: one entry per distinct value (per output channel),
+    /// reused at every position. Empty for a map without bias.
+    pub(crate) fn bias_polys(
+        &self,
+        x: &CipherTensor,
+        scale: f64,
+        level: usize,
+    ) -> Result<BiasPolys> {
+        let mut encoded = BiasPolys::new();
+        for &b in &self.bias {
+            if let std::collections::hash_map::Entry::Vacant(slot) = encoded.entry(b.to_bits()) {
+                slot.insert(x.constant_polys(&[b], scale, level)?);
+            }
+        }
+        Ok(encoded)
+    }
+
+    /// The outputs `members` (one group of [`AffineMap::groups`]) of one
+    /// image, for plaintext modulus `k` (parameters `par`): the weighted sums
+    /// of `inputs` (that image's flat input elements) by the `prepared`
+    /// multipliers, each read once for the whole group, plus the bias
+    /// (`bias` from [`AffineMap::bias_polys`]). A group that reads no input
+    /// (all padding) gets 0 · x, a valid encryption of 0.
+    pub(crate) fn group_outputs(
+        &self,
+        inputs: &[&Element],
+        k: usize,
+        members: &[usize],
+        prepared: &[Multiplier],
+        bias: &BiasPolys,
+        par: &Arc<BfvParameters>,
+    ) -> Result<Vec<Ciphertext>> {
+        let terms = &self.terms[members[0]];
+        let mut cts = if terms.is_empty() {
+            let zero = Multiplier::scalar(0, inputs[0][k][0].ctx()).apply(&inputs[0][k], par)?;
+            vec![zero; members.len()]
+        } else {
+            let cts: Vec<&Ciphertext> =
+                terms.iter().map(|&(i, _)| &inputs[i as usize][k]).collect();
+            let ws: Vec<Vec<&Multiplier>> = members
+                .iter()
+                .map(|&o| {
+                    self.terms[o]
+                        .iter()
+                        .map(|&(_, w)| &prepared[w as usize])
+                        .collect()
+                })
+                .collect();
+            let ws: Vec<&[&Multiplier]> = ws.iter().map(|w| w.as_slice()).collect();
+            weighted_sums(&cts, &ws, par)?
+        };
+        if !self.bias.is_empty() {
+            for (ct, &o) in cts.iter_mut().zip(members) {
+                let poly = &bias[&self.bias[o].to_bits()][k];
+                if ct[0].ctx() != poly.ctx() {
+                    return value_err("a constant was encoded for another modulus level");
+                }
+                let mut parts: Vec<Poly> = ct.iter().cloned().collect();
+                parts[0] += poly;
+                *ct = Ciphertext::new(parts, par)?;
+            }
+        }
+        Ok(cts)
+    }
+
     /// Encodes the weights as multipliers for ciphertexts at `level`.
     pub fn prepare_weights(&self, params: &HeParameters, level: usize) -> Result<Vec<Multiplier>> {
         let ctx = params.bfv()[0].context_at_level(level)?.clone();
@@ -233,36 +305,22 @@ impl AffineMap {
         // position, a linear layer's features) are computed together: each
         // input is read once for all of them.
         let groups = self.groups();
+        let bias = self.bias_polys(x, scale_out, level)?;
         let jobs: Vec<(usize, usize, usize)> = (0..imgs)
             .flat_map(|i| (0..groups.len()).flat_map(move |g| (0..ncomp).map(move |k| (i, g, k))))
             .collect();
         let sums: Vec<Vec<Ciphertext>> = jobs
             .par_iter()
             .map(|&(img, g, k)| {
-                let group = &groups[g];
-                let terms = &self.terms[group[0]];
                 let base = img * in_per_img;
-                if terms.is_empty() {
-                    // No input reaches these outputs (all padding): 0 · x, a valid encryption of 0.
-                    let zero = Multiplier::scalar(0, flat[base][k][0].ctx())
-                        .apply(&flat[base][k], &bfv[k])?;
-                    return Ok(vec![zero; group.len()]);
-                }
-                let cts: Vec<&Ciphertext> = terms
-                    .iter()
-                    .map(|&(i, _)| &flat[base + i as usize][k])
-                    .collect();
-                let ws: Vec<Vec<&Multiplier>> = group
-                    .iter()
-                    .map(|&o| {
-                        self.terms[o]
-                            .iter()
-                            .map(|&(_, w)| &prepared[w as usize])
-                            .collect()
-                    })
-                    .collect();
-                let ws: Vec<&[&Multiplier]> = ws.iter().map(|w| w.as_slice()).collect();
-                weighted_sums(&cts, &ws, &bfv[k])
+                self.group_outputs(
+                    &flat[base..base + in_per_img],
+                    k,
+                    &groups[g],
+                    prepared,
+                    &bias,
+                    &bfv[k],
+                )
             })
             .collect::<Result<_>>()?;
         let mut slots: Vec<Vec<Option<Ciphertext>>> =
@@ -272,7 +330,7 @@ impl AffineMap {
                 slots[img * out_per_img + o][k] = Some(ct);
             }
         }
-        let out: Result<Vec<Element>> = slots
+        let out: Vec<Element> = slots
             .into_iter()
             .map(|e| {
                 e.into_iter()
@@ -283,23 +341,7 @@ impl AffineMap {
                     })
                     .collect()
             })
-            .collect();
-        let mut out = out?;
-        if !self.bias.is_empty() {
-            // One encoded bias per distinct value (per output channel), reused at every position.
-            let mut encoded: HashMap<u64, Vec<Poly>> = HashMap::new();
-            for &b in &self.bias {
-                if let std::collections::hash_map::Entry::Vacant(slot) = encoded.entry(b.to_bits())
-                {
-                    slot.insert(x.constant_polys(&[b], scale_out, level)?);
-                }
-            }
-            out = out
-                .into_par_iter()
-                .enumerate()
-                .map(|(j, e)| x.add_polys(&e, &encoded[&self.bias[j % out_per_img].to_bits()]))
-                .collect::<Result<Vec<Element>>>()?;
-        }
+            .collect::<Result<_>>()?;
         let mut shape = if start == 1 { vec![imgs] } else { vec![] };
         shape.extend_from_slice(&self.out_shape);
         let data = shaped(&shape, out)?;

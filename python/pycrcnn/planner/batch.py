@@ -137,6 +137,16 @@ class _Layers:
         return sum(1 for l in self.layers if l.type in ("Square", "Polynomial"))
 
 
+def _rencryption_error(layer: Any, reason: str, alternatives: str, fix_alternatives: str) -> PlanError:
+    """The PlanError for `layer` (a LayerSpec) failing for `reason`, whose
+    fix is a rencryption before it: `alternatives` follow that fix in the
+    message (", ..., or ..."), `fix_alternatives` in ``PlanError.fix``."""
+    i = layer.index
+    return PlanError(f"layer {i} ({layer.type}): {reason}. Fix: a rencryption before layer {i} "
+                     f"(rencrypt_positions=[{i}]){alternatives}",
+                     layer=i, layer_name=layer.type, fix=f"rencrypt_positions=[{i}]{fix_alternatives}")
+
+
 def _agreement(ints: np.ndarray, float_out: np.ndarray) -> float:
     ints = np.asarray(ints, dtype=np.float64).reshape(len(float_out), -1)
     f = float_out.reshape(len(float_out), -1)
@@ -225,11 +235,9 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
     if total_bits > MAX_PLAINTEXT_BITS:
         k = next(i for i, b in enumerate(per_layer) if b > MAX_PLAINTEXT_BITS)
         layer = layers.layers[k]
-        raise PlanError(
-            f"layer {layer.index} ({layer.type}): values need {per_layer[k]:.0f} plaintext bits at scale_bits={s}, "
-            f"weight_scale_bits={w_param} ({mode}); the engine holds at most {MAX_PLAINTEXT_BITS}. Fix: a rencryption "
-            f"before layer {layer.index} (rencrypt_positions=[{layer.index}]) or smaller scales",
-            layer=layer.index, layer_name=layer.type, fix=f"rencrypt_positions=[{layer.index}] or smaller scales")
+        raise _rencryption_error(
+            layer, f"values need {per_layer[k]:.0f} plaintext bits at scale_bits={s}, weight_scale_bits={w_param} "
+            f"({mode}); the engine holds at most {MAX_PLAINTEXT_BITS}", " or smaller scales", " or smaller scales")
     # the exact reference of the chosen scales on the calibration inputs
     runner = build_from_spec(Context(m=1024, encoding="batch", scale_bits=s, weight_scale_bits=w_param), spec).runner()
     ints, _ = runner.reference(x, s, max(ws) if ws else 0)
@@ -312,11 +320,10 @@ def plan_batch(model: Any, calibration_inputs: Any, *, sec: int = 128, mode: str
     if last:
         (mm, k, t, L, b), pos, why = max(last, key=lambda f: (f[1], f[0][0]))
         layer = layers.layers[pos]
-        raise PlanError(
-            f"layer {layer.index} ({layer.type}): the noise budget runs out ({why}) with every parameter set tried "
-            f"(largest m tried {max(f[0][0] for f in failures)}, {k} plaintext primes of {t} bits). Fix: a rencryption "
-            f"before layer {layer.index} (rencrypt_positions=[{layer.index}]), smaller scales, or a larger m",
-            layer=layer.index, layer_name=layer.type, fix=f"rencrypt_positions=[{layer.index}], smaller scales or larger m")
+        raise _rencryption_error(
+            layer, f"the noise budget runs out ({why}) with every parameter set tried (largest m tried "
+            f"{max(f[0][0] for f in failures)}, {k} plaintext primes of {t} bits)",
+            ", smaller scales, or a larger m", ", smaller scales or larger m")
     raise PlanError(f"no parameter set holds {needed:.0f} plaintext bits at {sec}-bit security"
                     + (f" with m={m}" if m is not None else "") + "; use smaller scales or a larger m",
                     fix="smaller scales or a larger m")
