@@ -22,6 +22,11 @@
 //! planner into one integer map, evaluated here by diagonals over the slot
 //! layout the previous stage left, with baby-step/giant-step rotations
 //! ([`super::packed_map`] places the outputs and schedules the rotations).
+//! The first map may use both SIMD rows: the client packs row 1 as row 0
+//! rotated by a shift (the conv's masks and bias likewise, so the conv and
+//! the activation keep it), each mask's row 1 then reads a second diagonal,
+//! and one row swap adds row 1's partial sums to row 0 (two-square LeNet-1:
+//! the 480 diagonals of its map in 240 products and 33 rotations, not 53).
 //! The linear layers after the last activation are one integer matrix A
 //! (classes × features), evaluated with d diagonals (d = classes rounded up
 //! to a power of two: slot p ≡ k mod d accumulates class k), d1 baby steps
@@ -1739,6 +1744,10 @@ mod tests {
         let sp = spec([3, 12, 12], 2, 3, 2, 1, 3, 3);
         let map = conv_map([2, 6, 6], 3, 3, 1, 1, true, 3);
         let sp = deep(sp, vec![map], vec![SQUARE, [5, -3, 2]], 4, 3);
+        // Its map reads two channel blocks: row 1, shifted by one block, reads the second.
+        let lay = sp.layout(8192, 4).unwrap();
+        assert!(lay.row_shift().is_some(), "the first map uses both rows");
+        assert!(lay.rotation_needs().iter().any(|r| r.steps.contains(&4096)));
         let ctx = context_bits(8192, vec![55, 55, 54, 54], 3, 19, &sp);
         check(sp, &ctx, 3);
         // Two hidden convolutions (stride 2 with padding, then stride 1): three squares: m=16384

@@ -192,6 +192,7 @@ impl PyPackedModel {
             "map_giant_steps",
             lay.maps.iter().map(|m| m.giants.len()).collect::<Vec<_>>(),
         )?;
+        d.set_item("row_shift", lay.row_shift())?;
         d.set_item("product_levels", lay.product_levels())?;
         let needs: Vec<(usize, Vec<usize>)> = lay
             .rotation_needs()

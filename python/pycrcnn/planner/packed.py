@@ -466,6 +466,8 @@ def _report(spec: ModelSpec, conv: LayerSpec, segments: Sequence[Tuple[LayerSpec
         elif engine.startswith("map"):
             j = int(engine[3:])
             r["rotations"], r["diagonals"] = rots[j], diags[j]
+            # both SIMD rows at work (the first map only): each product serves two diagonals
+            r["simd_rows"] = 2 if j == 0 and layout.get("row_shift") is not None else 1
         elif engine == "linear":
             r["rotations"] = (layout["diagonals"][1] - 1) + (layout["diagonals"][2] - 1)
             r["bits"] = out_bits
