@@ -236,10 +236,17 @@ mod tests {
             Err(HeError::Value(m)) => assert!(m.contains("step 2") && m.contains("level 0"), "{m}"),
             other => panic!("{:?}", other.map(|_| ())),
         }
-        // Steps outside 1..m/2 and levels without room are refused when generating.
+        // Steps outside 1..=m/2 and levels without room are refused when generating.
         assert!(ctx
-            .rotation_keygen(&[RotationNeed::at(0, vec![2048])])
+            .rotation_keygen(&[RotationNeed::at(0, vec![2049])])
             .is_err());
+        // Step m/2 is the row swap: generated, carried by the public context, applied.
+        ctx.rotation_keygen(&[RotationNeed::at(0, vec![1, 2048])])
+            .unwrap();
+        let server = context_from_bytes(&public_context_to_bytes(&ctx).unwrap(), false).unwrap();
+        let rot = &server.keys().unwrap().rotations[1];
+        assert!(rot.supports(0, 2048));
+        assert!(rot.rotate(ct, 0, 2048).is_ok());
         assert!(ctx
             .rotation_keygen(&[RotationNeed::at(5, vec![1])])
             .is_err());
