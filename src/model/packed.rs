@@ -861,23 +861,14 @@ impl PackedModel {
         for (j, m) in sp.maps.iter().enumerate() {
             let plan = &lay.maps[j];
             let level = lay.act_levels[j + 1];
-            // Per planned diagonal, (row base slot, output slot, weight): a term
-            // whose diagonal is not planned is row 1's, at its diagonal minus the shift.
-            let planned: std::collections::BTreeSet<usize> = plan
-                .giants
-                .iter()
-                .flat_map(|(_, t)| t.iter().map(|&(_, k)| k))
-                .collect();
+            // Per planned diagonal, (first slot of the row computing the term, output slot, weight).
+            let term_row = plan.term_row(n);
             let mut by_k: BTreeMap<usize, Vec<(usize, usize, i64)>> = BTreeMap::new();
             for (fo, row) in m.rows.iter().enumerate() {
                 let q = plan.pos_out[fo];
                 for &(f, w) in row {
-                    let k = (pos_in[f] + n - q) % n;
-                    let (base, key) = match &plan.rows {
-                        Some(r) if !planned.contains(&k) => (n, (k + n - r.shift) % n),
-                        _ => (0, k),
-                    };
-                    by_k.entry(key).or_default().push((base, q, w));
+                    let (r, key) = term_row((pos_in[f] + n - q) % n);
+                    by_k.entry(key).or_default().push((r * n, q, w));
                 }
             }
             let mut giants = Vec::with_capacity(plan.giants.len());

@@ -17,7 +17,7 @@
 //! switching noise is then never multiplied by a mask). Horner's gaps use
 //! keys for the most frequent gaps and power-of-two steps for the rest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::he::{HeError, Result};
 
@@ -75,6 +75,21 @@ impl MapPlan {
     /// sixteenth of a rotation each.
     pub fn cost(&self) -> usize {
         self.rotations() + (self.babies.1 - self.babies.0) as usize + self.diagonals / 16
+    }
+
+    /// Where a term of diagonal `k` is computed, as `(row, planned
+    /// diagonal)`: row 0 at k when k is planned, else row 1 at k − shift
+    /// (the plan covers its diagonals so, see `cover_by_two_rows`).
+    pub fn term_row(&self, n: usize) -> impl Fn(usize) -> (usize, usize) + '_ {
+        let planned: BTreeSet<usize> = self
+            .giants
+            .iter()
+            .flat_map(|(_, t)| t.iter().map(|&(_, k)| k))
+            .collect();
+        move |k| match &self.rows {
+            Some(r) if !planned.contains(&k) => (1, (k + n - r.shift) % n),
+            _ => (0, k),
+        }
     }
 
     /// The baby steps' keys: the babies are two chains run in parallel,
@@ -189,6 +204,7 @@ fn place_outputs(
             rows.len()
         )));
     }
+    // Anchor of spatial position s: its receptive field's first input slot (over all channels).
     let anchor: Vec<usize> = (0..hw)
         .map(|s| {
             (0..co)
@@ -371,28 +387,15 @@ mod tests {
         let rot = |v: &[i64], k: usize| -> Vec<i64> { (0..n).map(|p| v[(p + k) % n]).collect() };
         let shift = plan.rows.as_ref().map_or(0, |r| r.shift);
         let input = [x.to_vec(), rot(x, shift)];
-        let planned: Vec<usize> = plan
-            .giants
-            .iter()
-            .flat_map(|(_, t)| t.iter().map(|&(_, k)| k))
-            .collect();
-        // D_k[pos_out[f']] = w: a term of diagonal k is row 0's when k is
-        // planned, else row 1's (at k − shift).
+        let term_row = plan.term_row(n);
+        // D_k[pos_out[f']] = w, in the row computing that term.
         let weight = |row: usize, q: usize, k: usize| -> i64 {
             let Some(fo) = plan.pos_out.iter().position(|&s| s == q) else {
                 return 0;
             };
             rows[fo]
                 .iter()
-                .filter(|&&(f, _)| {
-                    let d = (pos_in[f] + n - q) % n;
-                    match row {
-                        0 => d == k,
-                        _ => {
-                            plan.rows.is_some() && !planned.contains(&d) && (d + n - shift) % n == k
-                        }
-                    }
-                })
+                .filter(|&&(f, _)| term_row((pos_in[f] + n - q) % n) == (row, k))
                 .map(|&(_, w)| w)
                 .sum()
         };
